@@ -1,0 +1,1 @@
+"""The contract between the trainer and the selector: configs and messages (pydantic v2 only)."""

@@ -1,0 +1,135 @@
+"""The run's configuration tree: one frozen, strict model from the CLI (or YAML) down to each actor.
+
+The trainer gets ``data``, ``model``, ``train`` and ``schedule``; the selector gets ``selector``, a union
+discriminated by ``strategy`` so that a bad strategy config names exactly the branch and field at fault.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DATASETS = ("mnist5k", "digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
+MODELS = ("lenet", "mlp", "resnet18")
+STRATEGIES = ("full", "random", "gradmatch-pb")
+
+
+class Strict(BaseModel):
+    """Base for every config and message: unknown fields are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Strict):
+    dataset: Literal[DATASETS] = Field("mnist5k", description="data set to train on")
+    data_root: str | None = Field(
+        None, description="folder holding torchvision data sets in torchvision's on-disk layout"
+    )
+    download: bool = Field(False, description="let torchvision download a missing data set")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="share of the training data held out for validation"
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=0.5, description="share held out for test when the data set has no test split"
+    )
+    synthetic_n: int = Field(2000, ge=20, description="examples in the synthetic data set")
+    augment: bool | None = Field(
+        None, description="random crop and flip while training (default: on for CIFAR and SVHN)"
+    )
+
+
+class ModelConfig(Strict):
+    name: Literal[MODELS] = Field("lenet", description="network architecture")
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(200, ge=1, description="epoch budget T (paper A.2.1)")
+    batch_size: int = Field(32, ge=1, description="mini-batch size B")
+    lr: float = Field(0.01, gt=0, description="initial SGD learning rate (cosine annealed)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads of the trainer")
+    eval_every: int = Field(10, ge=1, description="epochs between validation evaluations")
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError(f"device == {value!r}, must be auto, cpu, cuda or cuda:N")
+
+
+class ScheduleConfig(Strict):
+    """When rounds happen and how the trainer treats their answers (DESIGN.md §3)."""
+
+    budget: float = Field(0.1, gt=0, le=1, description="subset size as a share of the training set")
+    kappa: float = Field(
+        0.5, ge=0, le=1, description="warm start: share kappa*T of epochs on subsets (0: no warm start)"
+    )
+    select_every: int = Field(20, ge=1, description="R: epochs between selection rounds")
+    lead: int = Field(1, ge=0, description="epochs before a boundary that its round starts (0: synchronous)")
+    on_late: Literal["continue", "wait"] = Field(
+        "continue", description="at a boundary whose subset is not ready: keep training or wait"
+    )
+    round_timeout_s: float = Field(600.0, gt=0, description="a round not answered by then is failed")
+    chunk_rows: int = Field(256, ge=1, description="ground-set rows per streamed gradient chunk")
+
+    @model_validator(mode="after")
+    def _lead_within_interval(self) -> "ScheduleConfig":
+        if self.lead > self.select_every:
+            raise ValueError(
+                f"lead == {self.lead}, must be <= select_every ({self.select_every}): "
+                "a round must start after the previous boundary"
+            )
+        return self
+
+
+class SelectorBase(Strict):
+    delay_s: float = Field(
+        0.0, ge=0, description="extra seconds before each answer (to study late subsets)"
+    )
+    fault: Literal[
+        "none", "wrong_round", "index_out_of_range", "negative_weight", "duplicate_index", "crash"
+    ] = Field("none", description="deliberately answer badly (to exercise the trainer's fail-safe)")
+
+
+class FullSelector(SelectorBase):
+    strategy: Literal["full"] = Field("full", description="FULL: train on all data, no selection")
+
+
+class RandomSelector(SelectorBase):
+    strategy: Literal["random"] = Field("random", description="RANDOM: a seeded uniform subset each round")
+
+
+class GradMatchPBSelector(SelectorBase):
+    strategy: Literal["gradmatch-pb"] = Field(
+        "gradmatch-pb", description="selection strategy"
+    )
+    lam: float = Field(0.5, ge=0, description="ridge regularisation lambda of OMP")
+    eps: float = Field(1e-10, ge=0, description="OMP stops when the regularised error is below eps")
+    positive: bool = Field(True, description="non-negative weights")
+
+    @field_validator("lam", "eps")
+    @classmethod
+    def _finite(cls, value: float, info) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"{info.field_name} == {value}, must be finite")
+        return value
+
+
+SelectorConfig = Annotated[
+    Union[FullSelector, RandomSelector, GradMatchPBSelector], Field(discriminator="strategy")
+]
+
+
+class RunConfig(Strict):
+    seed: int = Field(0, ge=0, description="seed of splits, initial weights, subsets")
+    out: str | None = Field(None, description="run directory (default: runs/<time>-<strategy>)")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    selector: SelectorConfig = GradMatchPBSelector()

@@ -1,0 +1,138 @@
+"""Messages that cross the trainer/selector boundary (DESIGN.md §3).
+
+Every message is validated where it is received: the selector validates requests and chunks, the
+trainer validates each ``SubsetMessage`` against the round it asked for, passing the request as
+validation context (``SubsetMessage.model_validate(payload, context={"request": request})``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from protocol.arrays import Float32Matrix, Float64Vector, Int64Vector
+from protocol.config import Strict
+
+Ground = Literal["batch", "example"]
+
+
+class ArrayMessage(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class StrategyPlan(Strict):
+    """What a strategy needs from the trainer, declared by the selector."""
+
+    strategy: str
+    rounds: bool = Field(description="False for strategies that train on everything (FULL)")
+    ground: Ground = "example"
+    needs_gradients: bool = False
+
+
+class RoundRequest(ArrayMessage):
+    """The trainer asks for round ``round_id``; ``n_chunks`` gradient chunks follow."""
+
+    round_id: int = Field(ge=0)
+    model_step: int = Field(ge=0, description="optimizer steps taken when the snapshot was made")
+    ground: Ground
+    n_ground: int = Field(ge=1, description="size of the ground set (examples or batches)")
+    n_select: int = Field(ge=1, description="exact number of ground elements to choose")
+    n_chunks: int = Field(ge=0)
+    seed: int = Field(ge=0)
+    sizes: Int64Vector | None = Field(None, description="(n_ground,) examples per ground element")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RoundRequest":
+        if self.n_select > self.n_ground:
+            raise ValueError(f"n_select == {self.n_select}, must be <= n_ground ({self.n_ground})")
+        if self.sizes is not None:
+            if self.sizes.shape != (self.n_ground,):
+                raise ValueError(f"sizes has shape {self.sizes.shape}, must be ({self.n_ground},)")
+            if self.sizes.size and self.sizes.min() < 1:
+                raise ValueError("sizes must all be >= 1")
+        return self
+
+
+class GradientChunk(ArrayMessage):
+    """A slice of the ground set's gradient summaries: rows[i] summarises ground element ids[i]."""
+
+    round_id: int = Field(ge=0)
+    chunk_index: int = Field(ge=0)
+    ids: Int64Vector
+    labels: Int64Vector
+    rows: Float32Matrix
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "GradientChunk":
+        n = self.ids.shape[0]
+        if self.labels.shape[0] != n or self.rows.shape[0] != n:
+            raise ValueError(
+                f"ids, labels and rows must have equal length, got {n}, {self.labels.shape[0]}, "
+                f"{self.rows.shape[0]}"
+            )
+        bad = int(np.size(self.rows) - np.count_nonzero(np.isfinite(self.rows)))
+        if bad:
+            raise ValueError(f"rows contain {bad} non-finite values; gradient summaries must be finite")
+        return self
+
+
+class SubsetMessage(ArrayMessage):
+    """A round's answer: ``indices`` into the ground set and their ``weights``."""
+
+    round_id: int = Field(ge=0)
+    model_step: int = Field(ge=0)
+    strategy: str
+    indices: Int64Vector
+    weights: Float64Vector
+    grad_error: float | None = Field(None, description="||sum w_i g_i - target|| / ||target||")
+    n_padded: int = Field(0, ge=0, description="elements added at random because the solver stopped early")
+    select_s: float = Field(ge=0, description="seconds the strategy computed")
+    busy_s: float = Field(ge=0, description="seconds the selector worked on this round")
+
+    @field_validator("indices")
+    @classmethod
+    def _unique(cls, indices: np.ndarray) -> np.ndarray:
+        values, counts = np.unique(indices, return_counts=True)
+        if np.any(counts > 1):
+            raise ValueError(f"indices must be unique; repeated: {values[counts > 1][:5].tolist()}")
+        return indices
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, weights: np.ndarray) -> np.ndarray:
+        if not np.all(np.isfinite(weights)):
+            raise ValueError("weights must be finite")
+        if weights.size and weights.min() < 0:
+            raise ValueError(f"weights must be >= 0, got min {weights.min():.4g}")
+        return weights
+
+    @model_validator(mode="after")
+    def _matches_request(self, info: ValidationInfo) -> "SubsetMessage":
+        if self.weights.shape != self.indices.shape:
+            raise ValueError(
+                f"weights has {self.weights.shape[0]} entries, must equal indices ({self.indices.shape[0]})"
+            )
+        request = (info.context or {}).get("request")
+        if request is not None:
+            _check_against(self, request)
+        return self
+
+
+def _check_against(message: SubsetMessage, request: RoundRequest) -> None:
+    if message.round_id != request.round_id:
+        raise ValueError(f"round_id == {message.round_id}, must be {request.round_id} as asked")
+    if message.indices.size and (message.indices.min() < 0 or message.indices.max() >= request.n_ground):
+        raise ValueError(
+            f"indices must be in [0, {request.n_ground}), got range "
+            f"[{message.indices.min()}, {message.indices.max()}]"
+        )
+    if message.indices.size > request.n_select:
+        raise ValueError(
+            f"size == {message.indices.size}, must be <= the budget of {request.n_select} "
+            f"({request.ground} elements)"
+        )
+    if message.indices.size == 0:
+        raise ValueError("indices must not be empty")
+

@@ -1,0 +1,63 @@
+"""What a run writes: per-epoch metrics, one record per selection round, and the summary."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from protocol.config import Strict
+
+
+class EpochRecord(Strict):
+    epoch: int
+    phase: Literal["full", "subset"]
+    steps: int = Field(description="optimizer steps taken so far")
+    n_examples: int = Field(description="examples trained on in this epoch")
+    loss: float
+    lr: float
+    train_s: float = Field(description="seconds of training, summary passes and stalls in this epoch")
+    wall_s: float = Field(description="wall time so far, evaluation excluded")
+    val_acc: float | None = None
+    subset_round: int | None = Field(None, description="round whose subset was trained on (None: initial)")
+
+
+class RoundRecord(Strict):
+    round: int
+    model_step: int = Field(description="step of the model snapshot the round was computed from")
+    trigger_epoch: int
+    due_epoch: int
+    adopted_epoch: int | None = None
+    status: Literal["adopted", "rejected", "failed", "timeout", "unused"]
+    reason: str | None = None
+    staleness: int | None = Field(None, description="epochs between the snapshot and adoption")
+    stall_s: float = 0.0
+    summary_s: float = Field(0.0, description="seconds of the trainer's summary pass")
+    selector_s: float | None = Field(None, description="seconds the selector worked on the round")
+    select_s: float | None = Field(None, description="seconds of the strategy itself")
+    grad_error: float | None = None
+    subset_size: int | None = Field(None, description="examples in the adopted subset")
+    n_padded: int | None = None
+
+
+class RunSummary(Strict):
+    strategy: str
+    dataset: str
+    model: str
+    budget: float
+    epochs: int = Field(description="epoch budget T")
+    epochs_full: int = Field(description="full-data epochs run (warm start or FULL)")
+    epochs_subset: int
+    acc: float = Field(description="top-1 test accuracy at the end")
+    wall_s: float
+    stall_s: float
+    selector_busy_s: float
+    summary_s: float
+    overlap: float | None = Field(description="1 - stall_s / selector_busy_s")
+    rounds: int = Field(description="rounds adopted")
+    rounds_rejected: int = Field(description="rounds rejected, failed or timed out")
+    steps: int
+    energy_j: float | None
+    energy_note: str
+    ray_address: str
+    device: str

@@ -1,0 +1,218 @@
+"""The selector: gathers a round's streamed chunks, runs the strategy in the background, answers.
+
+``SelectorService`` is a plain, thread-safe class; ``service.actor.SelectorActor`` is the Ray shell
+around it (a threaded actor, so cheap calls answer while a selection runs).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import TypeAdapter
+
+from protocol.config import SelectorConfig
+from protocol.messages import GradientChunk, RoundRequest, StrategyPlan, SubsetMessage
+from service.strategies import STRATEGIES, GroundSet, Selection
+
+log = logging.getLogger(__name__)
+REQUEST_GRACE_S = 10.0  # a round's request arrives right after the trainer asks for its result
+_CONFIG = TypeAdapter(SelectorConfig)
+
+
+class RoundFailed(RuntimeError):
+    """A round could not be answered (superseded, stopped, timed out or the strategy failed)."""
+
+
+@dataclass
+class _Round:
+    request: RoundRequest | None = None
+    chunks: dict[int, GradientChunk] = field(default_factory=dict)
+    started: bool = False
+    answer: dict | None = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class SelectorService:
+    """Answers selection rounds with validated ``SubsetMessage`` payloads.
+
+    Parameters
+    ----------
+    config : dict or SelectorConfig
+        One branch of the run config, discriminated by ``strategy``.
+    """
+
+    def __init__(self, config):
+        self.config = _CONFIG.validate_python(config)
+        self._strategy = STRATEGIES[self.config.strategy]
+        self._lock = threading.Lock()
+        self._rounds: dict[int, _Round] = {}
+        self._busy_s = 0.0
+        self._answered = 0
+        self._stopped = False
+
+    # cheap calls -------------------------------------------------------------------------------
+    def plan(self) -> dict:
+        return self._strategy.plan(self.config).model_dump()
+
+    def status(self) -> dict:
+        with self._lock:
+            running = [r for r, state in self._rounds.items() if state.started and not state.done.is_set()]
+            return {
+                "strategy": self.config.strategy,
+                "running": running,
+                "answered": self._answered,
+                "busy_s": self._busy_s,
+                "stopped": self._stopped,
+            }
+
+    def stop(self) -> None:
+        """Fail every open round and refuse new ones."""
+        with self._lock:
+            self._stopped = True
+            for state in self._rounds.values():
+                self._fail(state, "selector stopped")
+
+    # the round ---------------------------------------------------------------------------------
+    def start_round(self, request) -> None:
+        """Open a round; an older open round is superseded (its answer would be stale)."""
+        request = RoundRequest.model_validate(request)
+        with self._lock:
+            if self._stopped:
+                raise RoundFailed("selector stopped")
+            for round_id, state in list(self._rounds.items()):
+                if round_id < request.round_id:
+                    self._fail(state, f"superseded by round {request.round_id}")
+                    del self._rounds[round_id]
+            state = self._rounds.setdefault(request.round_id, _Round())
+            state.request = request
+            self._maybe_start(request.round_id, state)
+
+    def add_chunk(self, chunk) -> None:
+        """Store one chunk; chunks may arrive before their request or out of order."""
+        chunk = GradientChunk.model_validate(chunk)
+        with self._lock:
+            state = self._rounds.setdefault(chunk.round_id, _Round())
+            if state.request is not None and chunk.chunk_index >= state.request.n_chunks:
+                self._fail(state, f"chunk_index == {chunk.chunk_index}, must be < {state.request.n_chunks}")
+                return
+            state.chunks[chunk.chunk_index] = chunk
+            self._maybe_start(chunk.round_id, state)
+
+    def result(self, round_id: int, timeout_s: float, request_grace_s: float = REQUEST_GRACE_S) -> dict:
+        """Block until round ``round_id`` is answered; return the ``SubsetMessage`` as a dict.
+
+        A round whose request does not arrive within ``request_grace_s`` is unknown here (its request
+        went to an earlier incarnation of a restarted selector) and fails at once instead of waiting.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            state = self._rounds.setdefault(round_id, _Round())
+        grace = min(request_grace_s, timeout_s)
+        if not state.done.wait(grace) and state.request is None:
+            raise RoundFailed(f"round {round_id} is unknown to this selector (restarted since it was asked)")
+        if not state.done.wait(max(0.0, deadline - time.monotonic())):
+            raise RoundFailed(f"round {round_id} not answered within {timeout_s} s")
+        if state.error is not None:
+            raise RoundFailed(f"round {round_id}: {state.error}")
+        with self._lock:
+            self._rounds.pop(round_id, None)
+        return state.answer
+
+    # internals ---------------------------------------------------------------------------------
+    def _fail(self, state: _Round, reason: str) -> None:
+        if not state.done.is_set():
+            state.error = reason
+            state.done.set()
+
+    def _maybe_start(self, round_id: int, state: _Round) -> None:
+        request = state.request
+        if state.started or request is None or state.done.is_set():
+            return
+        if len(state.chunks) < request.n_chunks:
+            return
+        state.started = True
+        threading.Thread(
+            target=self._run, args=(round_id, state), name=f"select-{round_id}", daemon=True
+        ).start()
+
+    def _run(self, round_id: int, state: _Round) -> None:
+        start = time.perf_counter()
+        try:
+            ground = _assemble(state.request, state.chunks)
+            state.chunks = {}
+            select_start = time.perf_counter()
+            selection = self._strategy.select(self.config, state.request, ground)
+            select_s = time.perf_counter() - select_start
+            if self.config.delay_s:
+                time.sleep(self.config.delay_s)
+            busy_s = time.perf_counter() - start
+            answer = _message(self.config.strategy, state.request, selection, select_s, busy_s)
+            answer = _inject_fault(self.config.fault, answer, state.request)
+        except Exception as exc:  # the trainer is told, the service stays up
+            log.exception("round %d failed", round_id)
+            with self._lock:
+                self._busy_s += time.perf_counter() - start
+                self._fail(state, f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            self._busy_s += busy_s
+            self._answered += 1
+            if not state.done.is_set():
+                state.answer = answer
+                state.done.set()
+
+
+def _assemble(request: RoundRequest, chunks: dict[int, GradientChunk]) -> GroundSet | None:
+    """Stack the chunks into rows ordered by ground id; every id must appear exactly once."""
+    if request.n_chunks == 0:
+        return None
+    ids = np.concatenate([chunks[i].ids for i in range(request.n_chunks)])
+    rows = np.concatenate([chunks[i].rows for i in range(request.n_chunks)])
+    labels = np.concatenate([chunks[i].labels for i in range(request.n_chunks)])
+    if ids.size != request.n_ground or not np.array_equal(np.sort(ids), np.arange(request.n_ground)):
+        raise ValueError(
+            f"chunks cover {np.unique(ids).size} distinct ids of {ids.size}, must cover 0..{request.n_ground - 1} once"
+        )
+    order = np.argsort(ids)
+    return GroundSet(rows=rows[order], labels=labels[order])
+
+
+def _message(strategy: str, request: RoundRequest, selection: Selection, select_s: float, busy_s: float) -> dict:
+    message = SubsetMessage.model_validate(
+        {
+            "round_id": request.round_id,
+            "model_step": request.model_step,
+            "strategy": strategy,
+            "indices": selection.indices,
+            "weights": selection.weights,
+            "grad_error": selection.grad_error,
+            "n_padded": selection.n_padded,
+            "select_s": select_s,
+            "busy_s": busy_s,
+        },
+        context={"request": request},
+    )
+    return message.model_dump()
+
+
+def _inject_fault(fault: str, answer: dict, request: RoundRequest) -> dict:
+    """Corrupt an answer on purpose (config ``fault``), after its own validation."""
+    if fault == "none":
+        return answer
+    answer = dict(answer, indices=answer["indices"].copy(), weights=answer["weights"].copy())
+    if fault == "wrong_round":
+        answer["round_id"] += 1
+    elif fault == "index_out_of_range":
+        answer["indices"][0] = request.n_ground
+    elif fault == "negative_weight":
+        answer["weights"][0] = -1.0
+    elif fault == "duplicate_index":
+        answer["indices"][-1] = answer["indices"][0]
+    elif fault == "crash":
+        raise RuntimeError("injected fault: crash")
+    return answer

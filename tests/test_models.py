@@ -1,0 +1,81 @@
+"""Models: logits of the right shape for every data set's input, and the classifier layer found."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.models import build_model, last_linear
+
+SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
+
+
+def _logits(model: nn.Module, in_shape, n_batch: int = 2) -> torch.Tensor:
+    x = torch.randn(n_batch, *in_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("in_shape", SHAPES)
+@pytest.mark.parametrize("name", ["lenet", "mlp"])
+def test_small_models_give_logits(name, in_shape):
+    model = build_model(name, in_shape, n_classes=7)
+    logits = _logits(model, in_shape, n_batch=3)
+    assert logits.shape == (3, 7) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("in_shape", [(3, 32, 32), (1, 8, 8)])
+def test_resnet18_gives_logits_with_cifar_stem(in_shape):
+    model = build_model("resnet18", in_shape, n_classes=10)
+    assert _logits(model, in_shape).shape == (2, 10)
+    assert model.conv1.in_channels == in_shape[0]
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity)
+
+
+def test_lenet_layers():
+    model = build_model("lenet", (1, 28, 28), n_classes=10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size) for c in convs] == [(6, (5, 5)), (16, (5, 5))]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(400, 120), (120, 84), (84, 10)]
+
+
+def test_mlp_layers():
+    model = build_model("mlp", (3, 32, 32), n_classes=5)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(3072, 256), (256, 128), (128, 5)]
+
+
+@pytest.mark.parametrize("name", ["lenet", "mlp"])
+def test_last_linear_is_the_classifier(name):
+    model = build_model(name, (1, 8, 8), n_classes=4)
+    layer = last_linear(model)
+    assert layer.out_features == 4
+    hidden = {}
+    layer.register_forward_hook(lambda m, inp, out: hidden.update(out=out))
+    logits = _logits(model, (1, 8, 8))
+    assert torch.equal(hidden["out"], logits)  # its output is the model's output
+
+
+def test_last_linear_of_resnet18_is_fc():
+    model = build_model("resnet18", (3, 32, 32), n_classes=10)
+    assert last_linear(model) is model.fc
+
+
+def test_last_linear_without_linear_raises():
+    with pytest.raises(ValueError, match="Sequential has no nn.Linear"):
+        last_linear(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()))
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match="'vgg'.*lenet, mlp, resnet18"):
+        build_model("vgg", (1, 28, 28), 10)
+
+
+def test_bad_shape_is_rejected():
+    with pytest.raises(ValueError, match=r"in_shape == \(28, 28\)"):
+        build_model("mlp", (28, 28), 10)
+    with pytest.raises(ValueError, match="lenet needs H and W >= 4"):
+        build_model("lenet", (1, 3, 3), 10)

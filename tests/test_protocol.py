@@ -1,0 +1,97 @@
+"""The contract: strict configs, and every invalid message rejected with an error naming its field."""
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from protocol.config import RunConfig, ScheduleConfig
+from protocol.messages import GradientChunk, RoundRequest, SubsetMessage
+
+REQUEST = RoundRequest(round_id=3, model_step=40, ground="batch", n_ground=10, n_select=3, n_chunks=1, seed=0)
+GOOD = {"round_id": 3, "model_step": 40, "strategy": "gradmatch-pb", "indices": [4, 1, 7],
+        "weights": [2.0, 1.0, 0.5], "grad_error": 0.1, "select_s": 0.01, "busy_s": 0.02}
+
+
+def validate(**changes):
+    return SubsetMessage.model_validate({**GOOD, **changes}, context={"request": REQUEST})
+
+
+def test_valid_message_passes_and_keeps_arrays():
+    message = validate()
+    assert message.indices.dtype == np.int64 and message.indices.tolist() == [4, 1, 7]
+    assert message.weights.dtype == np.float64
+
+
+@pytest.mark.parametrize(
+    "changes, field, rule",
+    [
+        ({"indices": [4, 4, 7]}, "indices", "unique"),
+        ({"indices": [4, 1, 10]}, "indices", "[0, 10)"),
+        ({"indices": [-1, 1, 7]}, "indices", "[0, 10)"),
+        ({"weights": [1.0, -0.5, 1.0]}, "weights", ">= 0"),
+        ({"weights": [1.0, float("nan"), 1.0]}, "weights", "finite"),
+        ({"weights": [1.0, 2.0]}, "weights", "equal indices"),
+        ({"round_id": 4}, "round_id", "must be 3"),
+        ({"indices": [0, 1, 2, 3], "weights": [1, 1, 1, 1]}, "size", "budget of 3"),
+        ({"indices": [], "weights": []}, "indices", "empty"),
+        ({"indices": [1.5, 2, 3]}, "indices", "integers"),
+        ({"extra": 1}, "extra", "Extra inputs"),
+    ],
+)
+def test_invalid_message_names_field(changes, field, rule):
+    with pytest.raises(ValidationError) as info:
+        validate(**changes)
+    text = str(info.value)
+    assert field in text and rule in text
+
+
+def test_message_without_context_checks_only_intrinsic_rules():
+    SubsetMessage.model_validate({**GOOD, "round_id": 9, "indices": [100, 200, 300]})
+    with pytest.raises(ValidationError, match="unique"):
+        SubsetMessage.model_validate({**GOOD, "indices": [1, 1, 2]})
+
+
+def test_chunk_rows_must_align_and_be_finite():
+    ok = {"round_id": 0, "chunk_index": 0, "ids": [0, 1], "labels": [3, 4], "rows": np.ones((2, 5))}
+    assert GradientChunk.model_validate(ok).rows.dtype == np.float32
+    with pytest.raises(ValidationError, match="equal length"):
+        GradientChunk.model_validate({**ok, "labels": [3]})
+    rows = np.ones((2, 5))
+    rows[1, 2] = np.inf
+    with pytest.raises(ValidationError, match="non-finite"):
+        GradientChunk.model_validate({**ok, "rows": rows})
+    with pytest.raises(ValidationError, match="2-D"):
+        GradientChunk.model_validate({**ok, "rows": np.ones(2)})
+
+
+def test_request_rules():
+    with pytest.raises(ValidationError, match="n_select == 11, must be <= n_ground"):
+        RoundRequest(round_id=0, model_step=0, ground="batch", n_ground=10, n_select=11, n_chunks=0, seed=0)
+    with pytest.raises(ValidationError, match="sizes has shape"):
+        RoundRequest(round_id=0, model_step=0, ground="batch", n_ground=3, n_select=1, n_chunks=0, seed=0,
+                     sizes=[1, 2])
+
+
+def test_config_is_strict_and_frozen():
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        RunConfig.model_validate({"train": {"epoch": 3}})
+    with pytest.raises(ValidationError) as info:
+        RunConfig.model_validate({"selector": {"strategy": "gradmatch-pb", "lam": -1}})
+    assert "selector.gradmatch-pb.lam" in str(info.value)
+    with pytest.raises(ValidationError, match="strategy"):
+        RunConfig.model_validate({"selector": {"strategy": "nope"}})
+    with pytest.raises(ValidationError, match="lam"):
+        RunConfig.model_validate({"selector": {"strategy": "random", "lam": 0.5}})
+    config = RunConfig()
+    with pytest.raises(ValidationError):
+        config.seed = 3
+
+
+def test_lead_beyond_interval_is_rejected():
+    with pytest.raises(ValidationError, match="lead == 5, must be <= select_every"):
+        ScheduleConfig(lead=5, select_every=2)
+
+
+def test_config_round_trips_through_json():
+    config = RunConfig.model_validate({"selector": {"strategy": "random", "delay_s": 1.5}, "seed": 4})
+    assert RunConfig.model_validate_json(config.model_dump_json()) == config

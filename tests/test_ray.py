@@ -1,0 +1,125 @@
+"""Ray integration: real selector and trainer actors on the shared local Ray.
+
+Runs are small (synthetic 8x8 data, an MLP) but every part is real: actors, object store transfers,
+gradient summaries, OMP, validation of each message on the trainer side.
+"""
+
+import time
+
+import pytest
+import ray
+
+from protocol.config import RunConfig
+from service.actor import SelectorActor
+from trainer.actor import TrainerActor
+
+pytestmark = pytest.mark.ray
+RUN_TIMEOUT_S = 300
+
+
+def make_config(selector: dict, **schedule) -> RunConfig:
+    return RunConfig.model_validate({
+        "seed": 3,
+        "data": {"dataset": "synthetic", "synthetic_n": 1500},
+        "model": {"name": "mlp"},
+        "train": {"epochs": schedule.pop("epochs", 12), "batch_size": 32, "threads": 1, "eval_every": 4},
+        "schedule": {"budget": 0.2, "kappa": 0, "select_every": 3, "lead": 1, **schedule},
+        "selector": selector,
+    })
+
+
+def start(config: RunConfig):
+    selector = SelectorActor.remote(config.selector.model_dump())
+    trainer = TrainerActor.remote(config.model_dump(), selector)
+    return selector, trainer
+
+
+def run(config: RunConfig) -> dict:
+    selector, trainer = start(config)
+    try:
+        return ray.get(trainer.run.remote(), timeout=RUN_TIMEOUT_S)
+    finally:
+        ray.kill(trainer)
+        ray.kill(selector)
+
+
+def rounds_of(result):
+    return result["progress"]["rounds"]
+
+
+def test_round_trip_adopts_every_round(ray_address):
+    result = run(make_config({"strategy": "gradmatch-pb"}, on_late="wait"))
+    rounds, summary = rounds_of(result), result["summary"]
+    # 12 subset epochs, rounds due at 3, 6, 9
+    assert [r["due_epoch"] for r in rounds] == [3, 6, 9]
+    assert all(r["status"] == "adopted" for r in rounds), rounds
+    assert summary["rounds"] == 3 and summary["rounds_rejected"] == 0
+    # synthetic 1500 -> 1050 training examples; budget 210 examples = ceil(210 / 32) = 7 batches of 32
+    # (one of the 33 batches is short: 26 examples)
+    assert all(224 - 6 <= r["subset_size"] <= 224 for r in rounds)
+    assert 0 <= rounds[0]["grad_error"] < 1
+    epochs = result["progress"]["epochs"]
+    assert [e["subset_round"] for e in epochs] == [None] * 3 + [0] * 3 + [1] * 3 + [2] * 3
+    assert summary["selector_busy_s"] > 0
+    assert all(r["adopted_epoch"] == r["due_epoch"] and r["staleness"] == 1 for r in rounds)
+
+
+def test_trainer_keeps_stepping_while_a_slow_selector_works(ray_address):
+    # epochs take ~10 ms here: 150 epochs after the trigger leave ample time for a 0.5 s selection
+    config = make_config({"strategy": "gradmatch-pb", "delay_s": 0.5}, epochs=300, select_every=150)
+    result = run(config)
+    first = rounds_of(result)[0]
+    epochs = result["progress"]["epochs"]
+    assert first["status"] == "adopted"
+    # late: due at epoch 150, adopted at a later boundary, and no waiting was done for it
+    assert first["adopted_epoch"] > first["due_epoch"] == 150
+    assert first["stall_s"] == 0.0 and result["summary"]["stall_s"] == 0.0
+    assert first["staleness"] == first["adopted_epoch"] - first["trigger_epoch"]
+    # the trainer stepped through every epoch between the trigger and the adoption
+    between = [e for e in epochs if first["trigger_epoch"] <= e["epoch"] < first["adopted_epoch"]]
+    assert len(between) == first["adopted_epoch"] - first["trigger_epoch"]
+    assert sum(e["train_s"] for e in between) > 0
+    assert first["selector_s"] >= 0.5
+    assert epochs[first["adopted_epoch"]]["subset_round"] == 0
+    assert epochs[first["adopted_epoch"] - 1]["subset_round"] is None  # the old subset until then
+
+
+def test_on_late_wait_stalls_and_records_it(ray_address):
+    config = make_config({"strategy": "random", "delay_s": 1.0}, epochs=6, select_every=3, on_late="wait")
+    result = run(config)
+    rounds = rounds_of(result)
+    assert all(r["status"] == "adopted" and r["adopted_epoch"] == r["due_epoch"] for r in rounds)
+    assert all(r["stall_s"] > 0.3 for r in rounds)
+    assert result["summary"]["stall_s"] == pytest.approx(sum(r["stall_s"] for r in rounds))
+
+
+@pytest.mark.parametrize("fault, field", [("wrong_round", "round_id"), ("index_out_of_range", "indices"),
+                                          ("negative_weight", "weights")])
+def test_invalid_message_is_rejected_and_training_goes_on(ray_address, fault, field):
+    result = run(make_config({"strategy": "random", "fault": fault}, on_late="wait"))
+    rounds = rounds_of(result)
+    assert [r["status"] for r in rounds] == ["rejected"] * 3
+    assert all(field in r["reason"] for r in rounds)
+    epochs = result["progress"]["epochs"]
+    assert len(epochs) == 12 and all(e["subset_round"] is None for e in epochs)  # the initial subset throughout
+    assert result["summary"]["rounds_rejected"] == 3 and result["summary"]["rounds"] == 0
+
+
+def test_selector_killed_mid_round_does_not_stop_the_run(ray_address):
+    config = make_config({"strategy": "gradmatch-pb", "delay_s": 2.0}, epochs=12, select_every=4, on_late="wait")
+    selector, trainer = start(config)
+    try:
+        run_ref = trainer.run.remote()
+        deadline = time.monotonic() + 120
+        while not ray.get(selector.status.remote(), timeout=30)["running"]:
+            assert time.monotonic() < deadline, "no round started"
+            time.sleep(0.05)
+        ray.kill(selector, no_restart=False)
+        result = ray.get(run_ref, timeout=RUN_TIMEOUT_S)
+    finally:
+        ray.kill(trainer)
+        ray.kill(selector)
+    rounds = rounds_of(result)
+    assert rounds[0]["status"] == "failed" and "restarted" in rounds[0]["reason"]
+    assert rounds[-1]["status"] == "adopted"  # asked of the restarted selector
+    assert len(result["progress"]["epochs"]) == 12 and result["summary"]["acc"] > 0

@@ -1,0 +1,128 @@
+"""The selector service without Ray: streaming, background work, supersession, faults."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from protocol.messages import RoundRequest, SubsetMessage
+from service.selector import RoundFailed, SelectorService
+
+RNG = np.random.default_rng(0)
+ROWS = (RNG.normal(size=(30, 12)) + 0.3).astype(np.float32)
+
+
+def request(round_id=0, n_chunks=3, n_select=4):
+    return RoundRequest(round_id=round_id, model_step=7, ground="batch", n_ground=30, n_select=n_select,
+                        n_chunks=n_chunks, seed=1).model_dump()
+
+
+def chunk(round_id, index, ids):
+    return {"round_id": round_id, "chunk_index": index, "ids": ids, "labels": np.zeros(len(ids)),
+            "rows": ROWS[ids]}
+
+
+def send_chunks(service, round_id, order=(2, 0, 1)):
+    parts = np.array_split(np.arange(30), 3)
+    for index in order:
+        service.add_chunk(chunk(round_id, index, parts[index]))
+
+
+def test_round_trip_with_chunks_before_the_request_and_out_of_order():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    send_chunks(service, 0, order=(2, 1))
+    service.start_round(request())
+    send_chunks(service, 0, order=(0,))
+    answer = service.result(0, timeout_s=30)
+    message = SubsetMessage.model_validate(answer, context={"request": RoundRequest(**request())})
+    assert message.round_id == 0 and message.model_step == 7 and message.indices.size == 4
+    assert service.status()["answered"] == 1 and service.status()["busy_s"] > 0
+
+
+def test_plan_declares_needs():
+    assert SelectorService({"strategy": "gradmatch-pb"}).plan() == {
+        "strategy": "gradmatch-pb", "rounds": True, "ground": "batch", "needs_gradients": True}
+    assert SelectorService({"strategy": "full"}).plan()["rounds"] is False
+    assert SelectorService({"strategy": "random"}).plan()["needs_gradients"] is False
+
+
+def test_status_answers_while_a_slow_round_runs():
+    service = SelectorService({"strategy": "random", "delay_s": 1.0})
+    service.start_round(request(n_chunks=0))
+    time.sleep(0.1)
+    start = time.perf_counter()
+    assert service.status()["running"] == [0]
+    assert time.perf_counter() - start < 0.5
+    assert len(service.result(0, timeout_s=10)["indices"]) == 4
+
+
+def test_a_newer_round_supersedes_an_open_one():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request(round_id=0))
+    waiter = {}
+    thread = threading.Thread(target=lambda: waiter.setdefault("error", _catch(service, 0)))
+    thread.start()
+    service.start_round(request(round_id=1))
+    thread.join(5)
+    assert "superseded by round 1" in waiter["error"]
+
+
+def _catch(service, round_id):
+    try:
+        service.result(round_id, timeout_s=5)
+    except RoundFailed as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_result_times_out_when_chunks_never_come():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request())
+    with pytest.raises(RoundFailed, match="not answered within 0.2 s"):
+        service.result(0, timeout_s=0.2)
+
+
+def test_chunks_must_cover_the_ground_set():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request(n_chunks=2))
+    parts = np.array_split(np.arange(30), 3)
+    service.add_chunk(chunk(0, 0, parts[0]))
+    service.add_chunk(chunk(0, 1, parts[0]))  # the same ids twice
+    with pytest.raises(RoundFailed, match="must cover 0..29 once"):
+        service.result(0, timeout_s=10)
+
+
+@pytest.mark.parametrize(
+    "fault, match",
+    [("wrong_round", "round_id == 1, must be 0"), ("index_out_of_range", "indices must be in"),
+     ("negative_weight", "weights must be >= 0"), ("duplicate_index", "indices must be unique")],
+)
+def test_injected_faults_fail_the_receivers_validation(fault, match):
+    service = SelectorService({"strategy": "random", "fault": fault})
+    service.start_round(request(n_chunks=0))
+    answer = service.result(0, timeout_s=10)
+    with pytest.raises(ValidationError, match=match):
+        SubsetMessage.model_validate(answer, context={"request": RoundRequest(**request(n_chunks=0))})
+
+
+def test_a_crashing_strategy_fails_the_round_not_the_service():
+    service = SelectorService({"strategy": "random", "fault": "crash"})
+    service.start_round(request(n_chunks=0))
+    with pytest.raises(RoundFailed, match="injected fault"):
+        service.result(0, timeout_s=10)
+    assert service.status()["stopped"] is False
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValidationError, match="delay_s"):
+        SelectorService({"strategy": "random", "delay_s": -1})
+
+
+def test_a_round_never_asked_of_this_selector_fails_fast():
+    service = SelectorService({"strategy": "random"})
+    start = time.perf_counter()
+    with pytest.raises(RoundFailed, match="unknown to this selector"):
+        service.result(5, timeout_s=60, request_grace_s=0.2)
+    assert time.perf_counter() - start < 5

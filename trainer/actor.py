@@ -1,0 +1,43 @@
+"""The Ray shell around ``Trainer``: loads the data where the actor runs and picks its device.
+
+A threaded actor (``max_concurrency=2``) so ``progress`` answers while ``run`` trains. Resources and
+placement come from the caller's ``.options(...)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+import torch
+
+from protocol.config import RunConfig
+from trainer.core import Trainer
+from trainer.data import load_splits
+
+
+def pick_device(requested: str, gpu_ids: list) -> torch.device:
+    """``auto``: the GPU Ray assigned to this actor, else the CPU (``num_gpus=0`` actors see every GPU)."""
+    if requested == "auto":
+        return torch.device("cuda:0") if gpu_ids and torch.cuda.is_available() else torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device == {requested!r}, but no CUDA device is visible to the trainer")
+    return torch.device(requested)
+
+
+class TrainerService:
+    def __init__(self, config: dict, selector):
+        config = RunConfig.model_validate(config)
+        torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+        device = pick_device(config.train.device, ray.get_gpu_ids())
+        splits = load_splits(config.data, config.seed)
+        self.trainer = Trainer(config, splits, selector, device)
+
+    def run(self) -> dict:
+        return self.trainer.run()
+
+    def progress(self, n_epochs_seen: int = 0, n_rounds_seen: int = 0) -> dict:
+        return self.trainer.progress(n_epochs_seen, n_rounds_seen)
+
+
+TrainerActor = ray.remote(num_cpus=0, num_gpus=0, max_concurrency=2)(TrainerService)

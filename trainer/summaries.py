@@ -1,0 +1,106 @@
+"""Last-layer gradient summaries, computed without autograd (DESIGN.md §4).
+
+For cross-entropy on logits ``z = W h + b`` the gradient of one example's loss is
+``g_b = softmax(z) - onehot(y)`` for the bias and ``g_b ⊗ h`` for ``W``. A row of a summary is laid out
+as ``[g_b (C), (g_b ⊗ h) flattened row-major (C*D)]``, the order of ``cat([bias.grad, weight.grad.flatten()])``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from trainer.models import last_linear
+
+
+class LastLayerTap:
+    """Captures the input of the model's last ``nn.Linear`` on every forward pass."""
+
+    def __init__(self, model: nn.Module):
+        self.layer = last_linear(model)
+        self.inputs: torch.Tensor | None = None
+        self._handle = self.layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        self.inputs = args[0].detach()
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+def logit_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``softmax(z) - onehot(y)``: (B, C) float32, the bias gradient of each example."""
+    errors = torch.softmax(logits.float(), dim=1)
+    errors[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
+    return errors
+
+
+def example_gradients(errors: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Per-example last-layer gradients: (B, C) errors and (B, D) features -> (B, C + C*D)."""
+    outer = errors.unsqueeze(2) * features.float().unsqueeze(1)  # (B, C, D)
+    return torch.cat([errors, outer.flatten(1)], dim=1)
+
+
+def batch_gradients(errors: torch.Tensor, features: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Mean last-layer gradient of each mini-batch.
+
+    errors : (nb, Bmax, C) with zero rows as padding; features : (nb, Bmax, D); sizes : (nb,).
+    Returns (nb, C + C*D): the gradient of each batch's mean loss.
+    """
+    scale = 1.0 / sizes.to(errors.dtype).unsqueeze(1)
+    bias = errors.sum(dim=1) * scale
+    weight = torch.bmm(errors.transpose(1, 2), features.float()).flatten(1) * scale
+    return torch.cat([bias, weight], dim=1)
+
+
+@torch.no_grad()
+def forward_tapped(model: nn.Module, tap: LastLayerTap, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(x)
+    return logits, tap.inputs
+
+
+@torch.no_grad()
+def batch_summaries(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: list[torch.Tensor],
+    chunk_rows: int,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(batch_ids, labels, rows)`` chunks of per-batch gradient summaries.
+
+    The model runs in eval mode (no dropout, running batch-norm statistics) on un-augmented data;
+    ``chunk_rows`` batches are forwarded together. Labels are the batch's majority class.
+    """
+    was_training = model.training
+    model.eval()
+    tap = LastLayerTap(model)
+    try:
+        for start in range(0, len(batches), chunk_rows):
+            group = batches[start:start + chunk_rows]
+            ids = torch.arange(start, start + len(group))
+            yield ids, _majority_labels(y, group), _group_rows(model, tap, x, y, group, device).cpu()
+    finally:
+        tap.close()
+        model.train(was_training)
+
+
+def _group_rows(model, tap, x, y, group: list[torch.Tensor], device) -> torch.Tensor:
+    sizes = torch.tensor([len(b) for b in group])
+    width = int(sizes.max())
+    flat = torch.cat(group)
+    logits, features = forward_tapped(model, tap, x[flat].to(device, non_blocking=True))
+    errors = logit_errors(logits, y[flat].to(device))
+    slot = torch.cat([torch.arange(len(b)) + i * width for i, b in enumerate(group)]).to(device)
+    padded_e = errors.new_zeros(len(group) * width, errors.shape[1]).index_copy_(0, slot, errors)
+    padded_h = features.new_zeros(len(group) * width, features.shape[1]).index_copy_(0, slot, features)
+    return batch_gradients(
+        padded_e.view(len(group), width, -1), padded_h.view(len(group), width, -1), sizes.to(device)
+    )
+
+
+def _majority_labels(y: torch.Tensor, group: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([torch.mode(y[b]).values for b in group])
