@@ -44,10 +44,13 @@ class SelectorService:
     ----------
     config : dict or SelectorConfig
         One branch of the run config, discriminated by ``strategy``.
+    device : str
+        Where strategies compute (``"cpu"`` or a CUDA device); chunks arrive as numpy either way.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, device: str = "cpu"):
         self.config = _CONFIG.validate_python(config)
+        self.device = device
         self._strategy = STRATEGIES[self.config.strategy]
         self._lock = threading.Lock()
         self._rounds: dict[int, _Round] = {}
@@ -68,6 +71,7 @@ class SelectorService:
                 "answered": self._answered,
                 "busy_s": self._busy_s,
                 "stopped": self._stopped,
+                "device": self.device,
             }
 
     def stop(self) -> None:
@@ -146,7 +150,7 @@ class SelectorService:
             ground = _assemble(state.request, state.chunks)
             state.chunks = {}
             select_start = time.perf_counter()
-            selection = self._strategy.select(self.config, state.request, ground)
+            selection = self._strategy.select(self.config, state.request, ground, self.device)
             select_s = time.perf_counter() - select_start
             if self.config.delay_s:
                 time.sleep(self.config.delay_s)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
 
 from protocol.config import FullSelector, GradMatchPBSelector, RandomSelector
 from protocol.messages import RoundRequest, StrategyPlan
@@ -54,7 +55,9 @@ def gradmatch_pb_plan(config: GradMatchPBSelector) -> StrategyPlan:
     return StrategyPlan(strategy=config.strategy, rounds=True, ground="batch", needs_gradients=True)
 
 
-def select_random(config: RandomSelector, request: RoundRequest, ground: GroundSet | None) -> Selection:
+def select_random(
+    config: RandomSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
+) -> Selection:
     """RANDOM: a uniform subset of ``n_select`` elements re-drawn each round, weights 1."""
     rng = round_rng(request.seed, request.round_id)
     indices = np.sort(rng.choice(request.n_ground, size=request.n_select, replace=False))
@@ -103,7 +106,7 @@ def pad_selection(
 
 
 def select_gradmatch_pb(
-    config: GradMatchPBSelector, request: RoundRequest, ground: GroundSet | None
+    config: GradMatchPBSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
 ) -> Selection:
     """GRAD-MATCH-PB: OMP over mini-batch gradients matching the full training gradient."""
     if ground is None:
@@ -111,8 +114,11 @@ def select_gradmatch_pb(
     target = train_target(ground.rows, request.sizes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a short answer is padded and reported below
+        rows, goal = ground.rows, target.astype(ground.rows.dtype)
+        if device != "cpu":
+            rows, goal = torch.from_numpy(rows).to(device), torch.from_numpy(goal).to(device)
         result = orthogonal_matching_pursuit(
-            ground.rows, target.astype(ground.rows.dtype), request.n_select,
+            rows, goal, request.n_select,
             lam=config.lam, eps=config.eps, positive=config.positive,
         )
     rng = round_rng(request.seed, request.round_id)

@@ -119,6 +119,8 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 def _describe(exc: ValidationError) -> str:
     error = exc.errors()[0]
     loc = tuple(str(p) for p in error["loc"])
+    if error["type"] == "union_tag_invalid":  # an unknown strategy name
+        return f"--strategy {error['ctx']['tag']!r}: must be one of {error['ctx']['expected_tags']}"
     if len(loc) >= 2 and loc[0] == "selector" and loc[1] not in ("strategy",):
         loc = (loc[0],) + loc[2:]  # drop the union tag
     message = error["msg"].removeprefix("Value error, ")

@@ -226,8 +226,7 @@ class Trainer:
     def _check_timeout(self, epoch: int) -> None:
         pending = self.pending
         if time.perf_counter() - pending.started >= self.config.schedule.round_timeout_s:
-            self.pending = None
-            ray.cancel(pending.result, force=False)
+            self.pending = None  # the selector gives up on it by itself (its result() timeout)
             self._record_round(pending, "timeout", reason=f"no answer within {self.config.schedule.round_timeout_s} s")
 
     def _finish_pending(self, epoch: int) -> None:

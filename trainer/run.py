@@ -131,22 +131,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     (out / "config.json").write_text(config.model_dump_json(indent=2))
     started = connect_ray()
+    actors = []
     try:
-        selector, trainer = start_actors(config)
-        result = follow(trainer, out)
+        actors = start_actors(config)
+        result = follow(actors[1], out)
         summary = dict(result["summary"], ray_address=ray.get_runtime_context().gcs_address)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(format_summary(summary, out))
-        for actor in (trainer, selector):
-            ray.kill(actor)
         return 0
     except ray.exceptions.RayError as exc:
         print(f"error: the run failed: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
     finally:
+        for actor in actors:
+            ray.kill(actor)
         if started:
             ray.shutdown()
-
 
 if __name__ == "__main__":
     sys.exit(main())

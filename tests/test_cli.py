@@ -1,0 +1,74 @@
+"""Flags and YAML to a validated config; bad input exits 2 with one line naming flag, value and rule."""
+
+import pytest
+
+from trainer.cli import FLAGS, build_parser, parse_config
+from trainer.run import main
+
+
+def test_defaults_are_the_main_job():
+    config = parse_config([])
+    assert (config.data.dataset, config.model.name, config.selector.strategy) == ("mnist5k", "lenet", "gradmatch-pb")
+    assert (config.schedule.budget, config.schedule.kappa, config.data.val_fraction) == (0.1, 0.5, 0.1)
+
+
+def test_flags_reach_their_branch():
+    config = parse_config(["--strategy", "random", "--budget", "0.3", "--epochs", "7", "--lead", "0",
+                           "--on-late", "wait", "--batch-size", "16", "--download", "--seed", "4"])
+    assert config.selector.strategy == "random" and config.schedule.budget == 0.3
+    assert config.train.epochs == 7 and config.schedule.lead == 0 and config.schedule.on_late == "wait"
+    assert config.train.batch_size == 16 and config.data.download and config.seed == 4
+
+
+def test_yaml_then_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epochs: 9\nselector:\n  strategy: gradmatch-pb\n  lam: 0.25\n")
+    config = parse_config(["--config", str(path), "--budget", "0.2"])
+    assert config.train.epochs == 9 and config.selector.lam == 0.25 and config.schedule.budget == 0.2
+    # another strategy from the command line drops the file's options of the old one
+    assert parse_config(["--config", str(path), "--strategy", "random"]).selector.strategy == "random"
+
+
+def test_every_help_line_shows_its_default():
+    text = build_parser().format_help().replace("\n", " ")
+    for flag in FLAGS:
+        section = text.split(flag, 2)[2]
+        assert "(default:" in section.split(" --")[0], flag
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--budget", "1.5"], "--budget '1.5': Input should be less than or equal to 1"),
+        (["--budget", "0"], "--budget '0': Input should be greater than 0"),
+        (["--dataset", "imagenet"], "--dataset 'imagenet': Input should be 'mnist5k'"),
+        (["--strategy", "craig-typo"], "--strategy 'craig-typo': must be one of 'full', 'random', 'gradmatch-pb'"),
+        (["--epochs", "ten"], "--epochs 'ten': Input should be a valid integer"),
+        (["--lead", "30"], "--lead: lead == 30, must be <= select_every (20)"),
+        (["--device", "tpu"], "--device: device == 'tpu', must be auto, cpu, cuda or cuda:N"),
+        (["--nope"], "unrecognized arguments: --nope"),
+        (["--config", "/does/not/exist.yaml"], "--config /does/not/exist.yaml: cannot read"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, expected, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_yaml_errors_name_the_key(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("selector:\n  strategy: gradmatch-pb\n  lam: -2\n")
+    assert main(["--config", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "selector.lam" in capsys.readouterr().err
+    path.write_text("- a\n- b\n")
+    assert main(["--config", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "must hold a mapping" in capsys.readouterr().err
+
+
+def test_an_existing_run_directory_is_never_overwritten(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text("{}")
+    assert main(["--out", str(tmp_path)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "summary.json").read_text() == "{}"

@@ -1,0 +1,96 @@
+"""End to end: the real CLI as a subprocess, joining the session's Ray like a user's `ray start --head`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fake_datasets import write_cifar10, write_mnist
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TIMEOUT_S = 420
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "trainer.run", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+
+
+def read_run(out: Path) -> tuple[dict, list[dict], list[dict]]:
+    summary = json.loads((out / "summary.json").read_text())
+    epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    return summary, epochs, rounds
+
+
+def test_cli_runs_gradmatch_pb_on_the_running_cluster(ray_address, tmp_path):
+    out = tmp_path / "run"
+    done = run_cli("--dataset", "synthetic", "--model", "mlp", "--epochs", "8", "--select-every", "2",
+                   "--kappa", "0.5", "--budget", "0.25", "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary, epochs, rounds = read_run(out)
+    assert summary["ray_address"] == ray_address  # joined the running cluster, started none
+    assert summary["strategy"] == "gradmatch-pb" and summary["energy_j"] is None and summary["energy_note"]
+    # warm start: kappa*T = 4 subset epochs after round(4 * 0.25) = 1 full epoch; rounds due at 1 and 3
+    assert (summary["epochs_full"], summary["epochs_subset"]) == (1, 4) and len(epochs) == 5
+    assert [r["due_epoch"] for r in rounds] == [1, 3]
+    assert summary["rounds"] + summary["rounds_rejected"] + sum(r["status"] == "unused" for r in rounds) == 2
+    assert 0 <= summary["acc"] <= 100 and summary["wall_s"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["schedule"]["budget"] == 0.25 and config["selector"]["lam"] == 0.5
+    for key in ("strategy", "budget", "epochs", "acc", "wall_s", "stall_s", "selector_busy_s", "rounds",
+                "rounds_rejected", "energy_j", "energy_note", "ray_address"):
+        assert key in summary
+    assert "test accuracy" in done.stdout and "rounds" in done.stdout
+    assert "training" in done.stderr  # the progress bar
+
+
+@pytest.mark.parametrize("strategy", ["full", "random"])
+def test_cli_baselines(ray_address, tmp_path, strategy):
+    out = tmp_path / strategy
+    done = run_cli("--dataset", "digits", "--model", "mlp", "--strategy", strategy, "--epochs", "4",
+                   "--select-every", "2", "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary, epochs, rounds = read_run(out)
+    assert summary["strategy"] == strategy
+    if strategy == "full":
+        assert rounds == [] and all(e["phase"] == "full" and e["n_examples"] == 1258 for e in epochs)
+    else:
+        assert all(e["n_examples"] == 126 for e in epochs if e["phase"] == "subset")
+    assert summary["acc"] > 30  # digits is easy: even 4 epochs learn something
+
+
+def test_cli_on_files_in_torchvision_mnist_layout(ray_address, tmp_path):
+    write_mnist(tmp_path / "data", n_train=80, n_test=20, seed=0)
+    out = tmp_path / "run"
+    done = run_cli("--dataset", "mnist", "--data-root", str(tmp_path / "data"), "--epochs", "4",
+                   "--batch-size", "8", "--select-every", "1", "--kappa", "0", "--budget", "0.25",
+                   "--on-late", "wait", "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary, epochs, rounds = read_run(out)
+    assert summary["dataset"] == "mnist" and summary["model"] == "lenet"
+    assert [r["status"] for r in rounds] == ["adopted"] * 3  # due at epochs 1, 2, 3
+    assert all(e["n_examples"] <= 24 for e in epochs)  # 72 training images: 18 examples = 3 batches of 8
+
+
+def test_cli_on_files_in_torchvision_cifar10_layout_with_resnet18(ray_address, tmp_path):
+    write_cifar10(tmp_path / "data", n_train=40, n_test=10, seed=1)
+    out = tmp_path / "run"
+    done = run_cli("--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--model", "resnet18",
+                   "--epochs", "2", "--batch-size", "8", "--select-every", "1", "--kappa", "0",
+                   "--budget", "0.5", "--on-late", "wait", "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary, _, rounds = read_run(out)
+    assert summary["dataset"] == "cifar10" and summary["model"] == "resnet18"
+    assert [r["status"] for r in rounds] == ["adopted"]
+
+
+def test_cli_missing_dataset_fails_clearly(ray_address, tmp_path):
+    done = run_cli("--dataset", "cifar10", "--data-root", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
+    assert done.returncode != 0
+    assert "cifar-10-batches-py" in done.stderr and "--download" in done.stderr
