@@ -13,6 +13,9 @@ the best of ``--repeats`` wall times of
   includes the Gram product; it has no regulariser and returns signed weights);
 - floor: one float32 ``A @ A.T``, the faster of numpy and torch (the least any Gram-based solver pays).
 
+Each repeat times all four in a rotating order; the best of ``--repeats`` is kept (after one untimed
+warm-up call each).
+
 Errors are relative, ``||A[S]^T w - b|| / ||b||`` in float64. The last line states the claim.
 """
 
@@ -75,14 +78,22 @@ def gradient_rows(n: int, n_columns: int, hidden: int, seed: int) -> tuple[np.nd
     return np.ascontiguousarray(rows), rows.sum(axis=0, dtype=np.float64).astype(np.float32)
 
 
-def best_time(fn, repeats: int):
-    """Best wall time of ``repeats`` calls and the last return value."""
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+def best_times(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Best wall time of each callable over ``repeats`` rounds, and each one's last return value.
+
+    Every callable runs once untimed first (allocator and thread-pool warm-up); each round then runs
+    all of them, in an order rotated round by round so that none always follows the same neighbour.
+    """
+    outputs = {name: fn() for name, fn in fns.items()}
+    best = dict.fromkeys(fns, float("inf"))
+    names = list(fns)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            outputs[name] = fns[name]()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, outputs
 
 
 def relative_error(rows: np.ndarray, target: np.ndarray, indices, weights) -> float:
@@ -100,24 +111,26 @@ def run_sklearn(rows: np.ndarray, target: np.ndarray, budget: int):
     return indices, coef[indices]
 
 
-def floor_time(rows: np.ndarray, repeats: int) -> tuple[float, str]:
-    """Faster of numpy and torch for one float32 ``A @ A.T``."""
-    tensor = torch.from_numpy(rows)
-    numpy_s, _ = best_time(lambda: rows @ rows.T, repeats)
-    torch_s, _ = best_time(lambda: tensor @ tensor.T, repeats)
-    return (numpy_s, "numpy") if numpy_s <= torch_s else (torch_s, "torch")
-
-
 def measure(problem, repeats: int, seed: int) -> dict:
     n, n_columns, hidden, budget = problem
     rows, target = gradient_rows(n, n_columns, hidden, seed)
-    floor_s, floor_by = floor_time(rows, repeats)
-    ours_s, ours = best_time(lambda: orthogonal_matching_pursuit(rows, target, budget), repeats)
-    sk_s, (sk_idx, sk_w) = best_time(lambda: run_sklearn(rows, target, budget), repeats)
+    tensor = torch.from_numpy(rows)
+    times, out = best_times(
+        {
+            "floor_numpy": lambda: rows @ rows.T,
+            "floor_torch": lambda: tensor @ tensor.T,
+            "ours": lambda: orthogonal_matching_pursuit(rows, target, budget),
+            "sklearn": lambda: run_sklearn(rows, target, budget),
+        },
+        repeats,
+    )
+    floor_by = "numpy" if times["floor_numpy"] <= times["floor_torch"] else "torch"
+    ours, (sk_idx, sk_w) = out["ours"], out["sklearn"]
     return {
-        "shape": rows.shape, "k": budget, "ours_s": ours_s, "sklearn_s": sk_s, "floor_s": floor_s,
-        "floor_by": floor_by, "ours_err": ours.error, "sklearn_err": relative_error(rows, target, sk_idx, sk_w),
-        "method": ours.method, "n_selected": ours.indices.size, "stop": ours.stop_reason,
+        "shape": rows.shape, "k": budget, "ours_s": times["ours"], "sklearn_s": times["sklearn"],
+        "floor_s": times[f"floor_{floor_by}"], "floor_by": floor_by, "ours_err": ours.error,
+        "sklearn_err": relative_error(rows, target, sk_idx, sk_w), "method": ours.method,
+        "n_selected": ours.indices.size, "stop": ours.stop_reason,
     }
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 DATASETS = ("mnist5k", "digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
 MODELS = ("lenet", "mlp", "resnet18")
-STRATEGIES = ("full", "random", "gradmatch-pb")
+STRATEGIES = ("full", "random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister", "full-earlystop")
 
 
 class Strict(BaseModel):
@@ -38,6 +38,12 @@ class DataConfig(Strict):
     augment: bool | None = Field(
         None, description="random crop and flip while training (default: on for CIFAR and SVHN)"
     )
+    imbalance_classes: float = Field(
+        0.0, ge=0, le=1, description="share of classes made rare in the training split (paper: 0.3)"
+    )
+    imbalance_drop: float = Field(
+        0.0, ge=0, le=1, description="share of those classes' training examples removed (paper: 0.9)"
+    )
 
 
 class ModelConfig(Strict):
@@ -51,7 +57,7 @@ class TrainConfig(Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads of the trainer")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads of the trainer (default: all cores)")
     eval_every: int = Field(10, ge=1, description="epochs between validation evaluations")
 
     @field_validator("device")
@@ -75,7 +81,9 @@ class ScheduleConfig(Strict):
         "continue", description="at a boundary whose subset is not ready: keep training or wait"
     )
     round_timeout_s: float = Field(600.0, gt=0, description="a round not answered by then is failed")
-    chunk_rows: int = Field(256, ge=1, description="ground-set rows per streamed gradient chunk")
+    chunk_examples: int = Field(
+        1024, ge=1, description="examples per streamed gradient chunk (and per forward pass of a summary pass)"
+    )
 
     @model_validator(mode="after")
     def _lead_within_interval(self) -> "ScheduleConfig":
@@ -100,17 +108,22 @@ class FullSelector(SelectorBase):
     strategy: Literal["full"] = Field("full", description="FULL: train on all data, no selection")
 
 
+class FullEarlyStopSelector(SelectorBase):
+    strategy: Literal["full-earlystop"] = Field(
+        "full-earlystop", description="FULL-EARLYSTOP: full training stopped at a time budget"
+    )
+    time_budget_s: float = Field(gt=0, description="seconds of training wall time before stopping")
+
+
 class RandomSelector(SelectorBase):
     strategy: Literal["random"] = Field("random", description="RANDOM: a seeded uniform subset each round")
 
 
-class GradMatchPBSelector(SelectorBase):
-    strategy: Literal["gradmatch-pb"] = Field(
-        "gradmatch-pb", description="selection strategy"
-    )
+class OMPOptions(SelectorBase):
     lam: float = Field(0.5, ge=0, description="ridge regularisation lambda of OMP")
     eps: float = Field(1e-10, ge=0, description="OMP stops when the regularised error is below eps")
     positive: bool = Field(True, description="non-negative weights")
+    valid: bool = Field(False, description="match the validation gradient instead of the training one")
 
     @field_validator("lam", "eps")
     @classmethod
@@ -120,9 +133,55 @@ class GradMatchPBSelector(SelectorBase):
         return value
 
 
+class GradMatchPBSelector(OMPOptions):
+    strategy: Literal["gradmatch-pb"] = Field("gradmatch-pb", description="selection strategy")
+
+
+class GradMatchSelector(OMPOptions):
+    strategy: Literal["gradmatch"] = Field(
+        "gradmatch", description="GRAD-MATCH: per-class, per-gradient OMP over examples"
+    )
+
+
+class CraigSelector(SelectorBase):
+    strategy: Literal["craig"] = Field("craig", description="CRAIG: per-class facility location over examples")
+
+
+class CraigPBSelector(SelectorBase):
+    strategy: Literal["craig-pb"] = Field("craig-pb", description="CRAIG-PB: facility location over mini-batches")
+
+
+class GlisterSelector(SelectorBase):
+    strategy: Literal["glister"] = Field(
+        "glister", description="GLISTER: greedy one-step look-ahead on the validation loss"
+    )
+    greedy_steps: int = Field(100, ge=1, description="gain re-evaluations per round (more: closer to pure greedy)")
+
+
 SelectorConfig = Annotated[
-    Union[FullSelector, RandomSelector, GradMatchPBSelector], Field(discriminator="strategy")
+    Union[
+        FullSelector, FullEarlyStopSelector, RandomSelector, GradMatchPBSelector, GradMatchSelector,
+        CraigSelector, CraigPBSelector, GlisterSelector,
+    ],
+    Field(discriminator="strategy"),
 ]
+ROUND_STRATEGIES = ("random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister")
+
+
+class StrategyChange(Strict):
+    """From boundary ``epoch`` on, the selector runs ``selector`` (a live reconfiguration)."""
+
+    epoch: int = Field(ge=0)
+    selector: SelectorConfig
+
+    @field_validator("selector")
+    @classmethod
+    def _has_rounds(cls, selector):
+        if selector.strategy not in ROUND_STRATEGIES:
+            raise ValueError(
+                f"strategy == {selector.strategy!r} cannot be scheduled; must be one of {', '.join(ROUND_STRATEGIES)}"
+            )
+        return selector
 
 
 class RunConfig(Strict):
@@ -133,3 +192,17 @@ class RunConfig(Strict):
     train: TrainConfig = TrainConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     selector: SelectorConfig = GradMatchPBSelector()
+    strategy_schedule: tuple[StrategyChange, ...] = Field(
+        (), description="live strategy changes; an entry at epoch 0 replaces `selector`"
+    )
+
+    @model_validator(mode="after")
+    def _schedule_ordered(self) -> "RunConfig":
+        epochs = [change.epoch for change in self.strategy_schedule]
+        if epochs != sorted(set(epochs)):
+            raise ValueError(f"strategy_schedule epochs == {epochs}, must be strictly increasing")
+        if epochs and epochs[0] == 0 and self.selector != self.strategy_schedule[0].selector:
+            return self.model_copy(update={"selector": self.strategy_schedule[0].selector})
+        if self.strategy_schedule and self.selector.strategy not in ROUND_STRATEGIES:
+            raise ValueError(f"strategy_schedule needs a strategy with rounds, not {self.selector.strategy!r}")
+        return self

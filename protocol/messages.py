@@ -22,13 +22,20 @@ class ArrayMessage(Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+Summaries = Literal["none", "batch", "example"]
+
+
 class StrategyPlan(Strict):
-    """What a strategy needs from the trainer, declared by the selector."""
+    """What a strategy needs from the trainer, declared by the selector; the trainer computes only that."""
 
     strategy: str
-    rounds: bool = Field(description="False for strategies that train on everything (FULL)")
+    rounds: bool = Field(description="False for strategies that train on everything (FULL, FULL-EARLYSTOP)")
     ground: Ground = "example"
-    needs_gradients: bool = False
+    summaries: Summaries = Field(
+        "none", description="batch: mean last-layer gradient rows per mini-batch; example: per-example factors"
+    )
+    needs_validation: bool = Field(False, description="validation logits, features and labels each round")
+    time_budget_s: float | None = Field(None, description="stop training after this much wall time")
 
 
 class RoundRequest(ArrayMessage):
@@ -42,6 +49,8 @@ class RoundRequest(ArrayMessage):
     n_chunks: int = Field(ge=0)
     seed: int = Field(ge=0)
     sizes: Int64Vector | None = Field(None, description="(n_ground,) examples per ground element")
+    lr: float | None = Field(None, ge=0, description="learning rate at the snapshot (GLISTER's look-ahead)")
+    with_validation: bool = Field(False, description="a ValidationSet message follows")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RoundRequest":
@@ -55,26 +64,61 @@ class RoundRequest(ArrayMessage):
         return self
 
 
+def _check_rows(name: str, array: np.ndarray | None, n: int) -> None:
+    if array is None:
+        return
+    if array.shape[0] != n:
+        raise ValueError(f"{name} has {array.shape[0]} rows, must equal ids ({n})")
+    bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise ValueError(f"{name} contain {bad} non-finite values; gradient summaries must be finite")
+
+
 class GradientChunk(ArrayMessage):
-    """A slice of the ground set's gradient summaries: rows[i] summarises ground element ids[i]."""
+    """A slice of the ground set's gradient summaries for ground elements ``ids``.
+
+    Mini-batches carry ``rows`` (n, C + C*D): each batch's mean last-layer gradient. Examples carry the
+    factors of theirs, ``errors`` (n, C) = softmax(z) - onehot(y) and ``features`` (n, D), the input of
+    the last layer: the gradient is ``errors ⊗ [1, features]``.
+    """
 
     round_id: int = Field(ge=0)
     chunk_index: int = Field(ge=0)
     ids: Int64Vector
     labels: Int64Vector
-    rows: Float32Matrix
+    rows: Float32Matrix | None = None
+    errors: Float32Matrix | None = None
+    features: Float32Matrix | None = None
 
     @model_validator(mode="after")
     def _aligned(self) -> "GradientChunk":
         n = self.ids.shape[0]
-        if self.labels.shape[0] != n or self.rows.shape[0] != n:
-            raise ValueError(
-                f"ids, labels and rows must have equal length, got {n}, {self.labels.shape[0]}, "
-                f"{self.rows.shape[0]}"
-            )
-        bad = int(np.size(self.rows) - np.count_nonzero(np.isfinite(self.rows)))
-        if bad:
-            raise ValueError(f"rows contain {bad} non-finite values; gradient summaries must be finite")
+        if self.labels.shape[0] != n:
+            raise ValueError(f"labels has {self.labels.shape[0]} entries, must equal ids ({n})")
+        if (self.rows is None) == (self.errors is None) or (self.errors is None) != (self.features is None):
+            raise ValueError("a chunk carries either rows, or errors and features")
+        for name in ("rows", "errors", "features"):
+            _check_rows(name, getattr(self, name), n)
+        return self
+
+
+class ValidationSet(ArrayMessage):
+    """What the validation set looks like to the last layer at the snapshot."""
+
+    round_id: int = Field(ge=0)
+    logits: Float32Matrix
+    features: Float32Matrix
+    labels: Int64Vector
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "ValidationSet":
+        n = self.labels.shape[0]
+        if n == 0:
+            raise ValueError("labels must not be empty: the validation set is empty")
+        _check_rows("logits", self.logits, n)
+        _check_rows("features", self.features, n)
+        if self.labels.min() < 0 or self.labels.max() >= self.logits.shape[1]:
+            raise ValueError(f"labels must be in [0, {self.logits.shape[1]})")
         return self
 
 
@@ -88,6 +132,7 @@ class SubsetMessage(ArrayMessage):
     weights: Float64Vector
     grad_error: float | None = Field(None, description="||sum w_i g_i - target|| / ||target||")
     n_padded: int = Field(0, ge=0, description="elements added at random because the solver stopped early")
+    target: Literal["train", "val"] | None = Field(None, description="the gradient that was matched")
     select_s: float = Field(ge=0, description="seconds the strategy computed")
     busy_s: float = Field(ge=0, description="seconds the selector worked on this round")
 

@@ -24,6 +24,7 @@ class EpochRecord(Strict):
 
 class RoundRecord(Strict):
     round: int
+    strategy: str = Field(description="the strategy the round was asked of")
     model_step: int = Field(description="step of the model snapshot the round was computed from")
     trigger_epoch: int
     due_epoch: int
@@ -36,6 +37,7 @@ class RoundRecord(Strict):
     selector_s: float | None = Field(None, description="seconds the selector worked on the round")
     select_s: float | None = Field(None, description="seconds of the strategy itself")
     grad_error: float | None = None
+    target: str | None = Field(None, description="the gradient that was matched: train or val")
     subset_size: int | None = Field(None, description="examples in the adopted subset")
     n_padded: int | None = None
 
@@ -48,6 +50,8 @@ class RunSummary(Strict):
     epochs: int = Field(description="epoch budget T")
     epochs_full: int = Field(description="full-data epochs run (warm start or FULL)")
     epochs_subset: int
+    epochs_run: int = Field(description="epochs actually trained (fewer when a time budget stopped the run)")
+    n_train: int = Field(description="training examples (after any imbalance)")
     acc: float = Field(description="top-1 test accuracy at the end")
     wall_s: float
     stall_s: float
@@ -56,8 +60,13 @@ class RunSummary(Strict):
     overlap: float | None = Field(description="1 - stall_s / selector_busy_s")
     rounds: int = Field(description="rounds adopted")
     rounds_rejected: int = Field(description="rounds rejected, failed or timed out")
+    grad_error: float | None = Field(None, description="mean gradient matching error over adopted rounds")
+    redundant: float | None = Field(None, description="share of training examples never selected")
     steps: int
     energy_j: float | None
     energy_note: str
     ray_address: str
     device: str
+    time_budget_s: float | None = None
+    imbalance: dict | None = Field(None, description="rare classes and examples removed from each")
+    strategy_changes: list[dict] = Field(default_factory=list, description="live strategy changes applied")

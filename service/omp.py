@@ -31,6 +31,7 @@ Correlations come from one of two methods, chosen by :func:`choose_method`:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -40,7 +41,12 @@ import numpy as np
 import scipy.linalg
 import scipy.optimize
 import torch
-from scipy.linalg import blas
+from scipy.linalg import blas, lapack
+
+try:
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # without it BLAS keeps its own thread count
+    ThreadpoolController = None
 
 ROWS_SLOWDOWN = 8.0
 """Cost of one multiply-add in a matrix-vector product relative to one in a large matrix product.
@@ -56,8 +62,10 @@ as linearly dependent on the chosen ones at the precision of ``A``; it is banned
 KKT_RTOL = 1e-9
 """Relative tolerance on the gradient of atoms dropped by the warm-started non-negative solve."""
 
-SYMMETRISE_BLOCK = 256
-"""Block edge for mirroring the SYRK triangle into a full Gram matrix (cache-sized transposes)."""
+REFINE_STEPS = 8
+REFINE_RTOL = 1e-11
+"""The final float64 re-solve takes at most ``REFINE_STEPS`` refinement steps and stops once a step
+changes no weight by more than ``REFINE_RTOL`` times the largest weight."""
 
 METHODS = ("auto", "gram", "rows")
 STOP_REASONS = ("budget", "tolerance", "no_positive_correlation", "exhausted")
@@ -156,10 +164,11 @@ def orthogonal_matching_pursuit(
         return _result(np.empty(0, np.int64), np.empty(0), 0.0, 0, chosen, "tolerance")
     correlator = (_GramCorrelations if chosen == "gram" else _RowCorrelations)(A_x, b_x, budget)
     factor = _RidgeCholesky(budget, lam, _pivot_rtol(A_x))
-    run = _pursue(correlator, factor, b_sq, budget, eps, positive)
+    with _small_blas_calls(chosen):
+        run = _pursue(correlator, factor, b_sq, budget, eps, positive)
+        indices, weights, error = _refit(A_x, b64, run.support, factor, positive)
     if run.dependent:
         _warn_dependent(run.dependent, factor.rtol)
-    indices, weights, error = _refit(A_x, b64, run.support, lam, positive)
     return _result(indices, weights, error, run.n_iter, chosen, run.stop_reason)
 
 
@@ -363,29 +372,39 @@ def _result(indices, weights, error, n_iter, method, stop_reason) -> OMPResult:
 # Correlations, where A lives
 
 
+_controller = None
+
+
+def _small_blas_calls(method: str):
+    """Context for the pick loop: CPU BLAS on one thread when every call is small (``"gram"``).
+
+    The loop makes a few hundred small BLAS calls; with a thread pool each may wait for an idle worker
+    to wake, which on a busy or virtualised machine costs far more than the call itself.
+    """
+    global _controller
+    if method != "gram" or ThreadpoolController is None:
+        return contextlib.nullcontext()
+    if _controller is None:
+        _controller = ThreadpoolController()
+    return _controller.limit(limits=1, user_api="blas")
+
+
+
 def _gram_matrix(A_x):
     """``G = A A^T``, shape (n, n), in A's dtype on A's device.
 
-    On the CPU a BLAS SYRK computes one triangle (half the multiply-adds of a general product), which
-    is then mirrored block by block.
+    numpy computes ``A @ A.T`` of one buffer with a BLAS SYRK (half the multiply-adds of a general
+    product) and mirrors the triangle; torch uses one matrix product.
     """
-    syrk = {np.float32: blas.ssyrk, np.float64: blas.dsyrk}.get(getattr(A_x.dtype, "type", None))
-    if not isinstance(A_x, np.ndarray) or syrk is None:
-        return A_x @ A_x.T
-    gram = syrk(1.0, A_x.T, trans=1).T  # C order; lower triangle of A A^T valid, upper unset
-    _mirror_lower(gram)
-    return gram
+    return A_x @ A_x.T
 
 
-def _mirror_lower(gram: np.ndarray) -> None:
-    """Copy the lower triangle of a square C-order matrix onto its upper triangle, in place."""
-    n, step = gram.shape[0], SYMMETRISE_BLOCK
-    for i in range(0, n, step):
-        for j in range(i + step, n, step):
-            gram[i: i + step, j: j + step] = gram[j: j + step, i: i + step].T
-        diagonal = gram[i: i + step, i: i + step]
-        upper = np.triu_indices(diagonal.shape[0], 1)
-        diagonal[upper] = diagonal.T[upper]
+def _compact_rows(rows, keep: np.ndarray) -> int:
+    """Move ``rows[keep]`` to the front of ``rows`` in place; rows before the first gap stay put."""
+    first = int(np.argmax(keep != np.arange(keep.size))) if keep.size else 0
+    if keep.size and keep[first] != first:
+        rows[first: keep.size] = _take_rows(rows, keep[first:])
+    return keep.size
 
 
 class _GramCorrelations:
@@ -422,8 +441,7 @@ class _GramCorrelations:
 
     def restrict(self, keep: np.ndarray) -> None:
         """Keep only the support positions ``keep`` (increasing), in order."""
-        self._rows[: keep.size] = _take_rows(self._rows, keep)
-        self.size = keep.size
+        self.size = _compact_rows(self._rows, keep)
 
 
 class _RowCorrelations:
@@ -458,8 +476,7 @@ class _RowCorrelations:
 
     def restrict(self, keep: np.ndarray) -> None:
         """Keep only the support positions ``keep`` (increasing), in order."""
-        self._rows[: keep.size] = _take_rows(self._rows, keep)
-        self.size = keep.size
+        self.size = _compact_rows(self._rows, keep)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -503,6 +520,11 @@ class _RidgeCholesky:
         """Unconstrained ridge weights on the support, shape (size,)."""
         return blas.dtpsv(self.size, self._packed, self._z[: self.size], trans=0)
 
+    def solve(self, v: np.ndarray) -> np.ndarray:
+        """``Q^{-1} v`` for ``v`` of shape (size,)."""
+        inner = blas.dtpsv(self.size, self._packed, v, trans=1)
+        return blas.dtpsv(self.size, self._packed, inner, trans=0, overwrite_x=1)
+
     def explained(self) -> float:
         """``||z||^2 = p_S^T Q^{-1} p_S``, so that ``E_lam = ||b||^2 - explained``."""
         z = self._z[: self.size]
@@ -519,9 +541,8 @@ class _RidgeCholesky:
         over ``w >= 0``.
         """
         s = self.size
-        lower = np.zeros((s, s))
-        lower[np.tril_indices(s)] = self._packed[: s * (s + 1) // 2]
-        return scipy.optimize.nnls(lower.T, self._z[:s])[0]
+        upper, _ = lapack.dtpttr(s, self._packed[: s * (s + 1) // 2])  # L^T, (s, s)
+        return scipy.optimize.nnls(np.triu(upper), self._z[:s])[0]
 
     def restrict(self, keep: np.ndarray) -> None:
         """Refactor for the support positions ``keep`` (increasing)."""
@@ -532,11 +553,15 @@ class _RidgeCholesky:
         k = self.size = p.size
         if k == 0:
             return
-        lower = scipy.linalg.cholesky(gram + self.lam * np.eye(k), lower=True, check_finite=False)
+        q = gram + self.lam * np.eye(k)
+        upper, info = lapack.dpotrf(q.T, lower=0, clean=0)  # q is symmetric: q.T is its F-order view
+        if info != 0:
+            raise np.linalg.LinAlgError(f"G_SS + lam I is not positive definite (potrf info {info})")
+        packed, _ = lapack.dtrttp(upper)  # column-major upper = L row by row
+        self._packed[: packed.size] = packed
         self._gram[:k, :k] = gram
         self._p[:k] = p
-        self._z[:k] = scipy.linalg.solve_triangular(lower, p, lower=True, check_finite=False)
-        self._packed[: k * (k + 1) // 2] = lower[np.tril_indices(k)]
+        self._z[:k] = blas.dtpsv(k, self._packed, p, trans=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -650,22 +675,47 @@ def _is_nonnegative_optimum(gram: np.ndarray, p: np.ndarray, keep: np.ndarray, w
 # Final exact solve on the chosen support, in float64
 
 
-def _refit(A_x, b64: np.ndarray, support: list, lam: float, positive: bool):
-    """Exact ridge(-NNLS) weights on ``support`` from float64 rows, and the relative error.
+def _refit(A_x, b64: np.ndarray, support: list, factor: _RidgeCholesky, positive: bool):
+    """Exact ridge(-NNLS) weights on ``support`` in float64, and the relative error.
 
-    The loop's factor is built from products in A's dtype; this re-solve makes the returned weights
-    the optimum for the returned support to float64 accuracy. Atoms left with zero weight are dropped.
+    The loop's factor comes from products in A's dtype. Its weights are refined against the float64
+    normal equations ``(A_S A_S^T + lam I) w = A_S b`` (:func:`_refine`); when that does not
+    converge, or a weight turns non-positive under ``positive``, the support is solved directly.
+    Atoms left with zero weight are dropped.
     """
     indices = np.asarray(support, dtype=np.int64)
     if indices.size == 0:
         return indices, np.empty(0), 1.0
     rows = _host64(_take_rows(A_x, indices))  # (s, d)
-    weights = _ridge_weights(rows, b64, lam, positive)
+    weights = _refine(rows, b64, factor)
+    if weights is None or (positive and weights.min() <= 0):
+        weights = _ridge_weights(rows, b64, factor.lam, positive)
     if positive and not (weights > 0).all():
         keep = weights > 0
         indices, rows, weights = indices[keep], rows[keep], weights[keep]
-    error = np.linalg.norm(weights @ rows - b64) / math.sqrt(b64 @ b64)
+    error = np.linalg.norm(b64 - weights @ rows) / math.sqrt(b64 @ b64)
     return indices, weights, float(error)
+
+
+def _refine(rows: np.ndarray, b64: np.ndarray, factor: _RidgeCholesky) -> np.ndarray | None:
+    """Iterative refinement of the loop's ridge weights in float64; None if it does not converge.
+
+    Each step solves ``Q_loop step = A_S b - (A_S A_S^T + lam I) w`` with the loop's factor, the
+    residual of the normal equations formed in float64 from ``rows`` (s, d) in two matrix-vector
+    products, so no ``s x s`` float64 Gram matrix is built.
+    """
+    w = factor.weights()
+    previous = math.inf
+    for _ in range(REFINE_STEPS):
+        step = factor.solve(rows @ (b64 - w @ rows) - factor.lam * w)
+        w = w + step
+        size = np.abs(step).max()
+        if size <= REFINE_RTOL * np.abs(w).max():
+            return w
+        if not size < 0.5 * previous:  # not contracting: the loop's factor is too far off
+            return None
+        previous = size
+    return None
 
 
 def _ridge_weights(rows: np.ndarray, b64: np.ndarray, lam: float, positive: bool) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import TypeAdapter
 
 from protocol.config import SelectorConfig
-from protocol.messages import GradientChunk, RoundRequest, StrategyPlan, SubsetMessage
+from protocol.messages import GradientChunk, RoundRequest, SubsetMessage, ValidationSet
 from service.strategies import STRATEGIES, GroundSet, Selection
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,9 @@ class RoundFailed(RuntimeError):
 class _Round:
     request: RoundRequest | None = None
     chunks: dict[int, GradientChunk] = field(default_factory=dict)
+    validation: ValidationSet | None = None
+    config: object = None  # the strategy config in force when the round was asked
+    strategy: object = None
     started: bool = False
     answer: dict | None = None
     error: str | None = None
@@ -61,6 +64,14 @@ class SelectorService:
     # cheap calls -------------------------------------------------------------------------------
     def plan(self) -> dict:
         return self._strategy.plan(self.config).model_dump()
+
+    def reconfigure(self, config) -> dict:
+        """Swap the strategy for rounds asked from now on (open rounds keep theirs); returns the new plan."""
+        config = _CONFIG.validate_python(config)
+        with self._lock:
+            self.config, self._strategy = config, STRATEGIES[config.strategy]
+        log.info("reconfigured to %s", config.strategy)
+        return self.plan()
 
     def status(self) -> dict:
         with self._lock:
@@ -94,6 +105,7 @@ class SelectorService:
                     del self._rounds[round_id]
             state = self._rounds.setdefault(request.round_id, _Round())
             state.request = request
+            state.config, state.strategy = self.config, self._strategy
             self._maybe_start(request.round_id, state)
 
     def add_chunk(self, chunk) -> None:
@@ -106,6 +118,14 @@ class SelectorService:
                 return
             state.chunks[chunk.chunk_index] = chunk
             self._maybe_start(chunk.round_id, state)
+
+    def add_validation(self, validation) -> None:
+        """Store the validation set's last-layer view for a round that asked for it."""
+        validation = ValidationSet.model_validate(validation)
+        with self._lock:
+            state = self._rounds.setdefault(validation.round_id, _Round())
+            state.validation = validation
+            self._maybe_start(validation.round_id, state)
 
     def result(self, round_id: int, timeout_s: float, request_grace_s: float = REQUEST_GRACE_S) -> dict:
         """Block until round ``round_id`` is answered; return the ``SubsetMessage`` as a dict.
@@ -137,7 +157,7 @@ class SelectorService:
         request = state.request
         if state.started or request is None or state.done.is_set():
             return
-        if len(state.chunks) < request.n_chunks:
+        if len(state.chunks) < request.n_chunks or (request.with_validation and state.validation is None):
             return
         state.started = True
         threading.Thread(
@@ -147,16 +167,17 @@ class SelectorService:
     def _run(self, round_id: int, state: _Round) -> None:
         start = time.perf_counter()
         try:
-            ground = _assemble(state.request, state.chunks)
-            state.chunks = {}
+            ground = _assemble(state.request, state.chunks, state.validation)
+            state.chunks, state.validation = {}, None
             select_start = time.perf_counter()
-            selection = self._strategy.select(self.config, state.request, ground, self.device)
+            config = state.config
+            selection = state.strategy.select(config, state.request, ground, self.device)
             select_s = time.perf_counter() - select_start
-            if self.config.delay_s:
-                time.sleep(self.config.delay_s)
+            if config.delay_s:
+                time.sleep(config.delay_s)
             busy_s = time.perf_counter() - start
-            answer = _message(self.config.strategy, state.request, selection, select_s, busy_s)
-            answer = _inject_fault(self.config.fault, answer, state.request)
+            answer = _message(config.strategy, state.request, selection, select_s, busy_s)
+            answer = _inject_fault(config.fault, answer, state.request)
         except Exception as exc:  # the trainer is told, the service stays up
             log.exception("round %d failed", round_id)
             with self._lock:
@@ -171,19 +192,25 @@ class SelectorService:
                 state.done.set()
 
 
-def _assemble(request: RoundRequest, chunks: dict[int, GradientChunk]) -> GroundSet | None:
-    """Stack the chunks into rows ordered by ground id; every id must appear exactly once."""
+def _assemble(request: RoundRequest, chunks: dict[int, GradientChunk], validation) -> GroundSet | None:
+    """Stack the chunks in ground-id order; every id must appear exactly once."""
     if request.n_chunks == 0:
-        return None
-    ids = np.concatenate([chunks[i].ids for i in range(request.n_chunks)])
-    rows = np.concatenate([chunks[i].rows for i in range(request.n_chunks)])
-    labels = np.concatenate([chunks[i].labels for i in range(request.n_chunks)])
+        return GroundSet(labels=np.zeros(0, np.int64), validation=validation) if validation else None
+    parts = [chunks[i] for i in range(request.n_chunks)]
+    ids = np.concatenate([p.ids for p in parts])
     if ids.size != request.n_ground or not np.array_equal(np.sort(ids), np.arange(request.n_ground)):
         raise ValueError(
             f"chunks cover {np.unique(ids).size} distinct ids of {ids.size}, must cover 0..{request.n_ground - 1} once"
         )
     order = np.argsort(ids)
-    return GroundSet(rows=rows[order], labels=labels[order])
+
+    def stack(name: str):
+        if getattr(parts[0], name) is None:
+            return None
+        return np.concatenate([getattr(p, name) for p in parts])[order]
+
+    return GroundSet(labels=stack("labels"), rows=stack("rows"), errors=stack("errors"),
+                     features=stack("features"), validation=validation)
 
 
 def _message(strategy: str, request: RoundRequest, selection: Selection, select_s: float, busy_s: float) -> dict:
@@ -196,6 +223,7 @@ def _message(strategy: str, request: RoundRequest, selection: Selection, select_
             "weights": selection.weights,
             "grad_error": selection.grad_error,
             "n_padded": selection.n_padded,
+            "target": selection.target,
             "select_s": select_s,
             "busy_s": busy_s,
         },

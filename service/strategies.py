@@ -1,7 +1,11 @@
 """Selection strategies: plain functions of the gathered ground set, registered by name.
 
-A strategy sees a ``RoundRequest`` and, when its plan asks for them, the gradient summaries of the
-whole ground set, and returns a ``Selection``: indices into the ground set and their weights.
+A strategy declares what it needs (``StrategyPlan``); given a ``RoundRequest`` and the ground set's
+summaries it returns a ``Selection``: indices into the ground set and their weights.
+
+Scale of targets and weights: a target is the gradient *sum* over the ground set (``n_ground`` times the
+mean example gradient), so weights count how many ground elements each chosen one stands for, as CRAIG's
+cluster sizes do. Training normalises weights by their mean, so only their ratios matter there.
 """
 
 from __future__ import annotations
@@ -13,29 +17,42 @@ from typing import Callable
 import numpy as np
 import torch
 
-from protocol.config import FullSelector, GradMatchPBSelector, RandomSelector
-from protocol.messages import RoundRequest, StrategyPlan
+from protocol.config import (
+    CraigPBSelector, CraigSelector, GlisterSelector, GradMatchPBSelector, GradMatchSelector, OMPOptions,
+    RandomSelector,
+)
+from protocol.messages import RoundRequest, StrategyPlan, ValidationSet
+from service.craig import gradient_gram, row_gram, select_craig
+from service.glister import glister_greedy
 from service.omp import orthogonal_matching_pursuit
+
+GRAM_MAX_BYTES = 256 << 20  # beyond this OMP passes over rows instead of building an n x n Gram
 
 
 @dataclass(frozen=True)
 class GroundSet:
-    """Gradient summaries of a round, ordered by ground id.
+    """A round's summaries, ordered by ground id (shapes: n ground elements, C classes, D features).
 
-    rows : (n_ground, dim) float32, rows[i] summarises ground element i.
-    labels : (n_ground,) int64, class of each element (-1 for mixed batches).
+    labels : (n,) int64, the class of each element (majority class for mini-batches).
+    rows : (n, C + C*D) float32 mean last-layer gradient of each mini-batch, or None.
+    errors, features : (n, C) and (n, D) float32 factors of each example's gradient, or None.
+    validation : the validation set seen by the last layer, when the plan asked for it.
     """
 
-    rows: np.ndarray
     labels: np.ndarray
+    rows: np.ndarray | None = None
+    errors: np.ndarray | None = None
+    features: np.ndarray | None = None
+    validation: ValidationSet | None = None
 
 
 @dataclass(frozen=True)
 class Selection:
-    indices: np.ndarray  # (n,) int64 into the ground set
-    weights: np.ndarray  # (n,) float64, >= 0
+    indices: np.ndarray  # (k,) int64 into the ground set
+    weights: np.ndarray  # (k,) float64, >= 0
     grad_error: float | None = None
     n_padded: int = 0
+    target: str | None = None  # what was matched: "train" or "val"
 
 
 def round_rng(seed: int, round_id: int) -> np.random.Generator:
@@ -43,33 +60,27 @@ def round_rng(seed: int, round_id: int) -> np.random.Generator:
     return np.random.default_rng([seed, round_id])
 
 
-def full_plan(config: FullSelector) -> StrategyPlan:
-    return StrategyPlan(strategy=config.strategy, rounds=False)
+# --- gradients and targets ---------------------------------------------------------------------
+
+def softmax_errors(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``softmax(z) - onehot(y)``: (m, C) float64."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(labels)), labels] -= 1.0
+    return p
 
 
-def random_plan(config: RandomSelector) -> StrategyPlan:
-    return StrategyPlan(strategy=config.strategy, rounds=True, ground="example")
-
-
-def gradmatch_pb_plan(config: GradMatchPBSelector) -> StrategyPlan:
-    return StrategyPlan(strategy=config.strategy, rounds=True, ground="batch", needs_gradients=True)
-
-
-def select_random(
-    config: RandomSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
-) -> Selection:
-    """RANDOM: a uniform subset of ``n_select`` elements re-drawn each round, weights 1."""
-    rng = round_rng(request.seed, request.round_id)
-    indices = np.sort(rng.choice(request.n_ground, size=request.n_select, replace=False))
-    return Selection(indices.astype(np.int64), np.ones(request.n_select))
+def flat_gradient(errors: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Sum of ``errors_i ⊗ [1, features_i]`` in the row layout ``[bias (C), weight (C*D)]``: (C + C*D,)."""
+    e, h = errors.astype(np.float64), features.astype(np.float64)
+    return np.concatenate([e.sum(axis=0), (e.T @ h).ravel()])
 
 
 def train_target(rows: np.ndarray, sizes: np.ndarray | None) -> np.ndarray:
-    """The full training gradient on the scale of the ground set.
+    """The training gradient on the scale of the ground set: ``n_ground *`` mean example gradient.
 
-    rows : (n_ground, dim) per-element mean gradients; sizes : (n_ground,) examples per element.
-    Returns ``n_ground * mean example gradient``, so that weights count how many ground elements each
-    chosen element stands for (they sum to about ``n_ground``).
+    rows : (n_ground, dim) mean gradient of each element; sizes : (n_ground,) examples per element.
     """
     rows64 = rows.astype(np.float64, copy=False)
     if sizes is None:
@@ -77,27 +88,62 @@ def train_target(rows: np.ndarray, sizes: np.ndarray | None) -> np.ndarray:
     return rows.shape[0] * (sizes.astype(np.float64) @ rows64) / sizes.sum()
 
 
+def validation_target(validation: ValidationSet, n_ground: int) -> np.ndarray:
+    """The validation gradient on the scale of the ground set: ``n_ground *`` mean validation gradient."""
+    errors = softmax_errors(validation.logits, validation.labels)
+    return n_ground * flat_gradient(errors, validation.features) / len(validation.labels)
+
+
+def class_rows(errors: np.ndarray, features: np.ndarray, c: int) -> np.ndarray:
+    """Per-gradient approximation: class ``c``'s own logit column, ``[e_c, e_c h]`` per example: (n, 1 + D)."""
+    e_c = errors[:, c:c + 1]
+    return np.concatenate([e_c, e_c * features], axis=1).astype(np.float32)
+
+
 def matching_error(rows: np.ndarray, target: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> float:
     """``||sum_i w_i rows[i] - target|| / ||target||`` (paper Eq. 1, relative)."""
-    approx = weights @ rows[indices].astype(np.float64)
+    residual = weights @ rows[indices].astype(np.float64) - target
     norm = np.linalg.norm(target)
-    return float(np.linalg.norm(approx - target) / norm) if norm > 0 else 0.0
+    return float(np.linalg.norm(residual) / norm) if norm > 0 else 0.0
+
+
+# --- budgets and padding -----------------------------------------------------------------------
+
+def class_budgets(counts: np.ndarray, budget: int) -> np.ndarray:
+    """Split ``budget`` over classes in proportion to ``counts``, summing exactly to ``budget``.
+
+    Largest remainders get the leftover units; no class gets more than it has. counts : (n_classes,).
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    budget = min(int(budget), int(counts.sum()))
+    share = budget * counts / max(1, counts.sum())
+    out = np.minimum(np.floor(share).astype(np.int64), counts)
+    order = np.lexsort((np.arange(len(counts)), -(share - np.floor(share))))
+    while out.sum() < budget:
+        for c in order:
+            if out.sum() == budget:
+                break
+            if out[c] < counts[c]:
+                out[c] += 1
+    return out
 
 
 def pad_selection(
-    indices: np.ndarray, weights: np.ndarray, n_ground: int, n_select: int, rng: np.random.Generator
+    indices: np.ndarray, weights: np.ndarray, n_ground: int, n_select: int, rng: np.random.Generator,
+    pool: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Fill a short selection up to ``n_select`` with random unchosen elements.
+    """Fill a short selection up to ``n_select`` with random unchosen elements of ``pool``.
 
-    Padded elements get the mean weight of the chosen ones (``n_ground / n_select`` when none was
+    Padded elements get the mean weight of the chosen ones (``len(pool) / n_select`` when none was
     chosen), so they sit on the same scale.
     """
+    pool = np.arange(n_ground) if pool is None else pool
     n_missing = n_select - indices.size
     if n_missing <= 0:
         return indices, weights, 0
-    free = np.setdiff1d(np.arange(n_ground), indices)
+    free = np.setdiff1d(pool, indices)
     extra = rng.choice(free, size=n_missing, replace=False)
-    fill = float(weights.mean()) if weights.size else n_ground / n_select
+    fill = float(weights.mean()) if weights.size else len(pool) / n_select
     return (
         np.concatenate([indices, extra]).astype(np.int64),
         np.concatenate([weights, np.full(n_missing, fill)]),
@@ -105,39 +151,165 @@ def pad_selection(
     )
 
 
-def select_gradmatch_pb(
-    config: GradMatchPBSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
-) -> Selection:
-    """GRAD-MATCH-PB: OMP over mini-batch gradients matching the full training gradient."""
-    if ground is None:
-        raise ValueError("gradmatch-pb needs gradient summaries, none were sent")
-    target = train_target(ground.rows, request.sizes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a short answer is padded and reported below
-        rows, goal = ground.rows, target.astype(ground.rows.dtype)
-        if device != "cpu":
-            rows, goal = torch.from_numpy(rows).to(device), torch.from_numpy(goal).to(device)
-        result = orthogonal_matching_pursuit(
-            rows, goal, request.n_select,
-            lam=config.lam, eps=config.eps, positive=config.positive,
-        )
+# --- strategies --------------------------------------------------------------------------------
+
+def select_random(config: RandomSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+    """RANDOM: a uniform subset of ``n_select`` elements re-drawn each round, weights 1."""
     rng = round_rng(request.seed, request.round_id)
+    indices = np.sort(rng.choice(request.n_ground, size=request.n_select, replace=False))
+    return Selection(indices.astype(np.int64), np.ones(request.n_select))
+
+
+def _omp(config: OMPOptions, rows: np.ndarray, target: np.ndarray, budget: int, device: str):
+    goal = target.astype(rows.dtype)
+    if device != "cpu":
+        rows, goal = torch.from_numpy(rows).to(device), torch.from_numpy(goal).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a short answer is padded and reported
+        return orthogonal_matching_pursuit(rows, goal, budget, lam=config.lam, eps=config.eps,
+                                           positive=config.positive, gram_max_bytes=GRAM_MAX_BYTES)
+
+
+def _require(ground: GroundSet | None, what: str, strategy: str):
+    if ground is None or getattr(ground, what) is None:
+        raise ValueError(f"{strategy} needs {what} in its ground set, none were sent")
+
+
+def select_gradmatch_pb(config: GradMatchPBSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+    """GRAD-MATCH-PB: OMP over mini-batch gradients matching the training (or validation) gradient."""
+    _require(ground, "rows", config.strategy)
+    if config.valid:
+        _require(ground, "validation", config.strategy)
+        target = validation_target(ground.validation, request.n_ground)
+    else:
+        target = train_target(ground.rows, request.sizes)
+    result = _omp(config, ground.rows, target, request.n_select, device)
     indices, weights, n_padded = pad_selection(
         np.asarray(result.indices, dtype=np.int64), np.asarray(result.weights, dtype=np.float64),
-        request.n_ground, request.n_select, rng,
+        request.n_ground, request.n_select, round_rng(request.seed, request.round_id),
     )
     error = matching_error(ground.rows, target, indices, weights)
-    return Selection(indices, weights, error, n_padded)
+    return Selection(indices, weights, error, n_padded, "val" if config.valid else "train")
+
+
+def class_targets(ground: GroundSet, classes: np.ndarray, valid: bool) -> dict[int, np.ndarray]:
+    """Per-class targets in the per-gradient space (1 + D): the class's training gradient sum, or its
+    validation gradient scaled to the class's size (the training one where validation lacks the class)."""
+    targets = {}
+    for c in classes:
+        members = ground.labels == c
+        rows = class_rows(ground.errors[members], ground.features[members], c)
+        target = rows.astype(np.float64).sum(axis=0)
+        if valid:
+            val = ground.validation
+            in_val = val.labels == c
+            if in_val.any():
+                val_rows = class_rows(softmax_errors(val.logits[in_val], val.labels[in_val]),
+                                      val.features[in_val], c)
+                target = members.sum() * val_rows.astype(np.float64).mean(axis=0)
+        targets[int(c)] = target
+    return targets
+
+
+def select_gradmatch(config: GradMatchSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+    """GRAD-MATCH: one OMP per class over that class's examples, in that class's logit column (A.2.1)."""
+    _require(ground, "errors", config.strategy)
+    if config.valid:
+        _require(ground, "validation", config.strategy)
+    classes, counts = np.unique(ground.labels, return_counts=True)
+    budgets = class_budgets(counts, request.n_select)
+    targets = class_targets(ground, classes, config.valid)
+    rng = round_rng(request.seed, request.round_id)
+    picked, weights, n_padded, residual_sq, target_sq = [], [], 0, 0.0, 0.0
+    for c, k_c in zip(classes, budgets):
+        members = np.flatnonzero(ground.labels == c)
+        rows = class_rows(ground.errors[members], ground.features[members], int(c))
+        target = targets[int(c)]
+        target_sq += float(target @ target)
+        if k_c == 0:
+            residual_sq += float(target @ target)
+            continue
+        local, w, pad = _class_omp(config, rows, target, int(k_c), rng, device)
+        residual_sq += (matching_error(rows, target, local, w) * np.linalg.norm(target)) ** 2
+        picked.append(members[local])
+        weights.append(w)
+        n_padded += pad
+    error = float(np.sqrt(residual_sq / target_sq)) if target_sq > 0 else 0.0
+    return Selection(np.concatenate(picked).astype(np.int64), np.concatenate(weights), error, n_padded,
+                     "val" if config.valid else "train")
+
+
+def _class_omp(config, rows, target, budget, rng, device):
+    if np.linalg.norm(target) == 0:
+        return pad_selection(np.zeros(0, np.int64), np.zeros(0), len(rows), budget, rng)
+    result = _omp(config, rows, target, budget, device)
+    return pad_selection(np.asarray(result.indices, dtype=np.int64), np.asarray(result.weights, dtype=np.float64),
+                         len(rows), budget, rng)
+
+
+def select_craig(config: CraigSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+    """CRAIG: per-class facility location over example gradient similarities; weights = cluster sizes."""
+    _require(ground, "errors", config.strategy)
+    classes, counts = np.unique(ground.labels, return_counts=True)
+    picked, weights = [], []
+    for c, k_c in zip(classes, class_budgets(counts, request.n_select)):
+        if k_c == 0:
+            continue
+        members = np.flatnonzero(ground.labels == c)
+        local, w = select_craig(gradient_gram(ground.errors[members], ground.features[members]), int(k_c))
+        picked.append(members[local])
+        weights.append(w)
+    return Selection(np.concatenate(picked).astype(np.int64), np.concatenate(weights).astype(np.float64))
+
+
+def select_craig_pb(config: CraigPBSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+    """CRAIG-PB: facility location over mini-batch gradients; weights = how many batches each represents."""
+    _require(ground, "rows", config.strategy)
+    indices, weights = select_craig(row_gram(ground.rows), request.n_select)
+    return Selection(np.asarray(indices, dtype=np.int64), np.asarray(weights, dtype=np.float64))
+
+
+def select_glister(config: GlisterSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+    """GLISTER: greedy Taylor approximation of the validation loss after a one-step look-ahead."""
+    _require(ground, "errors", config.strategy)
+    _require(ground, "validation", config.strategy)
+    val = ground.validation
+    indices, _ = glister_greedy(ground.errors, ground.features, val.logits, val.features, val.labels,
+                                request.n_select, request.lr or 0.01, config.greedy_steps)
+    return Selection(np.asarray(indices, dtype=np.int64), np.ones(len(indices)), target="val")
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+def _plan(rounds=True, ground="example", summaries="none", validation=False):
+    def plan(config) -> StrategyPlan:
+        return StrategyPlan(strategy=config.strategy, rounds=rounds, ground=ground, summaries=summaries,
+                            needs_validation=validation or bool(getattr(config, "valid", False)),
+                            time_budget_s=getattr(config, "time_budget_s", None))
+    return plan
 
 
 @dataclass(frozen=True)
 class Strategy:
     plan: Callable[..., StrategyPlan]
     select: Callable[..., Selection] | None
+    paper_name: str
+    matches: str
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "full": Strategy(full_plan, None),
-    "random": Strategy(random_plan, select_random),
-    "gradmatch-pb": Strategy(gradmatch_pb_plan, select_gradmatch_pb),
+    "full": Strategy(_plan(rounds=False), None, "FULL", "nothing: trains on all data"),
+    "full-earlystop": Strategy(_plan(rounds=False), None, "FULL-EARLYSTOP",
+                               "nothing: all data until the time budget is spent"),
+    "random": Strategy(_plan(), select_random, "RANDOM", "nothing: a seeded uniform subset each round"),
+    "gradmatch": Strategy(_plan(summaries="example"), select_gradmatch, "GRAD-MATCH",
+                          "training (or validation) gradient, per class, per gradient, by OMP"),
+    "gradmatch-pb": Strategy(_plan(ground="batch", summaries="batch"), select_gradmatch_pb, "GRAD-MATCH-PB",
+                             "training (or validation) gradient, over mini-batches, by OMP"),
+    "craig": Strategy(_plan(summaries="example"), select_craig, "CRAIG",
+                      "gradient similarities, per class, by facility location"),
+    "craig-pb": Strategy(_plan(ground="batch", summaries="batch"), select_craig_pb, "CRAIG-PB",
+                         "mini-batch gradient similarities, by facility location"),
+    "glister": Strategy(_plan(summaries="example", validation=True), select_glister, "GLISTER",
+                        "validation loss after a one-step look-ahead, greedy"),
 }

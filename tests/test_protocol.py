@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from protocol.config import RunConfig, ScheduleConfig
-from protocol.messages import GradientChunk, RoundRequest, SubsetMessage
+from protocol.messages import GradientChunk, RoundRequest, SubsetMessage, ValidationSet
 
 REQUEST = RoundRequest(round_id=3, model_step=40, ground="batch", n_ground=10, n_select=3, n_chunks=1, seed=0)
 GOOD = {"round_id": 3, "model_step": 40, "strategy": "gradmatch-pb", "indices": [4, 1, 7],
@@ -54,14 +54,33 @@ def test_message_without_context_checks_only_intrinsic_rules():
 def test_chunk_rows_must_align_and_be_finite():
     ok = {"round_id": 0, "chunk_index": 0, "ids": [0, 1], "labels": [3, 4], "rows": np.ones((2, 5))}
     assert GradientChunk.model_validate(ok).rows.dtype == np.float32
-    with pytest.raises(ValidationError, match="equal length"):
+    with pytest.raises(ValidationError, match=r"labels has 1 entries, must equal ids \(2\)"):
         GradientChunk.model_validate({**ok, "labels": [3]})
+    with pytest.raises(ValidationError, match="either rows, or errors and features"):
+        GradientChunk.model_validate({**ok, "errors": np.ones((2, 3)), "features": np.ones((2, 4))})
+    with pytest.raises(ValidationError, match="either rows, or errors and features"):
+        GradientChunk.model_validate({**ok, "rows": None, "errors": np.ones((2, 3))})
+    factored = GradientChunk.model_validate({**ok, "rows": None, "errors": np.ones((2, 3)), "features": np.ones((2, 4))})
+    assert factored.errors.shape == (2, 3)
+    with pytest.raises(ValidationError, match="features has 1 rows, must equal ids"):
+        GradientChunk.model_validate({**ok, "rows": None, "errors": np.ones((2, 3)), "features": np.ones((1, 4))})
     rows = np.ones((2, 5))
     rows[1, 2] = np.inf
     with pytest.raises(ValidationError, match="non-finite"):
         GradientChunk.model_validate({**ok, "rows": rows})
     with pytest.raises(ValidationError, match="2-D"):
         GradientChunk.model_validate({**ok, "rows": np.ones(2)})
+
+
+def test_validation_set_rules():
+    good = {"round_id": 1, "logits": np.zeros((3, 4)), "features": np.ones((3, 5)), "labels": [0, 3, 1]}
+    assert ValidationSet.model_validate(good).labels.tolist() == [0, 3, 1]
+    with pytest.raises(ValidationError, match=r"labels must be in \[0, 4\)"):
+        ValidationSet.model_validate({**good, "labels": [0, 4, 1]})
+    with pytest.raises(ValidationError, match="features has 2 rows"):
+        ValidationSet.model_validate({**good, "features": np.ones((2, 5))})
+    with pytest.raises(ValidationError, match="validation set is empty"):
+        ValidationSet.model_validate({**good, "logits": np.zeros((0, 4)), "features": np.zeros((0, 5)), "labels": []})
 
 
 def test_request_rules():

@@ -43,9 +43,14 @@ def test_round_trip_with_chunks_before_the_request_and_out_of_order():
 
 def test_plan_declares_needs():
     assert SelectorService({"strategy": "gradmatch-pb"}).plan() == {
-        "strategy": "gradmatch-pb", "rounds": True, "ground": "batch", "needs_gradients": True}
+        "strategy": "gradmatch-pb", "rounds": True, "ground": "batch", "summaries": "batch",
+        "needs_validation": False, "time_budget_s": None}
+    assert SelectorService({"strategy": "gradmatch-pb", "valid": True}).plan()["needs_validation"] is True
     assert SelectorService({"strategy": "full"}).plan()["rounds"] is False
-    assert SelectorService({"strategy": "random"}).plan()["needs_gradients"] is False
+    assert SelectorService({"strategy": "random"}).plan()["summaries"] == "none"
+    assert SelectorService({"strategy": "gradmatch"}).plan()["summaries"] == "example"
+    assert SelectorService({"strategy": "glister"}).plan()["needs_validation"] is True
+    assert SelectorService({"strategy": "full-earlystop", "time_budget_s": 3}).plan()["time_budget_s"] == 3
 
 
 def test_status_answers_while_a_slow_round_runs():

@@ -52,7 +52,7 @@ def test_gradmatch_pb_finds_a_planted_combination():
     sizes = np.full(41, 8)
     np.testing.assert_allclose(train_target(rows, sizes), rows[[5, 17, 33]].sum(0), rtol=1e-5, atol=1e-6)
     selection = select_gradmatch_pb(GradMatchPBSelector(lam=1e-6), request(41, 5, sizes=sizes),
-                                    GroundSet(rows, np.zeros(41)))
+                                    GroundSet(labels=np.zeros(41), rows=rows))
     assert {5, 17, 33} <= set(selection.indices.tolist())
     assert selection.indices.size == 5 and np.unique(selection.indices).size == 5
     planted = {int(i): w for i, w in zip(selection.indices, selection.weights) if i in (5, 17, 33)}
@@ -63,7 +63,7 @@ def test_gradmatch_pb_finds_a_planted_combination():
 def test_gradmatch_pb_error_is_the_returned_subsets():
     rng = np.random.default_rng(2)
     rows = (rng.normal(size=(60, 20)) + 0.5).astype(np.float32)
-    selection = select_gradmatch_pb(GradMatchPBSelector(), request(60, 6), GroundSet(rows, np.zeros(60)))
+    selection = select_gradmatch_pb(GradMatchPBSelector(), request(60, 6), GroundSet(labels=np.zeros(60), rows=rows))
     target = train_target(rows, None)
     assert selection.indices.size == 6
     assert selection.grad_error == pytest.approx(matching_error(rows, target, selection.indices, selection.weights))
@@ -72,5 +72,5 @@ def test_gradmatch_pb_error_is_the_returned_subsets():
 
 
 def test_gradmatch_pb_needs_summaries():
-    with pytest.raises(ValueError, match="needs gradient summaries"):
+    with pytest.raises(ValueError, match="gradmatch-pb needs rows"):
         select_gradmatch_pb(GradMatchPBSelector(), request(10, 2), None)

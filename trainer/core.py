@@ -26,19 +26,31 @@ from trainer.data import Splits
 from trainer.energy import EnergyMeter
 from trainer.models import build_model
 from trainer.rounds import RoundSlot, batch_budget, budget_size, round_schedule
-from trainer.summaries import batch_summaries
+from trainer.summaries import batch_summaries, example_summaries, validation_view
 from trainer.training import (
     Subset, evaluate, fixed_batches, full_subset, make_optimizer, plan_epochs, subset_from_batches,
     subset_from_examples, train_epoch,
 )
 
 log = logging.getLogger(__name__)
-CALL_TIMEOUT_S = 60.0  # cheap selector calls (plan)
+CALL_TIMEOUT_S = 60.0  # cheap selector calls (plan, reconfigure)
+
+
+@dataclass(frozen=True)
+class Ground:
+    """The ground set of a strategy: fixed mini-batches (PB) or the training examples."""
+
+    batches: list[torch.Tensor] | None
+    n_ground: int
+    n_select: int
+    sizes: np.ndarray | None
 
 
 @dataclass
 class PendingRound:
     slot: RoundSlot
+    strategy: str
+    ground: Ground
     request: RoundRequest
     result: ray.ObjectRef
     trigger_epoch: int
@@ -70,76 +82,84 @@ class Trainer:
         self.model = build_model(config.model.name, splits.in_shape, splits.n_classes).to(device)
         self.x, self.y = splits.train_x.to(device), splits.train_y.to(device)
         self.n_train = int(self.y.shape[0])
+        self.k = budget_size(config.schedule.budget, self.n_train)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.epoch_plan = plan_epochs(config.train.epochs, config.schedule.kappa, config.schedule.budget, self.plan.rounds)
         self.slots = round_schedule(self.epoch_plan, config.schedule.select_every, config.schedule.lead)
-        self._set_ground()
+        self.ground = self._ground(self.plan)
         self.subset = self._initial_subset()
         self.optimizer, self.schedule = make_optimizer(
             self.model, config.train.lr, config.train.momentum, config.train.weight_decay, self._total_steps()
         )
+        self.changes = {change.epoch: change.selector for change in config.strategy_schedule if change.epoch > 0}
+        self.applied_changes: list[dict] = []
+        self.resend_config = None  # a scheduled config to give a restarted selector again
+        self.selector_failed = False
+        self.ever_selected = torch.zeros(self.n_train, dtype=torch.bool)  # by an adopted round
         self.steps = 0
         self.pending: PendingRound | None = None
         self.next_slot = 0
-        self.stall_s = self.summary_s = self.selector_busy_s = 0.0
-        self.eval_s = 0.0
+        self.stall_s = self.summary_s = self.selector_busy_s = self.eval_s = 0.0
         self._progress = Progress(total=self.epoch_plan.total)
         self._lock = threading.Lock()
 
     # set-up ------------------------------------------------------------------------------------
-    def _set_ground(self) -> None:
-        batch_size = self.config.train.batch_size
-        self.k = budget_size(self.config.schedule.budget, self.n_train)
-        self.batches = fixed_batches(self.n_train, batch_size, self.config.seed) if self.plan.ground == "batch" else None
-        if self.batches is not None:
-            self.n_ground, self.n_select = len(self.batches), batch_budget(self.k, batch_size, len(self.batches))
-        else:
-            self.n_ground, self.n_select = self.n_train, self.k
+    def _ground(self, plan: StrategyPlan) -> Ground:
+        if plan.ground == "batch":
+            batches = fixed_batches(self.n_train, self.config.train.batch_size, self.config.seed)
+            n_select = batch_budget(self.k, self.config.train.batch_size, len(batches))
+            return Ground(batches, len(batches), n_select, np.array([len(b) for b in batches]))
+        return Ground(None, self.n_train, self.k, None)
 
     def _initial_subset(self) -> Subset:
         """Without a warm start the run begins on a seeded random subset (weights 1)."""
         if not self.plan.rounds:
             return full_subset(self.n_train)
         rng = np.random.default_rng([self.config.seed, 2**31])
-        chosen = np.sort(rng.choice(self.n_ground, size=self.n_select, replace=False))
-        return self._subset(chosen, np.ones(self.n_select), None)
+        chosen = np.sort(rng.choice(self.ground.n_ground, size=self.ground.n_select, replace=False))
+        return self._subset(self.ground, chosen, np.ones(self.ground.n_select), None)
 
-    def _subset(self, indices, weights, round_id: int | None) -> Subset:
-        if self.batches is not None:
-            return subset_from_batches(self.batches, indices, weights, self.n_train, round_id)
+    def _subset(self, ground: Ground, indices, weights, round_id: int | None) -> Subset:
+        if ground.batches is not None:
+            return subset_from_batches(ground.batches, indices, weights, self.n_train, round_id)
         return subset_from_examples(indices, weights, self.n_train, round_id)
 
     def _total_steps(self) -> int:
         batch_size = self.config.train.batch_size
         full_steps = math.ceil(self.n_train / batch_size)
-        subset_steps = self.n_select if self.batches is not None else math.ceil(self.k / batch_size)
+        subset_steps = self.ground.n_select if self.ground.batches is not None else math.ceil(self.k / batch_size)
         return self.epoch_plan.full * full_steps + self.epoch_plan.subset * subset_steps
 
     # the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
-        """Train every epoch of the plan; return ``{"summary", "epochs", "rounds"}``."""
+        """Train every epoch of the plan; return ``{"summary", "progress"}``."""
         meter = EnergyMeter(use_gpu=self.device.type == "cuda")
         meter.start()
         start = time.perf_counter()
+        budget_s = self.plan.time_budget_s
+        out_of_time = (lambda: time.perf_counter() - start - self.eval_s >= budget_s) if budget_s else None
         for epoch in range(self.epoch_plan.total):
             epoch_start = time.perf_counter()
+            self._apply_change(epoch)
             self._boundary(epoch)
             subset = full_subset(self.n_train) if epoch < self.epoch_plan.full else self.subset
             loss, steps = train_epoch(
                 self.model, self.optimizer, self.schedule, self.x, self.y, subset,
-                self.config.train.batch_size, self.splits.augment, self.generator,
+                self.config.train.batch_size, self.splits.augment, self.generator, stop=out_of_time,
             )
             self.steps += steps
             train_s = time.perf_counter() - epoch_start
-            val_acc = self._maybe_validate(epoch)
+            stopped = out_of_time is not None and out_of_time()
+            val_acc = self._maybe_validate(epoch, last=stopped)
             self._record_epoch(epoch, subset, loss, train_s, time.perf_counter() - start - self.eval_s, val_acc)
-        self._finish_pending(self.epoch_plan.total)
+            if stopped:
+                break
+        self._finish_pending()
         wall_s = time.perf_counter() - start - self.eval_s
-        energy = meter.stop()
-        return self._result(wall_s, energy)
+        return self._result(wall_s, meter.stop())
 
-    def _maybe_validate(self, epoch: int) -> float | None:
-        last = epoch == self.epoch_plan.total - 1
+    def _maybe_validate(self, epoch: int, last: bool = False) -> float | None:
+        last = last or epoch == self.epoch_plan.total - 1
         if not last and (epoch + 1) % self.config.train.eval_every:
             return None
         start = time.perf_counter()
@@ -147,12 +167,28 @@ class Trainer:
         self.eval_s += time.perf_counter() - start
         return acc
 
+    def _apply_change(self, epoch: int) -> None:
+        """A scheduled strategy change: reconfigure the selector; rounds asked from now on use it."""
+        selector = self.changes.get(epoch)
+        if selector is None:
+            return
+        try:
+            plan = ray.get(self.selector.reconfigure.remote(selector.model_dump()), timeout=CALL_TIMEOUT_S)
+        except (RayError, GetTimeoutError) as exc:
+            log.warning("reconfigure at epoch %d failed: %s", epoch, _first_line(exc))
+            self.applied_changes.append({"epoch": epoch, "strategy": selector.strategy, "status": "failed"})
+            return
+        self.plan = StrategyPlan.model_validate(plan)
+        self.ground = self._ground(self.plan)
+        self.resend_config = selector
+        self.applied_changes.append({"epoch": epoch, "strategy": selector.strategy, "status": "applied"})
+
     def _boundary(self, epoch: int) -> None:
         """Adopt a due subset, then start the next round if its trigger epoch has come."""
         if self.pending is not None and epoch >= self.pending.slot.due:
             self._try_adopt(epoch, wait=self._must_wait())
         elif self.pending is not None:
-            self._check_timeout(epoch)
+            self._check_timeout()
         if self.pending is None and self.next_slot < len(self.slots) and epoch >= self.slots[self.next_slot].trigger:
             self._trigger(self.slots[self.next_slot], epoch)
             self.next_slot += 1
@@ -164,31 +200,57 @@ class Trainer:
 
     # rounds ------------------------------------------------------------------------------------
     def _trigger(self, slot: RoundSlot, epoch: int) -> None:
-        """Snapshot: stream the ground set's summaries to the selector, then ask for the answer."""
+        """Snapshot: stream what the strategy needs to the selector, then ask for the answer."""
         start = time.perf_counter()
-        chunk_rows = self.config.schedule.chunk_rows
-        needs = self.plan.needs_gradients
-        n_chunks = math.ceil(self.n_ground / chunk_rows) if needs else 0
-        sizes = np.array([len(b) for b in self.batches]) if self.batches is not None else None
+        self._resend_config()
+        plan, ground = self.plan, self.ground
+        chunk_rows = self._chunk_rows(plan)
+        n_chunks = math.ceil(ground.n_ground / chunk_rows) if plan.summaries != "none" else 0
         request = RoundRequest(
-            round_id=slot.round, model_step=self.steps, ground=self.plan.ground, n_ground=self.n_ground,
-            n_select=self.n_select, n_chunks=n_chunks, seed=self.config.seed, sizes=sizes,
+            round_id=slot.round, model_step=self.steps, ground=plan.ground, n_ground=ground.n_ground,
+            n_select=ground.n_select, n_chunks=n_chunks, seed=self.config.seed, sizes=ground.sizes,
+            lr=self.optimizer.param_groups[0]["lr"], with_validation=plan.needs_validation,
         )
         self.selector.start_round.remote(request.model_dump())
-        if needs:
-            self._stream(slot.round, chunk_rows)
+        self._stream(slot.round, plan, ground, chunk_rows)
         result = self.selector.result.remote(slot.round, self.config.schedule.round_timeout_s)
         summary_s = time.perf_counter() - start
         self.summary_s += summary_s
-        self.pending = PendingRound(slot, request, result, epoch, time.perf_counter(), summary_s)
+        self.pending = PendingRound(slot, plan.strategy, ground, request, result, epoch, time.perf_counter(), summary_s)
 
-    def _stream(self, round_id: int, chunk_rows: int) -> None:
-        chunks = batch_summaries(self.model, self.x, self.y, self.batches, chunk_rows, self.device)
-        for index, (ids, labels, rows) in enumerate(chunks):
-            self.selector.add_chunk.remote(
-                {"round_id": round_id, "chunk_index": index, "ids": ids.numpy(), "labels": labels.cpu().numpy(),
-                 "rows": rows.numpy()}
-            )
+    def _chunk_rows(self, plan: StrategyPlan) -> int:
+        examples = self.config.schedule.chunk_examples
+        return max(1, examples // self.config.train.batch_size) if plan.summaries == "batch" else examples
+
+    def _stream(self, round_id: int, plan: StrategyPlan, ground: Ground, chunk_rows: int) -> None:
+        """Send the summaries chunk by chunk as they are computed (the selector may start early)."""
+        if plan.summaries == "batch":
+            for index, (ids, labels, rows) in enumerate(
+                    batch_summaries(self.model, self.x, self.y, ground.batches, chunk_rows, self.device)):
+                self.selector.add_chunk.remote({"round_id": round_id, "chunk_index": index, "ids": ids.numpy(),
+                                                "labels": labels.cpu().numpy(), "rows": rows.numpy()})
+        elif plan.summaries == "example":
+            for index, (ids, labels, errors, features) in enumerate(
+                    example_summaries(self.model, self.x, self.y, chunk_rows, self.device)):
+                self.selector.add_chunk.remote({"round_id": round_id, "chunk_index": index, "ids": ids.numpy(),
+                                                "labels": labels.numpy(), "errors": errors.numpy(),
+                                                "features": features.numpy()})
+        if plan.needs_validation:
+            logits, features = validation_view(self.model, self.splits.val_x, self.config.schedule.chunk_examples,
+                                               self.device)
+            self.selector.add_validation.remote({"round_id": round_id, "logits": logits.numpy(),
+                                                 "features": features.numpy(),
+                                                 "labels": self.splits.val_y.numpy()})
+
+    def _resend_config(self) -> None:
+        """After a selector failure, give the (restarted) selector the scheduled strategy again."""
+        if self.resend_config is None or not self.selector_failed:
+            return
+        try:
+            ray.get(self.selector.reconfigure.remote(self.resend_config.model_dump()), timeout=CALL_TIMEOUT_S)
+            self.selector_failed = False
+        except (RayError, GetTimeoutError) as exc:
+            log.warning("reconfigure after a selector failure failed: %s", _first_line(exc))
 
     def _try_adopt(self, epoch: int, wait: bool) -> None:
         pending = self.pending
@@ -200,12 +262,13 @@ class Trainer:
             pending.stall_s += stall
             self.stall_s += stall
         if not ready:
-            self._check_timeout(epoch)
+            self._check_timeout()
             return
         self.pending = None
         try:
             payload = ray.get(pending.result, timeout=CALL_TIMEOUT_S)
         except (RayError, GetTimeoutError) as exc:
+            self.selector_failed = True
             self._record_round(pending, "failed", reason=_first_line(exc))
             return
         busy_s = payload.get("busy_s") if isinstance(payload, dict) else None
@@ -216,20 +279,21 @@ class Trainer:
         except ValidationError as exc:
             self._record_round(pending, "rejected", reason=_validation_reason(exc), selector_s=busy_s)
             return
-        self.subset = self._subset(message.indices, message.weights, message.round_id)
+        self.subset = self._subset(pending.ground, message.indices, message.weights, message.round_id)
+        self.ever_selected[torch.cat(self.subset.batches)] = True
         self._record_round(
             pending, "adopted", adopted_epoch=epoch, staleness=epoch - pending.trigger_epoch,
             selector_s=message.busy_s, select_s=message.select_s, grad_error=message.grad_error,
-            subset_size=self.subset.n_examples, n_padded=message.n_padded,
+            target=message.target, subset_size=self.subset.n_examples, n_padded=message.n_padded,
         )
 
-    def _check_timeout(self, epoch: int) -> None:
+    def _check_timeout(self) -> None:
         pending = self.pending
         if time.perf_counter() - pending.started >= self.config.schedule.round_timeout_s:
             self.pending = None  # the selector gives up on it by itself (its result() timeout)
             self._record_round(pending, "timeout", reason=f"no answer within {self.config.schedule.round_timeout_s} s")
 
-    def _finish_pending(self, epoch: int) -> None:
+    def _finish_pending(self) -> None:
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self._record_round(pending, "unused", reason="training ended before the subset was adopted")
@@ -239,9 +303,9 @@ class Trainer:
         if status != "adopted":
             log.warning("round %d %s: %s", pending.slot.round, status, fields.get("reason"))
         record = RoundRecord(
-            round=pending.slot.round, model_step=pending.request.model_step, trigger_epoch=pending.trigger_epoch,
-            due_epoch=pending.slot.due, status=status, stall_s=pending.stall_s, summary_s=pending.summary_s,
-            **fields,
+            round=pending.slot.round, strategy=pending.strategy, model_step=pending.request.model_step,
+            trigger_epoch=pending.trigger_epoch, due_epoch=pending.slot.due, status=status,
+            stall_s=pending.stall_s, summary_s=pending.summary_s, **fields,
         )
         with self._lock:
             self._progress.rounds.append(record.model_dump())
@@ -272,15 +336,20 @@ class Trainer:
         rounds = self._progress.rounds
         adopted = sum(r["status"] == "adopted" for r in rounds)
         test_acc = evaluate(self.model, self.splits.test_x.to(self.device), self.splits.test_y.to(self.device))
+        errors = [r["grad_error"] for r in rounds if r["grad_error"] is not None]
         summary = RunSummary(
-            strategy=self.plan.strategy, dataset=self.splits.name, model=self.config.model.name,
+            strategy=self.config.selector.strategy, dataset=self.splits.name, model=self.config.model.name,
             budget=self.config.schedule.budget, epochs=self.config.train.epochs,
-            epochs_full=self.epoch_plan.full, epochs_subset=self.epoch_plan.subset, acc=test_acc,
+            epochs_full=self.epoch_plan.full, epochs_subset=self.epoch_plan.subset,
+            epochs_run=len(self._progress.epochs), acc=test_acc,
             wall_s=wall_s, stall_s=self.stall_s, selector_busy_s=self.selector_busy_s, summary_s=self.summary_s,
             overlap=(1.0 - self.stall_s / self.selector_busy_s) if self.selector_busy_s > 0 else None,
             rounds=adopted, rounds_rejected=sum(r["status"] in ("rejected", "failed", "timeout") for r in rounds),
+            grad_error=float(np.mean(errors)) if errors else None,
+            redundant=(1.0 - float(self.ever_selected.float().mean())) if adopted else None,
             steps=self.steps, energy_j=energy.energy_j, energy_note=energy.note, ray_address="",
-            device=str(self.device),
+            device=str(self.device), time_budget_s=self.plan.time_budget_s, imbalance=self.splits.imbalance,
+            strategy_changes=self.applied_changes, n_train=self.n_train,
         )
         return {"summary": summary.model_dump(), "progress": self.progress()}
 

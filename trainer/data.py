@@ -54,6 +54,8 @@ class Splits:
         ``(C, H, W)`` of one image.
     augment : bool
         Whether training batches should go through :func:`augment_batch`.
+    imbalance : dict or None
+        Which classes were made rare and how many training examples each lost (None: balanced).
     """
 
     name: str
@@ -66,6 +68,7 @@ class Splits:
     n_classes: int
     in_shape: tuple[int, int, int]
     augment: bool
+    imbalance: dict | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,6 +115,9 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         raise ValueError(f"dataset == {cfg.dataset!r}, must be one of {', '.join(DATASETS)}")
     raw = _LOADERS[cfg.dataset](cfg, seed)
     parts = _split(raw, cfg, seed)
+    keep, imbalance = make_imbalanced(parts["train"][1], raw.n_classes, cfg.imbalance_classes,
+                                      cfg.imbalance_drop, seed)
+    parts["train"] = (parts["train"][0][keep], parts["train"][1][keep])
     mean, std = _channel_stats(parts["train"][0])
     tensors = {k: (_normalise(x, mean, std), torch.from_numpy(y)) for k, (x, y) in parts.items()}
     augment = cfg.dataset in AUGMENTED_BY_DEFAULT if cfg.augment is None else cfg.augment
@@ -123,6 +129,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         n_classes=raw.n_classes,
         in_shape=tuple(int(s) for s in raw.train_x.shape[1:]),
         augment=bool(augment),
+        imbalance=imbalance,
     )
 
 
@@ -227,6 +234,38 @@ def _split(raw: _Raw, cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray,
     out = {"train": (raw.train_x[train], raw.train_y[train]), "val": (raw.train_x[val], raw.train_y[val])}
     out["test"] = (raw.test_x, raw.test_y) if has_test else (raw.train_x[test], raw.train_y[test])
     return out
+
+
+def make_imbalanced(
+    y: np.ndarray, n_classes: int, class_fraction: float, drop_fraction: float, seed: int
+) -> tuple[np.ndarray, dict | None]:
+    """Remove ``drop_fraction`` of the examples of a seeded ``class_fraction`` of the classes.
+
+    Parameters
+    ----------
+    y : (n,) int64 training labels.
+
+    Returns
+    -------
+    keep : (n_kept,) int64 sorted indices into ``y`` of the examples kept.
+    record : ``{"classes", "dropped", "n_dropped", "n_kept"}``, or None when nothing is removed.
+    """
+    n_rare = round(class_fraction * n_classes)
+    if n_rare == 0 or drop_fraction == 0:
+        return np.arange(len(y)), None
+    rng = np.random.default_rng([seed, 7])
+    rare = np.sort(rng.choice(n_classes, size=n_rare, replace=False))
+    dropped = {}
+    removed = []
+    for c in rare:
+        members = np.flatnonzero(y == c)
+        n_drop = round(drop_fraction * len(members))
+        removed.append(rng.choice(members, size=n_drop, replace=False))
+        dropped[int(c)] = int(n_drop)
+    keep = np.setdiff1d(np.arange(len(y)), np.concatenate(removed))
+    record = {"classes": rare.tolist(), "dropped": dropped, "n_dropped": int(sum(dropped.values())),
+              "n_kept": int(keep.size)}
+    return keep, record
 
 
 def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -75,17 +75,11 @@ def batch_summaries(
     The model runs in eval mode (no dropout, running batch-norm statistics) on un-augmented data;
     ``chunk_rows`` batches are forwarded together. Labels are the batch's majority class.
     """
-    was_training = model.training
-    model.eval()
-    tap = LastLayerTap(model)
-    try:
+    with _eval_tap(model) as tap:
         for start in range(0, len(batches), chunk_rows):
             group = batches[start:start + chunk_rows]
             ids = torch.arange(start, start + len(group))
             yield ids, _majority_labels(y, group), _group_rows(model, tap, x, y, group, device).cpu()
-    finally:
-        tap.close()
-        model.train(was_training)
 
 
 def _group_rows(model, tap, x, y, group: list[torch.Tensor], device) -> torch.Tensor:
@@ -104,3 +98,49 @@ def _group_rows(model, tap, x, y, group: list[torch.Tensor], device) -> torch.Te
 
 def _majority_labels(y: torch.Tensor, group: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.mode(y[b]).values for b in group])
+
+
+@torch.no_grad()
+def example_summaries(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_rows: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(example_ids, labels, errors (n, C), features (n, D))`` chunks over the whole of ``x``.
+
+    Per-example gradients stay factored (``errors ⊗ [1, features]``): C + D numbers per example instead
+    of C * (D + 1). Eval mode, no augmentation, no autograd.
+    """
+    with _eval_tap(model) as tap:
+        for start in range(0, x.shape[0], chunk_rows):
+            ids = torch.arange(start, min(start + chunk_rows, x.shape[0]))
+            logits, features = forward_tapped(model, tap, x[start:start + chunk_rows].to(device))
+            errors = logit_errors(logits, y[start:start + chunk_rows].to(device))
+            yield ids, y[ids].cpu(), errors.cpu(), features.float().cpu()
+
+
+@torch.no_grad()
+def validation_view(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device):
+    """The validation set as the last layer sees it: ``(logits (m, C), features (m, D))`` on the CPU."""
+    logits, features = [], []
+    with _eval_tap(model) as tap:
+        for start in range(0, x.shape[0], batch_size):
+            z, h = forward_tapped(model, tap, x[start:start + batch_size].to(device))
+            logits.append(z.float().cpu())
+            features.append(h.float().cpu())
+    return torch.cat(logits), torch.cat(features)
+
+
+class _eval_tap:
+    """Context: the model in eval mode with a tap on its last layer; restores the mode afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> LastLayerTap:
+        self.was_training = self.model.training
+        self.model.eval()
+        self.tap = LastLayerTap(self.model)
+        return self.tap
+
+    def __exit__(self, *exc) -> None:
+        self.tap.close()
+        self.model.train(self.was_training)

@@ -118,8 +118,9 @@ def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: f
     return optimizer, schedule
 
 
-def train_epoch(model, optimizer, schedule, x, y, subset: Subset, batch_size: int, augment: bool, generator) -> tuple[float, int]:
-    """One epoch over ``subset``; returns (mean loss, optimizer steps)."""
+def train_epoch(model, optimizer, schedule, x, y, subset: Subset, batch_size: int, augment: bool, generator,
+                stop=None) -> tuple[float, int]:
+    """One epoch over ``subset``; returns (mean loss, optimizer steps). ``stop()`` true ends it early."""
     model.train()
     mean_weight = subset.mean_weight
     weights = subset.weights.to(x.device)
@@ -134,6 +135,8 @@ def train_epoch(model, optimizer, schedule, x, y, subset: Subset, batch_size: in
         schedule.step()
         total += float(loss.detach())
         steps += 1
+        if stop is not None and stop():
+            break
     return total / max(steps, 1), steps
 
 
