@@ -202,6 +202,11 @@ class RunConfig(Strict):
         if epochs != sorted(set(epochs)):
             raise ValueError(f"strategy_schedule epochs == {epochs}, must be strictly increasing")
         if epochs and epochs[0] == 0 and self.selector != self.strategy_schedule[0].selector:
+            if "selector" in self.model_fields_set:
+                raise ValueError(
+                    f"strategy_schedule starts at epoch 0 with {self.strategy_schedule[0].selector.strategy!r} "
+                    f"but selector is {self.selector.strategy!r}: give the first strategy in one place"
+                )
             return self.model_copy(update={"selector": self.strategy_schedule[0].selector})
         if self.strategy_schedule and self.selector.strategy not in ROUND_STRATEGIES:
             raise ValueError(f"strategy_schedule needs a strategy with rounds, not {self.selector.strategy!r}")

@@ -164,7 +164,7 @@ def orthogonal_matching_pursuit(
         return _result(np.empty(0, np.int64), np.empty(0), 0.0, 0, chosen, "tolerance")
     correlator = (_GramCorrelations if chosen == "gram" else _RowCorrelations)(A_x, b_x, budget)
     factor = _RidgeCholesky(budget, lam, _pivot_rtol(A_x))
-    with _small_blas_calls(chosen):
+    with _single_threaded_blas():
         run = _pursue(correlator, factor, b_sq, budget, eps, positive)
         indices, weights, error = _refit(A_x, b64, run.support, factor, positive)
     if run.dependent:
@@ -375,19 +375,18 @@ def _result(indices, weights, error, n_iter, method, stop_reason) -> OMPResult:
 _controller = None
 
 
-def _small_blas_calls(method: str):
-    """Context for the pick loop: CPU BLAS on one thread when every call is small (``"gram"``).
+def _single_threaded_blas():
+    """Context for the pick loop: CPU BLAS on one thread.
 
-    The loop makes a few hundred small BLAS calls; with a thread pool each may wait for an idle worker
-    to wake, which on a busy or virtualised machine costs far more than the call itself.
+    The loop makes hundreds of BLAS calls, each small or memory-bound; with a thread pool each call may
+    wait for an idle worker to wake, which on a busy or virtualised machine costs more than the call.
     """
     global _controller
-    if method != "gram" or ThreadpoolController is None:
+    if ThreadpoolController is None:
         return contextlib.nullcontext()
     if _controller is None:
         _controller = ThreadpoolController()
     return _controller.limit(limits=1, user_api="blas")
-
 
 
 def _gram_matrix(A_x):
@@ -409,8 +408,6 @@ def _compact_rows(rows, keep: np.ndarray) -> int:
 
 class _GramCorrelations:
     """Correlations ``c = A b - G_S^T w`` from a precomputed Gram matrix ``G = A A^T``."""
-
-    method = "gram"
 
     def __init__(self, A_x, b_x, budget: int):
         self.A = A_x
@@ -446,8 +443,6 @@ class _GramCorrelations:
 
 class _RowCorrelations:
     """Correlations ``c = A (b - A_S^T w)``, one pass over the rows of ``A`` per pick."""
-
-    method = "rows"
 
     def __init__(self, A_x, b_x, budget: int):
         self.A, self._b = A_x, b_x
@@ -518,6 +513,8 @@ class _RidgeCholesky:
 
     def weights(self) -> np.ndarray:
         """Unconstrained ridge weights on the support, shape (size,)."""
+        if self.size == 0:
+            return np.empty(0)
         return blas.dtpsv(self.size, self._packed, self._z[: self.size], trans=0)
 
     def solve(self, v: np.ndarray) -> np.ndarray:

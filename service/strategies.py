@@ -22,7 +22,7 @@ from protocol.config import (
     RandomSelector,
 )
 from protocol.messages import RoundRequest, StrategyPlan, ValidationSet
-from service.craig import gradient_gram, row_gram, select_craig
+from service import craig
 from service.glister import glister_greedy
 from service.omp import orthogonal_matching_pursuit
 
@@ -256,7 +256,7 @@ def select_craig(config: CraigSelector, request: RoundRequest, ground: GroundSet
         if k_c == 0:
             continue
         members = np.flatnonzero(ground.labels == c)
-        local, w = select_craig(gradient_gram(ground.errors[members], ground.features[members]), int(k_c))
+        local, w = craig.select_craig(craig.gradient_gram(ground.errors[members], ground.features[members]), int(k_c))
         picked.append(members[local])
         weights.append(w)
     return Selection(np.concatenate(picked).astype(np.int64), np.concatenate(weights).astype(np.float64))
@@ -265,7 +265,7 @@ def select_craig(config: CraigSelector, request: RoundRequest, ground: GroundSet
 def select_craig_pb(config: CraigPBSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
     """CRAIG-PB: facility location over mini-batch gradients; weights = how many batches each represents."""
     _require(ground, "rows", config.strategy)
-    indices, weights = select_craig(row_gram(ground.rows), request.n_select)
+    indices, weights = craig.select_craig(craig.row_gram(ground.rows), request.n_select)
     return Selection(np.asarray(indices, dtype=np.int64), np.asarray(weights, dtype=np.float64))
 
 

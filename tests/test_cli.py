@@ -20,6 +20,14 @@ def test_flags_reach_their_branch():
     assert config.train.batch_size == 16 and config.data.download and config.seed == 4
 
 
+def test_options_without_a_strategy_go_to_the_default_one():
+    config = parse_config(["--valid"])
+    assert config.selector.strategy == "gradmatch-pb" and config.selector.valid
+    schedule = parse_config(["--strategy-schedule", "0:random,4:gradmatch"])
+    assert schedule.selector.strategy == "random"
+    assert [(c.epoch, c.selector.strategy) for c in schedule.strategy_schedule] == [(0, "random"), (4, "gradmatch")]
+
+
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  epochs: 9\nselector:\n  strategy: gradmatch-pb\n  lam: 0.25\n")
@@ -56,6 +64,7 @@ def test_every_help_line_shows_its_default():
         (["--strategy-schedule", "0:random,5:full"], "--strategy-schedule: strategy == 'full' cannot be scheduled"),
         (["--strategy-schedule", "5:random,2:craig"], "epochs == [5, 2], must be strictly increasing"),
         (["--match-run", "/nope", "--strategy", "full-earlystop"], "--match-run /nope: cannot read wall_s"),
+        (["--strategy", "craig", "--strategy-schedule", "0:random"], "give the first strategy in one place"),
         (["--imbalance-drop", "2"], "--imbalance-drop '2': Input should be less than or equal to 1"),
     ],
 )

@@ -261,3 +261,36 @@ def test_fake_files_read_the_same_with_torchvision(tmp_path, dataset, monkeypatc
         images = images.transpose(0, 3, 1, 2)  # torchvision keeps CIFAR as (n, H, W, C)
     labels = np.asarray(theirs.labels if dataset == "svhn" else theirs.targets)
     assert np.array_equal(images, written["test_x"]) and np.array_equal(labels, written["test_y"])
+
+
+# --- class imbalance ----------------------------------------------------------------------------
+
+from trainer.data import make_imbalanced  # noqa: E402
+
+
+def test_imbalance_counts_are_exact_and_only_train_changes():
+    balanced = load_splits(DataConfig(dataset="mnist5k"), seed=0)
+    imbalanced = load_splits(DataConfig(dataset="mnist5k", imbalance_classes=0.3, imbalance_drop=0.9), seed=0)
+    record = imbalanced.imbalance
+    assert balanced.imbalance is None and len(record["classes"]) == 3
+    before = torch.bincount(balanced.train_y, minlength=10)
+    after = torch.bincount(imbalanced.train_y, minlength=10)
+    for c in range(10):
+        if c in record["classes"]:
+            assert record["dropped"][c] == round(0.9 * int(before[c]))
+            assert int(after[c]) == int(before[c]) - record["dropped"][c]
+        else:
+            assert int(after[c]) == int(before[c])
+    assert record["n_dropped"] == int(before.sum() - after.sum()) and record["n_kept"] == len(imbalanced.train_y)
+    assert torch.equal(balanced.test_y, imbalanced.test_y) and torch.equal(balanced.val_y, imbalanced.val_y)
+    # normalisation uses the imbalanced train split's statistics, so compare test images up to affine maps
+    assert torch.equal(balanced.test_x.argmax(dim=-1), imbalanced.test_x.argmax(dim=-1))
+
+
+def test_imbalance_is_seeded():
+    y = np.arange(1000) % 10
+    keep_a, rec_a = make_imbalanced(y, 10, 0.3, 0.9, seed=1)
+    keep_b, rec_b = make_imbalanced(y, 10, 0.3, 0.9, seed=1)
+    _, rec_c = make_imbalanced(y, 10, 0.3, 0.9, seed=2)
+    assert np.array_equal(keep_a, keep_b) and rec_a == rec_b and rec_a["classes"] != rec_c["classes"]
+    assert make_imbalanced(y, 10, 0.0, 0.9, seed=1)[1] is None

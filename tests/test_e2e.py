@@ -50,19 +50,67 @@ def test_cli_runs_gradmatch_pb_on_the_running_cluster(ray_address, tmp_path):
     assert "training" in done.stderr  # the progress bar
 
 
-@pytest.mark.parametrize("strategy", ["full", "random"])
-def test_cli_baselines(ray_address, tmp_path, strategy):
+ROUND_STRATEGIES = ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister"]
+
+
+@pytest.mark.parametrize("strategy", ["full", *ROUND_STRATEGIES])
+def test_every_strategy_runs_through_the_cli(ray_address, tmp_path, strategy):
+    # warm start (kappa 0.5) exercises both phases; runs without warm start are covered below
     out = tmp_path / strategy
     done = run_cli("--dataset", "digits", "--model", "mlp", "--strategy", strategy, "--epochs", "4",
-                   "--select-every", "2", "--threads", "1", "--out", str(out))
+                   "--kappa", "0.5", "--select-every", "2", "--on-late", "wait", "--threads", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     summary, epochs, rounds = read_run(out)
-    assert summary["strategy"] == strategy
+    assert summary["strategy"] == strategy and summary["n_train"] == 1258
     if strategy == "full":
         assert rounds == [] and all(e["phase"] == "full" and e["n_examples"] == 1258 for e in epochs)
-    else:
-        assert all(e["n_examples"] == 126 for e in epochs if e["phase"] == "subset")
-    assert summary["acc"] > 30  # digits is easy: even 4 epochs learn something
+        assert summary["acc"] > 30  # digits is easy: even 4 epochs learn something
+        return
+    assert [r["status"] for r in rounds] == ["adopted"] * len(rounds) and rounds
+    assert all(r["strategy"] == strategy for r in rounds)
+    sizes = {e["n_examples"] for e in epochs if e["phase"] == "subset"}
+    # 10% of 1258 = 126 examples; PB: 4 batches of 32, one of which may be the short batch of 10
+    assert sizes == {126} if not strategy.endswith("-pb") else sizes <= {128, 106}
+    assert 0 <= summary["redundant"] < 1
+    if strategy.startswith("gradmatch"):
+        assert all(r["target"] == "train" and r["grad_error"] is not None for r in rounds)
+
+
+def test_full_earlystop_stops_at_the_wall_time_of_another_run(ray_address, tmp_path):
+    reference = tmp_path / "reference"
+    done = run_cli("--dataset", "digits", "--model", "mlp", "--strategy", "random", "--epochs", "30",
+                   "--threads", "1", "--out", str(reference))
+    assert done.returncode == 0, done.stderr[-3000:]
+    wall_s = read_run(reference)[0]["wall_s"]
+    out = tmp_path / "earlystop"
+    done = run_cli("--dataset", "digits", "--model", "mlp", "--strategy", "full-earlystop", "--match-run",
+                   str(reference), "--epochs", "1000", "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary, epochs, _ = read_run(out)
+    assert summary["time_budget_s"] == pytest.approx(wall_s)
+    assert summary["epochs_run"] == len(epochs) < 1000
+    assert wall_s <= summary["wall_s"] < wall_s + 5  # stopped at the first step past the budget
+
+
+def test_strategy_schedule_valid_and_imbalance(ray_address, tmp_path):
+    out = tmp_path / "swap"
+    config = tmp_path / "swap.yaml"
+    config.write_text(
+        "strategy_schedule:\n"
+        "  - {epoch: 0, selector: {strategy: random}}\n"
+        "  - {epoch: 4, selector: {strategy: gradmatch-pb, valid: true}}\n"
+    )
+    done = run_cli("--config", str(config), "--dataset", "digits", "--model", "mlp", "--epochs", "8", "--kappa", "0",
+                   "--select-every", "2", "--on-late", "wait", "--imbalance-classes", "0.3", "--imbalance-drop",
+                   "0.9", "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary, _, rounds = read_run(out)
+    assert [(r["due_epoch"], r["strategy"]) for r in rounds] == [(2, "random"), (4, "gradmatch-pb"), (6, "gradmatch-pb")]
+    assert [r["target"] for r in rounds] == [None, "val", "val"]
+    # the change governs the subsets adopted from epoch 4 on, so it reached the selector at epoch 3 (lead 1)
+    assert summary["strategy_changes"] == [
+        {"epoch": 4, "applied_epoch": 3, "strategy": "gradmatch-pb", "status": "applied"}]
+    assert len(summary["imbalance"]["classes"]) == 3 and summary["n_train"] == summary["imbalance"]["n_kept"]
 
 
 def test_cli_on_files_in_torchvision_mnist_layout(ray_address, tmp_path):

@@ -140,6 +140,20 @@ def test_dropped_atoms_keep_the_support_full_and_positive():
     np.testing.assert_allclose(result.weights, oracle_weights(A, b, result.indices, 0.5, True), rtol=1e-8)
 
 
+@pytest.mark.parametrize("knob, value", [("REFINE_STEPS", 0), ("KKT_RTOL", -np.inf)])
+def test_fallback_solves_give_the_same_answer(knob, value, monkeypatch):
+    # REFINE_STEPS = 0: the final weights come from the direct float64 solve instead of refinement.
+    # KKT_RTOL = -inf: every non-negative solve in the loop is decided by nnls, not the warm start.
+    import service.omp as omp_module
+
+    A, b = gradient_like(n=400, dim=30, seed=5, dtype=np.float32)
+    expected = orthogonal_matching_pursuit(A, b, 28)
+    monkeypatch.setattr(omp_module, knob, value)
+    got = orthogonal_matching_pursuit(A, b, 28)
+    np.testing.assert_array_equal(got.indices, expected.indices)
+    np.testing.assert_allclose(got.weights, expected.weights, rtol=1e-9)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_error_does_not_grow_with_budget(seed):
     A, b = gradient_like(n=120, dim=40, seed=seed)

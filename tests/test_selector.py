@@ -131,3 +131,17 @@ def test_a_round_never_asked_of_this_selector_fails_fast():
     with pytest.raises(RoundFailed, match="unknown to this selector"):
         service.result(5, timeout_s=60, request_grace_s=0.2)
     assert time.perf_counter() - start < 5
+
+
+def test_reconfigure_takes_effect_from_the_next_round():
+    service = SelectorService({"strategy": "random", "delay_s": 0.5})
+    service.start_round(request(round_id=0, n_chunks=0))
+    plan = service.reconfigure({"strategy": "gradmatch-pb"})
+    assert plan["strategy"] == "gradmatch-pb" and plan["summaries"] == "batch"
+    assert service.result(0, timeout_s=10)["strategy"] == "random"  # asked before the change
+    service.start_round(request(round_id=1))
+    send_chunks(service, 1)
+    assert service.result(1, timeout_s=30)["strategy"] == "gradmatch-pb"
+    with pytest.raises(ValidationError, match="lam"):
+        service.reconfigure({"strategy": "gradmatch-pb", "lam": -1})
+    assert service.status()["strategy"] == "gradmatch-pb"

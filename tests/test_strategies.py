@@ -74,3 +74,133 @@ def test_gradmatch_pb_error_is_the_returned_subsets():
 def test_gradmatch_pb_needs_summaries():
     with pytest.raises(ValueError, match="gradmatch-pb needs rows"):
         select_gradmatch_pb(GradMatchPBSelector(), request(10, 2), None)
+
+
+# --- the paper's other strategies ---------------------------------------------------------------
+
+from protocol.config import CraigPBSelector, CraigSelector, GlisterSelector, GradMatchSelector  # noqa: E402
+from protocol.messages import ValidationSet  # noqa: E402
+from service.omp import choose_method  # noqa: E402
+from service.strategies import (  # noqa: E402
+    GRAM_MAX_BYTES, STRATEGIES, class_budgets, class_rows, class_targets, flat_gradient, select_craig,
+    select_craig_pb, select_glister, select_gradmatch, softmax_errors, validation_target,
+)
+
+
+def example_ground(n=120, n_classes=4, dim=6, seed=0, validation=None):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % n_classes
+    logits = rng.normal(size=(n, n_classes))
+    errors = softmax_errors(logits, labels).astype(np.float32)
+    features = np.abs(rng.normal(size=(n, dim))).astype(np.float32)
+    return GroundSet(labels=labels, errors=errors, features=features, validation=validation)
+
+
+def validation_set(m=40, n_classes=4, dim=6, seed=1):
+    rng = np.random.default_rng(seed)
+    return ValidationSet(round_id=0, logits=rng.normal(size=(m, n_classes)),
+                         features=np.abs(rng.normal(size=(m, dim))), labels=np.arange(m) % n_classes)
+
+
+@pytest.mark.parametrize(
+    "counts, budget",
+    [([50, 50, 50], 10), ([1, 1, 1, 1, 1], 3), ([7, 0, 3, 1], 5), ([10, 10, 10, 10], 3), ([3, 2], 100),
+     ([500, 5, 5, 0, 0, 1], 17), ([1, 1], 2)],
+)
+def test_class_budgets_sum_exactly(counts, budget):
+    out = class_budgets(np.array(counts), budget)
+    assert out.sum() == min(budget, sum(counts))
+    assert np.all(out <= np.array(counts)) and np.all(out >= 0)
+    # proportional within one unit (before capping) for uncapped classes
+    share = min(budget, sum(counts)) * np.array(counts) / sum(counts)
+    assert np.all(np.abs(out - share)[np.array(counts) > out] < 1 + 1e-9)
+
+
+def test_gradmatch_is_per_class_with_exact_budget():
+    ground = example_ground()
+    selection = select_gradmatch(GradMatchSelector(), request(120, 10, ground="example"), ground)
+    assert selection.indices.size == 10 and np.unique(selection.indices).size == 10
+    per_class = np.bincount(ground.labels[selection.indices], minlength=4)
+    assert per_class.tolist() == class_budgets(np.bincount(ground.labels), 10).tolist()  # 3, 3, 2, 2
+    assert np.all(selection.weights > 0) and 0 <= selection.grad_error < 1 and selection.target == "train"
+
+
+def test_gradmatch_recovers_a_planted_class_combination():
+    # class 0 examples: the class target (sum of own-column rows) is exactly 2*row[0] + 3*row[4]
+    ground = example_ground(n=40, n_classes=2)
+    errors = ground.errors.copy()
+    members = np.flatnonzero(ground.labels == 0)
+    rows = class_rows(errors[members], ground.features[members], 0)
+    others = members[2:]  # zero the class-0 column of every other class-0 example but one pair
+    errors[others, 0] = 0.0
+    errors[members[0], 0], errors[members[1], 0] = -0.5, -0.25
+    planted = GroundSet(labels=ground.labels, errors=errors, features=ground.features)
+    target = class_targets(planted, np.array([0]), valid=False)[0]
+    rows = class_rows(errors[members], ground.features[members], 0)
+    np.testing.assert_allclose(target, rows[:2].astype(np.float64).sum(0), rtol=1e-6)
+    selection = select_gradmatch(GradMatchSelector(lam=1e-8), request(40, 4, ground="example"), planted)
+    chosen = set(selection.indices.tolist())
+    assert {members[0], members[1]} <= chosen
+
+
+def test_valid_matches_the_validation_gradient():
+    validation = validation_set()
+    target = validation_target(validation, n_ground=120)
+    errors = softmax_errors(validation.logits, validation.labels)
+    expected = 120 / 40 * np.concatenate([errors.sum(0), (errors.T @ validation.features).ravel()])
+    np.testing.assert_allclose(target, expected, rtol=1e-6)
+    np.testing.assert_allclose(flat_gradient(errors, validation.features), expected * 40 / 120, rtol=1e-6)
+
+
+def test_valid_changes_what_gradmatch_matches():
+    ground = example_ground(validation=validation_set(seed=1))
+    other = example_ground(validation=validation_set(seed=9))
+    req = request(120, 12, ground="example")
+    train = select_gradmatch(GradMatchSelector(), req, ground)
+    valid = select_gradmatch(GradMatchSelector(valid=True), req, ground)
+    valid_other = select_gradmatch(GradMatchSelector(valid=True), req, other)
+    assert valid.target == "val" and train.target == "train"
+    assert set(valid.indices.tolist()) != set(train.indices.tolist())
+    assert set(valid.indices.tolist()) != set(valid_other.indices.tolist())
+    # the per-class val target is the class's validation gradient scaled to the class size
+    targets = class_targets(ground, np.array([2]), valid=True)
+    val = ground.validation
+    in_class = val.labels == 2
+    val_rows = class_rows(softmax_errors(val.logits[in_class], val.labels[in_class]), val.features[in_class], 2)
+    np.testing.assert_allclose(targets[2], 30 * val_rows.astype(np.float64).mean(0), rtol=1e-6)
+
+
+def test_craig_is_per_class_and_weights_count_the_class():
+    ground = example_ground()
+    selection = select_craig(CraigSelector(), request(120, 8, ground="example"), ground)
+    assert selection.indices.size == 8 and np.unique(selection.indices).size == 8
+    assert selection.weights.sum() == pytest.approx(120)
+    for c in range(4):
+        in_class = ground.labels[selection.indices] == c
+        assert selection.weights[in_class].sum() == pytest.approx(30)
+
+
+def test_craig_pb_weights_sum_to_the_number_of_batches():
+    rows = np.random.default_rng(3).normal(size=(25, 9)).astype(np.float32)
+    selection = select_craig_pb(CraigPBSelector(), request(25, 5), GroundSet(labels=np.zeros(25), rows=rows))
+    assert selection.indices.size == 5 and selection.weights.sum() == pytest.approx(25)
+
+
+def test_glister_uses_the_validation_set_and_weights_one():
+    ground = example_ground(validation=validation_set())
+    req = RoundRequest(round_id=0, model_step=0, ground="example", n_ground=120, n_select=9, n_chunks=1,
+                       seed=0, lr=0.05, with_validation=True)
+    selection = select_glister(GlisterSelector(greedy_steps=3), req, ground)
+    assert selection.indices.size == 9 and np.all(selection.weights == 1) and selection.target == "val"
+    with pytest.raises(ValueError, match="needs validation"):
+        select_glister(GlisterSelector(), req, example_ground())
+
+
+def test_large_classes_never_build_an_n_by_n_gram():
+    assert choose_method(50_000, 513, 5_000, 4, gram_max_bytes=GRAM_MAX_BYTES) == "rows"
+    assert choose_method(2_500, 5_130, 250, 4, gram_max_bytes=GRAM_MAX_BYTES) == "gram"
+
+
+def test_every_strategy_is_registered_with_its_paper_name():
+    assert {s.paper_name for s in STRATEGIES.values()} == {
+        "FULL", "FULL-EARLYSTOP", "RANDOM", "GRAD-MATCH", "GRAD-MATCH-PB", "CRAIG", "CRAIG-PB", "GLISTER"}

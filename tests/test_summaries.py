@@ -58,3 +58,23 @@ def test_summaries_ignore_dropout_and_batchnorm_updates():
     second = torch.cat([r for _, _, r in batch_summaries(model, x, y, batches, 4, torch.device("cpu"))])
     torch.testing.assert_close(first, second)  # dropout off: deterministic
     torch.testing.assert_close(model[2].running_mean, running)  # eval mode: statistics untouched
+
+
+def test_example_summaries_are_the_factors_of_autograds_gradients():
+    from trainer.summaries import example_summaries, validation_view
+
+    torch.manual_seed(3)
+    model = build_model("lenet", (1, 28, 28), 10)
+    x, y = torch.randn(7, 1, 28, 28), torch.randint(0, 10, (7,))
+    chunks = list(example_summaries(model, x, y, chunk_rows=3, device=torch.device("cpu")))
+    assert [c[0].tolist() for c in chunks] == [[0, 1, 2], [3, 4, 5], [6]]
+    errors = torch.cat([c[2] for c in chunks])
+    features = torch.cat([c[3] for c in chunks])
+    assert torch.equal(torch.cat([c[1] for c in chunks]), y)
+    model.eval()
+    for i in range(7):
+        torch.testing.assert_close(example_gradients(errors[i:i + 1], features[i:i + 1])[0],
+                                   autograd_rows(model, x[i:i + 1], y[i:i + 1]), rtol=1e-4, atol=1e-6)
+    logits, feats = validation_view(model, x, batch_size=4, device=torch.device("cpu"))
+    torch.testing.assert_close(feats, features)
+    torch.testing.assert_close(logits, model(x).detach())

@@ -102,6 +102,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         _set(tree, ("selector", "time_budget_s"), _matched_wall_s(args["match_run"]))
     if "strategy_schedule" in args:
         tree["strategy_schedule"] = _parse_schedule(args["strategy_schedule"])
+    if isinstance(tree.get("selector"), dict) and "strategy" not in tree["selector"]:
+        tree["selector"]["strategy"] = RunConfig().selector.strategy  # options given for the default strategy
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:

@@ -91,7 +91,10 @@ class Trainer:
         self.optimizer, self.schedule = make_optimizer(
             self.model, config.train.lr, config.train.momentum, config.train.weight_decay, self._total_steps()
         )
-        self.changes = {change.epoch: change.selector for change in config.strategy_schedule if change.epoch > 0}
+        # a change at epoch E governs the subsets adopted from boundary E on, so it reaches the selector
+        # ``lead`` epochs earlier, before the round due at E starts
+        lead = config.schedule.lead
+        self.changes = {max(0, c.epoch - lead): c for c in config.strategy_schedule if c.epoch > 0}
         self.applied_changes: list[dict] = []
         self.resend_config = None  # a scheduled config to give a restarted selector again
         self.selector_failed = False
@@ -169,19 +172,21 @@ class Trainer:
 
     def _apply_change(self, epoch: int) -> None:
         """A scheduled strategy change: reconfigure the selector; rounds asked from now on use it."""
-        selector = self.changes.get(epoch)
-        if selector is None:
+        change = self.changes.get(epoch)
+        if change is None:
             return
+        selector, record = change.selector, {"epoch": change.epoch, "applied_epoch": epoch,
+                                             "strategy": change.selector.strategy}
         try:
             plan = ray.get(self.selector.reconfigure.remote(selector.model_dump()), timeout=CALL_TIMEOUT_S)
         except (RayError, GetTimeoutError) as exc:
             log.warning("reconfigure at epoch %d failed: %s", epoch, _first_line(exc))
-            self.applied_changes.append({"epoch": epoch, "strategy": selector.strategy, "status": "failed"})
+            self.applied_changes.append({**record, "status": "failed"})
             return
         self.plan = StrategyPlan.model_validate(plan)
         self.ground = self._ground(self.plan)
         self.resend_config = selector
-        self.applied_changes.append({"epoch": epoch, "strategy": selector.strategy, "status": "applied"})
+        self.applied_changes.append({**record, "status": "applied"})
 
     def _boundary(self, epoch: int) -> None:
         """Adopt a due subset, then start the next round if its trigger epoch has come."""
