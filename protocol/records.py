@@ -65,6 +65,11 @@ class RunSummary(Strict):
     steps: int
     energy_j: float | None
     energy_note: str
+    energy_phases: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="joules in the trainer's training, summaries and stall phases; selection runs "
+        "concurrently in the selector, so its energy is inside these (counters are machine-wide)",
+    )
     ray_address: str
     device: str
     time_budget_s: float | None = None

@@ -7,6 +7,7 @@ at each epoch boundary it polls with ``ray.wait(..., timeout=0)`` (DESIGN.md §3
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -105,6 +106,24 @@ class Trainer:
         self.stall_s = self.summary_s = self.selector_busy_s = self.eval_s = 0.0
         self._progress = Progress(total=self.epoch_plan.total)
         self._lock = threading.Lock()
+        self.meter = EnergyMeter(use_gpu=device.type == "cuda")
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One throwaway training step and eval pass on a copy of the model, before the clock starts.
+
+        A fresh process pays one-off costs on its first optimizer step and kernels (lazy imports, kernel
+        selection: seconds on a CPU); without this they would land in whichever epoch comes first and
+        skew comparisons of wall time between strategies.
+        """
+        model = copy.deepcopy(self.model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=0.0)
+        ids = torch.arange(min(self.n_train, self.config.train.batch_size), device=self.x.device)
+        torch.nn.functional.cross_entropy(model(self.x[ids]), self.y[ids]).backward()
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            model(self.x[ids])
 
     # set-up ------------------------------------------------------------------------------------
     def _ground(self, plan: StrategyPlan) -> Ground:
@@ -136,7 +155,7 @@ class Trainer:
     # the loop ----------------------------------------------------------------------------------
     def run(self) -> dict:
         """Train every epoch of the plan; return ``{"summary", "progress"}``."""
-        meter = EnergyMeter(use_gpu=self.device.type == "cuda")
+        meter = self.meter
         meter.start()
         start = time.perf_counter()
         budget_s = self.plan.time_budget_s
@@ -146,10 +165,11 @@ class Trainer:
             self._apply_change(epoch)
             self._boundary(epoch)
             subset = full_subset(self.n_train) if epoch < self.epoch_plan.full else self.subset
-            loss, steps = train_epoch(
-                self.model, self.optimizer, self.schedule, self.x, self.y, subset,
-                self.config.train.batch_size, self.splits.augment, self.generator, stop=out_of_time,
-            )
+            with meter.phase("training"):
+                loss, steps = train_epoch(
+                    self.model, self.optimizer, self.schedule, self.x, self.y, subset,
+                    self.config.train.batch_size, self.splits.augment, self.generator, stop=out_of_time,
+                )
             self.steps += steps
             train_s = time.perf_counter() - epoch_start
             stopped = out_of_time is not None and out_of_time()
@@ -217,7 +237,8 @@ class Trainer:
             lr=self.optimizer.param_groups[0]["lr"], with_validation=plan.needs_validation,
         )
         self.selector.start_round.remote(request.model_dump())
-        self._stream(slot.round, plan, ground, chunk_rows)
+        with self.meter.phase("summaries"):
+            self._stream(slot.round, plan, ground, chunk_rows)
         result = self.selector.result.remote(slot.round, self.config.schedule.round_timeout_s)
         summary_s = time.perf_counter() - start
         self.summary_s += summary_s
@@ -261,7 +282,8 @@ class Trainer:
         pending = self.pending
         remaining = self.config.schedule.round_timeout_s - (time.perf_counter() - pending.started)
         start = time.perf_counter()
-        ready, _ = ray.wait([pending.result], timeout=max(0.0, remaining) if wait else 0)
+        with self.meter.phase("stall"):
+            ready, _ = ray.wait([pending.result], timeout=max(0.0, remaining) if wait else 0)
         if wait:
             stall = time.perf_counter() - start
             pending.stall_s += stall
@@ -353,6 +375,7 @@ class Trainer:
             grad_error=float(np.mean(errors)) if errors else None,
             redundant=(1.0 - float(self.ever_selected.float().mean())) if adopted else None,
             steps=self.steps, energy_j=energy.energy_j, energy_note=energy.note, ray_address="",
+            energy_phases={name: reading.energy_j for name, reading in self.meter.phases().items()},
             device=str(self.device), time_budget_s=self.plan.time_budget_s, imbalance=self.splits.imbalance,
             strategy_changes=self.applied_changes, n_train=self.n_train,
         )

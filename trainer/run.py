@@ -25,6 +25,8 @@ POLL_S = 0.5
 
 def connect_ray(num_cpus: int | None = None) -> bool:
     """Join the running cluster if there is one, else start a local Ray; True when started here."""
+    if ray.is_initialized():  # called from a program that is already connected
+        return False
     try:
         ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
         return False
@@ -59,22 +61,38 @@ def run_dir(config: RunConfig) -> Path:
     return path
 
 
-def start_actors(config: RunConfig):
+def start_actors(config: RunConfig, options: dict | None = None):
     from service.actor import SelectorActor
     from trainer.actor import TrainerActor
 
-    options = actor_options(config)
+    options = actor_options(config) if options is None else options
     selector = SelectorActor.options(**options).remote(config.selector.model_dump())
     trainer = TrainerActor.options(**options).remote(config.model_dump(), selector)
     return selector, trainer
 
 
-def follow(trainer, out: Path) -> dict:
+def execute(config: RunConfig, out: Path, show_progress: bool = True, options: dict | None = None) -> dict:
+    """Run one job on the connected Ray: write ``out`` (config, records, summary); return the summary."""
+    (out / "config.json").write_text(config.model_dump_json(indent=2))
+    actors = []
+    try:
+        actors = start_actors(config, options)
+        result = follow(actors[1], out, show_progress)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    summary = dict(result["summary"], ray_address=ray.get_runtime_context().gcs_address)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def follow(trainer, out: Path, show_progress: bool = True) -> dict:
     """Wait for the run, streaming its records to ``out`` and a progress bar to the terminal."""
     result_ref = trainer.run.remote()
     seen_epochs = seen_rounds = 0
     with open(out / "epochs.jsonl", "a") as epochs_file, open(out / "rounds.jsonl", "a") as rounds_file, \
-            tqdm(unit="epoch", desc="training", dynamic_ncols=True, file=sys.stderr) as bar:
+            tqdm(unit="epoch", desc="training", dynamic_ncols=True, file=sys.stderr,
+                 disable=not show_progress) as bar:
         while True:
             ready, _ = ray.wait([result_ref], timeout=POLL_S)
             state = ray.get(trainer.progress.remote(seen_epochs, seen_rounds), timeout=PROGRESS_TIMEOUT_S)
@@ -129,24 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    (out / "config.json").write_text(config.model_dump_json(indent=2))
     started = connect_ray()
-    actors = []
     try:
-        actors = start_actors(config)
-        result = follow(actors[1], out)
-        summary = dict(result["summary"], ray_address=ray.get_runtime_context().gcs_address)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = execute(config, out)
         print(format_summary(summary, out))
         return 0
     except ray.exceptions.RayError as exc:
         print(f"error: the run failed: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
         return 1
     finally:
-        for actor in actors:
-            ray.kill(actor)
         if started:
             ray.shutdown()
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,237 @@
+"""Experiments: ``python -m trainer.experiment --preset NAME`` or ``--grid FILE.yaml``.
+
+Every trial of the grid (strategies x budgets x kappa x R x seeds, FULL as reference) runs as a Ray task
+that reserves ``--trial-cpus`` CPUs and ``--trial-gpus`` GPUs, so trials run side by side on a cluster
+and one after another on a small machine; inside, the trial's selector and trainer actors sit on the
+task's node and device. Finished trials are kept in ``<out>/trials/<key>/``; running the same command
+again skips them (resume). At the end ``results.csv``, ``report.md`` and the plots are (re)written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import ray
+import yaml
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from protocol.config import RunConfig
+from protocol.experiment import Grid, Trial
+from trainer.run import connect_ray, execute
+
+POLL_S = 1.0
+PRESETS: dict[str, dict] = {
+    "smoke": {
+        "name": "smoke",
+        "base": {"data": {"dataset": "digits"}, "model": {"name": "mlp"},
+                 "train": {"epochs": 4, "eval_every": 2}, "schedule": {"on_late": "wait"}},
+        "strategies": ["random", "gradmatch-pb", "full-earlystop"],
+        "budgets": [0.1, 0.3],
+        "kappas": [0.5],
+        "select_every": [2],
+        "seeds": [0, 1],
+    },
+    "mnist5k-paper": {
+        "name": "mnist5k-paper",
+        "base": {"data": {"dataset": "mnist5k"}, "model": {"name": "lenet"},
+                 "train": {"epochs": 100, "eval_every": 5}},
+        "strategies": ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister", "full-earlystop"],
+        "budgets": [0.05, 0.1, 0.3],
+        "kappas": [0, 0.5],
+        "select_every": [10],
+        "seeds": [0, 1, 2],
+    },
+}
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep merge of config trees (``update`` wins)."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def expand(grid: Grid) -> list[Trial]:
+    """All trials of the grid: FULL once per seed, each strategy per budget, kappa and R, FULL-EARLYSTOP
+    per budget matched to ``earlystop_match`` at the largest kappa."""
+    trials = []
+    for seed in grid.seeds:
+        trials.append(_trial(grid, "full", 1.0, 0.0, grid.select_every[0], seed))
+        for R in grid.select_every:
+            by_key = {}
+            for strategy in grid.strategies:
+                if strategy in ("full", "full-earlystop"):
+                    continue
+                for budget in grid.budgets:
+                    for kappa in grid.kappas:
+                        trial = _trial(grid, strategy, budget, kappa, R, seed)
+                        by_key[(strategy, budget, kappa)] = trial
+                        trials.append(trial)
+            if "full-earlystop" in grid.strategies:
+                for budget in grid.budgets:
+                    matched = by_key[(grid.earlystop_match, budget, max(grid.kappas))]
+                    trials.append(_trial(grid, "full-earlystop", budget, 0.0, R, seed, matches=matched.key))
+    return trials
+
+
+def _trial(grid: Grid, strategy: str, budget: float, kappa: float, R: int, seed: int, matches=None) -> Trial:
+    selector = {"strategy": strategy, **grid.strategy_options.get(strategy, {})}
+    if strategy == "full-earlystop":
+        selector["time_budget_s"] = 1.0  # replaced by the matched trial's wall time when it runs
+    config = merge(grid.base, {"seed": seed, "selector": selector,
+                               "schedule": {"budget": budget, "kappa": kappa, "select_every": R}})
+    return Trial(strategy=strategy, budget=budget, kappa=kappa, select_every=R, seed=seed, matches=matches,
+                 config=RunConfig.model_validate(config).model_dump(mode="json"))
+
+
+@ray.remote
+def run_trial(config: dict, out: str, use_gpu: bool) -> dict:
+    """One trial on the resources this task holds; its actors run on this node and device."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    options = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": node}
+    gpus = [str(g) for g in ray.get_gpu_ids()]
+    if use_gpu and gpus:
+        options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}}
+        config = merge(config, {"train": {"device": "cuda"}})
+    path = Path(out)
+    if path.exists():
+        shutil.rmtree(path)  # an interrupted attempt
+    path.mkdir(parents=True)
+    return execute(RunConfig.model_validate(config), path, show_progress=False, options=options)
+
+
+class Experiment:
+    """Runs the trials of ``grid`` under ``out``, skipping those already finished."""
+
+    def __init__(self, grid: Grid, out: Path, trial_cpus: float, trial_gpus: float):
+        self.grid, self.out = grid, out
+        self.trials = expand(grid)
+        self.by_key = {t.key: t for t in self.trials}
+        self.options = {"num_cpus": trial_cpus, "num_gpus": trial_gpus}
+        self.threads = max(1, int(trial_cpus))
+
+    def trial_dir(self, trial: Trial) -> Path:
+        return self.out / "trials" / trial.key
+
+    def done(self, trial: Trial) -> bool:
+        return (self.trial_dir(trial) / "summary.json").exists()
+
+    def summary(self, trial: Trial) -> dict:
+        return json.loads((self.trial_dir(trial) / "summary.json").read_text())
+
+    def run(self, show_progress: bool = True) -> dict[str, str]:
+        """Run every unfinished trial; returns ``{key: error}`` for trials that failed."""
+        todo = [t for t in self.trials if not self.done(t)]
+        failed: dict[str, str] = {}
+        running: dict[ray.ObjectRef, Trial] = {}
+        with tqdm(total=len(self.trials), initial=len(self.trials) - len(todo), unit="trial", desc=self.grid.name,
+                  file=sys.stderr, disable=not show_progress, dynamic_ncols=True) as bar:
+            while todo or running:
+                for trial in [t for t in todo if self._ready(t, failed)]:
+                    todo.remove(trial)
+                    running[self._submit(trial, failed)] = trial
+                if not running:
+                    break  # what is left waits on failed trials
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
+                for ref in ready:
+                    trial = running.pop(ref)
+                    try:
+                        ray.get(ref, timeout=60)
+                    except Exception as exc:  # a failed trial is recorded; the others go on
+                        failed[trial.key] = str(exc).strip().splitlines()[-1][:500]
+                        (self.trial_dir(trial)).mkdir(parents=True, exist_ok=True)
+                        (self.trial_dir(trial) / "error.txt").write_text(str(exc))
+                        bar.write(f"trial {trial.key} failed: {failed[trial.key]}")
+                    bar.update(1)
+                    bar.set_postfix(failed=len(failed), refresh=False)
+        for trial in todo:
+            failed[trial.key] = f"not run: the trial it matches ({trial.matches}) failed"
+        return failed
+
+    def _ready(self, trial: Trial, failed: dict) -> bool:
+        return trial.matches is None or (self.done(self.by_key[trial.matches]) and trial.matches not in failed)
+
+    def _submit(self, trial: Trial, failed: dict) -> ray.ObjectRef:
+        config = merge(trial.config, {"train": {"threads": trial.config["train"]["threads"] or self.threads}})
+        if trial.matches is not None:
+            config = merge(config, {"selector": {"time_budget_s": self.summary(self.by_key[trial.matches])["wall_s"]}})
+        return run_trial.options(**self.options).remote(config, str(self.trial_dir(trial)),
+                                                        self.options["num_gpus"] > 0)
+
+
+def load_grid(args) -> Grid:
+    if args.preset:
+        if args.preset not in PRESETS:
+            raise SystemExit(_error(f"--preset {args.preset!r}: must be one of {', '.join(PRESETS)}"))
+        tree = PRESETS[args.preset]
+    else:
+        try:
+            tree = yaml.safe_load(Path(args.grid).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise SystemExit(_error(f"--grid {args.grid}: cannot read: {exc}")) from None
+    try:
+        return Grid.model_validate(tree)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "grid"
+        raise SystemExit(_error(f"{where}: {error['msg'].removeprefix('Value error, ')}")) from None
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer.experiment",
+                                     description="Run a grid of trials and write results.csv, report.md and plots.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
+    source.add_argument("--grid", metavar="FILE.yaml", help="a grid file (see README)")
+    parser.add_argument("--out", help="experiment folder (default: experiments/<name>); reused to resume")
+    parser.add_argument("--trial-cpus", type=float, default=None,
+                        help="CPUs each trial reserves (default: all CPUs of the machine when local, else 1)")
+    parser.add_argument("--trial-gpus", type=float, default=None,
+                        help="GPUs each trial reserves (default: 1 when the cluster has GPUs, else 0)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    grid = load_grid(args)
+    out = Path(args.out or Path("experiments") / grid.name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid.json").write_text(grid.model_dump_json(indent=2))
+    started = connect_ray()
+    try:
+        resources = ray.cluster_resources()
+        gpus = args.trial_gpus if args.trial_gpus is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+        cpus = args.trial_cpus if args.trial_cpus is not None else (resources.get("CPU", 1) if started else 1.0)
+        experiment = Experiment(grid, out, cpus, gpus)
+        start = time.perf_counter()
+        failed = experiment.run()
+        elapsed = time.perf_counter() - start
+    finally:
+        if started:
+            ray.shutdown()
+    from trainer.report import write_report
+
+    write_report(experiment, failed, command=" ".join(["python -m trainer.experiment", *(argv or sys.argv[1:])]),
+                 elapsed_s=elapsed)
+    print(f"{len(experiment.trials) - len(failed)} of {len(experiment.trials)} trials done in {elapsed:.0f} s; "
+          f"report: {out / 'report.md'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
