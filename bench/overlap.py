@@ -1,0 +1,121 @@
+"""Does selection overlap training? FULL, RANDOM and GRAD-MATCH-PB-WARM, synchronous and asynchronous,
+measured side by side in one run on one machine (same data, model, epochs, budget and seeds).
+
+    python bench/overlap.py [--epochs 200] [--seeds 0 1 2] [--dataset mnist5k] [--model lenet]
+
+Prints each configuration's wall time, then overhead = wall_s / wall_s(RANDOM) for both GRAD-MATCH modes,
+speedup vs FULL, stall time, selector busy time and overlap = 1 - stall / busy, and ends with one line:
+``overhead_async=X overhead_sync=Y overlap=Z speedup_vs_full=W acc_async=A acc_sync=B``.
+Claim: overhead_async <= 1.10, overlap >= 0.95, speedup_vs_full >= 8.5, and the asynchronous accuracy
+within one standard deviation (over seeds) of the synchronous one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+
+from protocol.config import RunConfig  # noqa: E402
+from trainer.run import connect_ray, execute  # noqa: E402
+
+MODES = {
+    "full": {"selector": {"strategy": "full"}},
+    "random": {"selector": {"strategy": "random"}, "schedule": {"kappa": 0.5}},
+    "gm_sync": {"selector": {"strategy": "gradmatch-pb"}, "schedule": {"kappa": 0.5, "lead": 0}},
+    "gm_async": {"selector": {"strategy": "gradmatch-pb"}, "schedule": {"kappa": 0.5, "lead": 1}},
+}
+
+
+def config(mode: str, args, seed: int) -> RunConfig:
+    tree = {
+        "seed": seed,
+        "data": {"dataset": args.dataset},
+        "model": {"name": args.model},
+        "train": {"epochs": args.epochs},
+        "schedule": {"budget": 0.1, "select_every": args.select_every, **MODES[mode].get("schedule", {})},
+        "selector": MODES[mode]["selector"],
+    }
+    return RunConfig.model_validate(tree)
+
+
+def measure(args) -> dict[str, list[dict]]:
+    """Every mode for every seed, interleaved so that drifts of the machine hit all modes alike."""
+    results = {mode: [] for mode in MODES}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for mode in MODES:
+                if mode == "full" and seed != args.seeds[0] and not args.full_every_seed:
+                    continue
+                out = Path(tmp) / f"{mode}-{seed}"
+                out.mkdir()
+                summary = execute(config(mode, args, seed), out, show_progress=False)
+                results[mode].append(summary)
+                print(f"  {mode:<9} seed {seed}: wall {summary['wall_s']:7.2f} s  acc {summary['acc']:6.2f}  "
+                      f"stall {summary['stall_s']:.3f} s  busy {summary['selector_busy_s']:.3f} s  "
+                      f"summaries {summary['summary_s']:.3f} s", flush=True)
+    return results
+
+
+def mean(runs: list[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in runs)
+
+
+def report(results: dict[str, list[dict]]) -> str:
+    wall = {mode: mean(runs, "wall_s") for mode, runs in results.items()}
+    stall = mean(results["gm_async"], "stall_s")
+    busy = mean(results["gm_async"], "selector_busy_s")
+    acc_async = [r["acc"] for r in results["gm_async"]]
+    acc_sync = [r["acc"] for r in results["gm_sync"]]
+    std_sync = statistics.stdev(acc_sync) if len(acc_sync) > 1 else float("nan")
+    figures = {
+        "overhead_async": wall["gm_async"] / wall["random"],
+        "overhead_sync": wall["gm_sync"] / wall["random"],
+        "overlap": 1 - stall / busy if busy > 0 else float("nan"),
+        "speedup_vs_full": wall["full"] / wall["gm_async"],
+        "acc_async": statistics.fmean(acc_async),
+        "acc_sync": statistics.fmean(acc_sync),
+    }
+    lines = [f"{'mode':<10}{'wall_s':>9}{'acc':>8}{'stall_s':>9}{'busy_s':>8}{'summ_s':>8}"]
+    for mode, runs in results.items():
+        lines.append(f"{mode:<10}{wall[mode]:9.2f}{mean(runs, 'acc'):8.2f}{mean(runs, 'stall_s'):9.3f}"
+                     f"{mean(runs, 'selector_busy_s'):8.3f}{mean(runs, 'summary_s'):8.3f}")
+    lines.append(f"sync stall {mean(results['gm_sync'], 'stall_s'):.3f} s; async stall {stall:.3f} s of {busy:.3f} s "
+                 f"selector work; acc std over seeds (sync) {std_sync:.2f}")
+    checks = [
+        figures["overhead_async"] <= 1.10, figures["overlap"] >= 0.95, figures["speedup_vs_full"] >= 8.5,
+        abs(figures["acc_async"] - figures["acc_sync"]) <= std_sync,
+    ]
+    lines.append("claim (overhead_async <= 1.10, overlap >= 0.95, speedup_vs_full >= 8.5, |acc_async - acc_sync| "
+                 f"<= std): {' '.join('PASS' if c else 'FAIL' for c in checks)}")
+    lines.append(" ".join(f"{k}={v:.3f}" if "acc" not in k else f"{k}={v:.2f}" for k, v in figures.items()))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=200, help="epoch budget T (default: 200)")
+    parser.add_argument("--select-every", type=int, default=20, help="R (default: 20)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
+    parser.add_argument("--dataset", default="mnist5k", help="data set (default: mnist5k)")
+    parser.add_argument("--model", default="lenet", help="model (default: lenet)")
+    parser.add_argument("--full-every-seed", action="store_true", help="run FULL for every seed (default: first)")
+    args = parser.parse_args()
+    started = connect_ray()
+    try:
+        results = measure(args)
+    finally:
+        if started:
+            ray.shutdown()
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
