@@ -46,7 +46,11 @@ def _markdown_section(text: str, heading: str) -> list[list[str]]:
 
 def test_smoke_preset_end_to_end_and_resume(ray_address, tmp_path, capsys):
     out = tmp_path / "smoke"
-    assert main(["--preset", "smoke", "--out", str(out)]) == 0
+    # each trial reserves both CPUs of the shared 2-CPU Ray: they must run one after another
+    assert main(["--preset", "smoke", "--out", str(out), "--trial-cpus", "2"]) == 0
+    spans = sorted((t["started"], t["finished"]) for t in
+                   (json.loads(p.read_text()) for p in out.glob("trials/*/trial.json")))
+    assert len(spans) == 14 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     results = pd.read_csv(out / "results.csv")
     grid = Grid.model_validate(PRESETS["smoke"])
     assert list(results.columns) == COLUMNS and len(results) == len(expand(grid)) == 14

@@ -1,9 +1,10 @@
 """Experiments: ``python -m trainer.experiment --preset NAME`` or ``--grid FILE.yaml``.
 
-Every trial of the grid (strategies x budgets x kappa x R x seeds, FULL as reference) runs as a Ray task
-that reserves ``--trial-cpus`` CPUs and ``--trial-gpus`` GPUs, so trials run side by side on a cluster
-and one after another on a small machine; inside, the trial's selector and trainer actors sit on the
-task's node and device. Finished trials are kept in ``<out>/trials/<key>/``; running the same command
+Every trial of the grid (strategies x budgets x kappa x R x seeds, FULL as reference) runs in a placement
+group of its own that reserves ``--trial-cpus`` CPUs and ``--trial-gpus`` GPUs (a task blocked in
+``ray.get`` gives its CPUs back to Ray; a placement group keeps them reserved), so trials run side by side
+on a cluster and one after another on a small machine; the trial's selector and trainer actors share its
+bundle, hence its node and GPU. Finished trials are kept in ``<out>/trials/<key>/``; running the same command
 again skips them (resume). At the end ``results.csv``, ``report.md`` and the plots are (re)written.
 """
 
@@ -21,6 +22,9 @@ import ray
 import yaml
 from pydantic import ValidationError
 from tqdm import tqdm
+
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from protocol.config import RunConfig
 from protocol.experiment import Grid, Trial
@@ -41,11 +45,11 @@ PRESETS: dict[str, dict] = {
     "mnist5k-paper": {
         "name": "mnist5k-paper",
         "base": {"data": {"dataset": "mnist5k"}, "model": {"name": "lenet"},
-                 "train": {"epochs": 60, "eval_every": 3}},
+                 "train": {"epochs": 100, "eval_every": 5}},
         "strategies": ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister", "full-earlystop"],
         "budgets": [0.05, 0.1, 0.3],
         "kappas": [0, 0.5],
-        "select_every": [6],  # R / T = 0.1 as the paper's 20 / 200
+        "select_every": [10],  # R / T = 0.1 as the paper's 20 / 200
         "seeds": [0, 1, 2],
     },
 }
@@ -92,22 +96,19 @@ def _trial(grid: Grid, strategy: str, budget: float, kappa: float, R: int, seed:
                  config=RunConfig.model_validate(config).model_dump(mode="json"))
 
 
-@ray.remote
-def run_trial(config: dict, out: str, use_gpu: bool) -> dict:
-    """One trial on the resources this task holds; its actors run on this node and device."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    node = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    options = {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": node}
-    gpus = [str(g) for g in ray.get_gpu_ids()]
-    if use_gpu and gpus:
-        options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}}
-        config = merge(config, {"train": {"device": "cuda"}})
+@ray.remote(num_cpus=0)
+def run_trial(config: dict, out: str, gpus: float) -> dict:
+    """One trial inside its placement group; its actors share the group's bundle (and GPU, if any)."""
     path = Path(out)
     if path.exists():
         shutil.rmtree(path)  # an interrupted attempt
     path.mkdir(parents=True)
-    return execute(RunConfig.model_validate(config), path, show_progress=False, options=options)
+    started = time.time()
+    options = {"num_cpus": 0, "num_gpus": gpus / 2}
+    summary = execute(RunConfig.model_validate(config), path, show_progress=False, options=options)
+    (path / "trial.json").write_text(json.dumps({"started": started, "finished": time.time(),
+                                                 "node": ray.get_runtime_context().get_node_id()}))
+    return summary
 
 
 class Experiment:
@@ -133,25 +134,28 @@ class Experiment:
         """Run every unfinished trial; returns ``{key: error}`` for trials that failed."""
         todo = [t for t in self.trials if not self.done(t)]
         failed: dict[str, str] = {}
-        running: dict[ray.ObjectRef, Trial] = {}
+        running: dict[ray.ObjectRef, tuple[Trial, object]] = {}
         with tqdm(total=len(self.trials), initial=len(self.trials) - len(todo), unit="trial", desc=self.grid.name,
                   file=sys.stderr, disable=not show_progress, dynamic_ncols=True) as bar:
             while todo or running:
                 for trial in [t for t in todo if self._ready(t, failed)]:
                     todo.remove(trial)
-                    running[self._submit(trial, failed)] = trial
+                    ref, entry = self._submit(trial, failed)
+                    running[ref] = entry
                 if not running:
                     break  # what is left waits on failed trials
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
                 for ref in ready:
-                    trial = running.pop(ref)
+                    trial, group = running.pop(ref)
                     try:
                         ray.get(ref, timeout=60)
                     except Exception as exc:  # a failed trial is recorded; the others go on
                         failed[trial.key] = str(exc).strip().splitlines()[-1][:500]
-                        (self.trial_dir(trial)).mkdir(parents=True, exist_ok=True)
+                        self.trial_dir(trial).mkdir(parents=True, exist_ok=True)
                         (self.trial_dir(trial) / "error.txt").write_text(str(exc))
                         bar.write(f"trial {trial.key} failed: {failed[trial.key]}")
+                    finally:
+                        remove_placement_group(group)
                     bar.update(1)
                     bar.set_postfix(failed=len(failed), refresh=False)
         for trial in todo:
@@ -161,12 +165,19 @@ class Experiment:
     def _ready(self, trial: Trial, failed: dict) -> bool:
         return trial.matches is None or (self.done(self.by_key[trial.matches]) and trial.matches not in failed)
 
-    def _submit(self, trial: Trial, failed: dict) -> ray.ObjectRef:
+    def _submit(self, trial: Trial, failed: dict) -> tuple[ray.ObjectRef, tuple]:
         config = merge(trial.config, {"train": {"threads": trial.config["train"]["threads"] or self.threads}})
         if trial.matches is not None:
             config = merge(config, {"selector": {"time_budget_s": self.summary(self.by_key[trial.matches])["wall_s"]}})
-        return run_trial.options(**self.options).remote(config, str(self.trial_dir(trial)),
-                                                        self.options["num_gpus"] > 0)
+        bundle = {"CPU": self.options["num_cpus"]}
+        if self.options["num_gpus"] > 0:
+            bundle["GPU"] = self.options["num_gpus"]
+        group = placement_group([bundle])
+        strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0,
+                                                    placement_group_capture_child_tasks=True)
+        ref = run_trial.options(scheduling_strategy=strategy).remote(
+            config, str(self.trial_dir(trial)), self.options["num_gpus"])
+        return ref, (trial, group)
 
 
 def load_grid(args) -> Grid:
