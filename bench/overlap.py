@@ -29,7 +29,8 @@ MODES = {
     "full": {"selector": {"strategy": "full"}},
     "random": {"selector": {"strategy": "random"}, "schedule": {"kappa": 0.5}},
     "gm_sync": {"selector": {"strategy": "gradmatch-pb"}, "schedule": {"kappa": 0.5, "lead": 0}},
-    "gm_async": {"selector": {"strategy": "gradmatch-pb"}, "schedule": {"kappa": 0.5, "lead": 1}},
+    # waits when a subset is late, so that a selection slower than an epoch shows up as stall
+    "gm_async": {"selector": {"strategy": "gradmatch-pb"}, "schedule": {"kappa": 0.5, "lead": 1, "on_late": "wait"}},
 }
 
 

@@ -166,6 +166,10 @@ SelectorConfig = Annotated[
     Field(discriminator="strategy"),
 ]
 ROUND_STRATEGIES = ("random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister")
+PAPER_NAMES = {
+    "full": "FULL", "full-earlystop": "FULL-EARLYSTOP", "random": "RANDOM", "gradmatch": "GRAD-MATCH",
+    "gradmatch-pb": "GRAD-MATCH-PB", "craig": "CRAIG", "craig-pb": "CRAIG-PB", "glister": "GLISTER",
+}
 
 
 class StrategyChange(Strict):
@@ -196,18 +200,30 @@ class RunConfig(Strict):
         (), description="live strategy changes; an entry at epoch 0 replaces `selector`"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _schedule_starts_the_run(cls, data):
+        """An entry at epoch 0 is the selector the run starts with (unless a different one is given)."""
+        if not isinstance(data, dict) or not data.get("strategy_schedule"):
+            return data
+        first = data["strategy_schedule"][0]
+        first = first.model_dump() if isinstance(first, BaseModel) else first
+        if not isinstance(first, dict) or first.get("epoch") != 0:
+            return data
+        selector = data.get("selector")
+        selector = selector.model_dump() if isinstance(selector, BaseModel) else selector
+        if selector is not None and selector != first.get("selector"):
+            raise ValueError(
+                f"strategy_schedule starts at epoch 0 with {first.get('selector')} but selector is {selector}: "
+                "give the first strategy in one place"
+            )
+        return {**data, "selector": first.get("selector")}
+
     @model_validator(mode="after")
     def _schedule_ordered(self) -> "RunConfig":
         epochs = [change.epoch for change in self.strategy_schedule]
         if epochs != sorted(set(epochs)):
             raise ValueError(f"strategy_schedule epochs == {epochs}, must be strictly increasing")
-        if epochs and epochs[0] == 0 and self.selector != self.strategy_schedule[0].selector:
-            if "selector" in self.model_fields_set:
-                raise ValueError(
-                    f"strategy_schedule starts at epoch 0 with {self.strategy_schedule[0].selector.strategy!r} "
-                    f"but selector is {self.selector.strategy!r}: give the first strategy in one place"
-                )
-            return self.model_copy(update={"selector": self.strategy_schedule[0].selector})
         if self.strategy_schedule and self.selector.strategy not in ROUND_STRATEGIES:
             raise ValueError(f"strategy_schedule needs a strategy with rounds, not {self.selector.strategy!r}")
         return self

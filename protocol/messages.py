@@ -48,6 +48,7 @@ class RoundRequest(ArrayMessage):
     n_select: int = Field(ge=1, description="exact number of ground elements to choose")
     n_chunks: int = Field(ge=0)
     seed: int = Field(ge=0)
+    strategy: str = Field(description="the strategy the trainer believes the selector runs")
     sizes: Int64Vector | None = Field(None, description="(n_ground,) examples per ground element")
     lr: float | None = Field(None, ge=0, description="learning rate at the snapshot (GLISTER's look-ahead)")
     with_validation: bool = Field(False, description="a ValidationSet message follows")
@@ -151,6 +152,10 @@ class SubsetMessage(ArrayMessage):
             raise ValueError("weights must be finite")
         if weights.size and weights.min() < 0:
             raise ValueError(f"weights must be >= 0, got min {weights.min():.4g}")
+        with np.errstate(over="ignore"):
+            total = weights.sum()
+        if weights.size and not 0 < total < np.inf:
+            raise ValueError(f"weights must have a positive, finite sum (training divides by their mean), got {total}")
         return weights
 
     @model_validator(mode="after")
@@ -159,6 +164,8 @@ class SubsetMessage(ArrayMessage):
             raise ValueError(
                 f"weights has {self.weights.shape[0]} entries, must equal indices ({self.indices.shape[0]})"
             )
+        if self.n_padded > self.indices.size:
+            raise ValueError(f"n_padded == {self.n_padded}, must be <= the size ({self.indices.size})")
         request = (info.context or {}).get("request")
         if request is not None:
             _check_against(self, request)
@@ -168,6 +175,10 @@ class SubsetMessage(ArrayMessage):
 def _check_against(message: SubsetMessage, request: RoundRequest) -> None:
     if message.round_id != request.round_id:
         raise ValueError(f"round_id == {message.round_id}, must be {request.round_id} as asked")
+    if message.strategy != request.strategy:
+        raise ValueError(f"strategy == {message.strategy!r}, must be {request.strategy!r} as asked")
+    if message.model_step != request.model_step:
+        raise ValueError(f"model_step == {message.model_step}, must be {request.model_step} as asked")
     if message.indices.size and (message.indices.min() < 0 or message.indices.max() >= request.n_ground):
         raise ValueError(
             f"indices must be in [0, {request.n_ground}), got range "

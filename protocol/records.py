@@ -29,7 +29,7 @@ class RoundRecord(Strict):
     trigger_epoch: int
     due_epoch: int
     adopted_epoch: int | None = None
-    status: Literal["adopted", "rejected", "failed", "timeout", "unused"]
+    status: Literal["adopted", "rejected", "failed", "timeout", "unused", "skipped"]
     reason: str | None = None
     staleness: int | None = Field(None, description="epochs between the snapshot and adoption")
     stall_s: float = 0.0

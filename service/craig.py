@@ -24,9 +24,10 @@ and their Gram matrix is computed from the factors without forming the ``C (D + 
 from __future__ import annotations
 
 import heapq
-import numbers
 
 import numpy as np
+
+from service.checks import as_matrix, positive_int
 
 __all__ = [
     "craig_weights",
@@ -59,8 +60,8 @@ def gradient_gram(errors: np.ndarray, features: np.ndarray) -> np.ndarray:
     ValueError
         If either input is not a finite real 2-D array, or their numbers of rows differ.
     """
-    e = _as_matrix(errors, "errors")
-    h = _as_matrix(features, "features")
+    e = as_matrix(errors, "errors")
+    h = as_matrix(features, "features")
     if h.shape[0] != e.shape[0]:
         raise ValueError(
             f"features must have one row per row of errors ({e.shape[0]}), got shape {h.shape}"
@@ -87,7 +88,7 @@ def row_gram(rows: np.ndarray) -> np.ndarray:
     ValueError
         If ``rows`` is not a finite real 2-D array with at least one row.
     """
-    r = _as_matrix(rows, "rows")
+    r = as_matrix(rows, "rows")
     return _symmetrise(r @ r.T)
 
 
@@ -242,21 +243,8 @@ def _symmetrise(gram: np.ndarray) -> np.ndarray:
     return 0.5 * (gram + gram.T)
 
 
-def _as_matrix(x, name: str) -> np.ndarray:
-    """``x`` as a finite float64 2-D array with at least one row."""
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
-    if arr.ndim != 2 or arr.shape[0] < 1:
-        raise ValueError(f"{name} must be 2-D with at least one row, got shape {arr.shape}")
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got {int(np.sum(~np.isfinite(arr)))} NaN/Inf")
-    return arr
-
-
 def _as_square(x, name: str) -> np.ndarray:
-    arr = _as_matrix(x, name)
+    arr = as_matrix(x, name)
     if arr.shape[0] != arr.shape[1]:
         raise ValueError(f"{name} must be square (n, n), got shape {arr.shape}")
     return arr
@@ -285,6 +273,4 @@ def _as_indices(indices, n: int) -> np.ndarray:
 
 
 def _check_budget(budget) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
-        raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
-    return int(budget)
+    return positive_int(budget, "budget")

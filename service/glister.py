@@ -26,6 +26,8 @@ import numbers
 
 import numpy as np
 
+from service.checks import as_matrix, positive_int, softmax
+
 __all__ = ["glister_greedy", "step_sizes"]
 
 
@@ -83,7 +85,7 @@ def glister_greedy(
         val_logits, val_features, val_labels, n_classes, a_train.shape[1] - 1
     )
     lr = _check_lr(lr)
-    sizes = step_sizes(min(_check_positive_int(budget, "budget"), n), steps)
+    sizes = step_sizes(min(positive_int(budget, "budget"), n), steps)
     chosen = np.zeros(n, dtype=bool)
     sigma = np.zeros((n_classes, a_train.shape[1]))  # sum of the chosen gradients, [bias | W]
     picks, gains = [], []
@@ -118,8 +120,8 @@ def step_sizes(budget: int, steps: int | None) -> list[int]:
     ValueError
         If ``budget`` or ``steps`` is not an integer ``>= 1``.
     """
-    budget = _check_positive_int(budget, "budget")
-    n_steps = budget if steps is None else min(_check_positive_int(steps, "steps"), budget)
+    budget = positive_int(budget, "budget")
+    n_steps = budget if steps is None else min(positive_int(steps, "steps"), budget)
     sizes, remaining = [], budget
     for left in range(n_steps, 0, -1):
         sizes.append(math.ceil(remaining / left))
@@ -136,18 +138,13 @@ def _val_gradient(z_val, a_val, onehot, sigma, lr) -> np.ndarray:
     logits = z_val - lr * (a_val @ sigma.T)
     if not np.all(np.isfinite(logits)):
         raise FloatingPointError(f"lr = {lr!r} overflows the look-ahead validation logits")
-    errors = _softmax(logits) - onehot
+    errors = softmax(logits) - onehot
     return errors.T @ a_val / z_val.shape[0]
 
 
 def _candidate_products(e_train, a_train, grad) -> np.ndarray:
     """``e_i^T grad a_i`` for every candidate, shape (n,); the product's output is only (n, C)."""
     return np.einsum("ic,ic->i", a_train @ grad.T, e_train)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def _top_unchosen(gain: np.ndarray, chosen: np.ndarray, size: int) -> np.ndarray:
@@ -164,8 +161,8 @@ def _top_unchosen(gain: np.ndarray, chosen: np.ndarray, size: int) -> np.ndarray
 
 def _train_factors(errors, features) -> tuple[np.ndarray, np.ndarray]:
     """Errors (n, C) and augmented features ``[1, h]`` (n, D + 1), float64."""
-    e = _as_matrix(errors, "train_errors", min_cols=1)
-    h = _as_matrix(features, "train_features")
+    e = as_matrix(errors, "train_errors", min_cols=1)
+    h = as_matrix(features, "train_features")
     if h.shape[0] != e.shape[0]:
         raise ValueError(
             f"train_features must have one row per row of train_errors ({e.shape[0]}), "
@@ -176,8 +173,8 @@ def _train_factors(errors, features) -> tuple[np.ndarray, np.ndarray]:
 
 def _val_factors(logits, features, labels, n_classes: int, n_features: int):
     """Validation logits (m, C), ``[1, h_v]`` (m, D + 1) and one-hot labels (m, C), float64."""
-    z = _as_matrix(logits, "val_logits", min_cols=1)
-    h = _as_matrix(features, "val_features")
+    z = as_matrix(logits, "val_logits", min_cols=1)
+    h = as_matrix(features, "val_features")
     if z.shape[1] != n_classes:
         raise ValueError(f"val_logits must have C = {n_classes} columns (as train_errors), "
                          f"got shape {z.shape}")
@@ -197,28 +194,7 @@ def _augment(h: np.ndarray) -> np.ndarray:
     return np.concatenate([np.ones((h.shape[0], 1)), h], axis=1)
 
 
-def _as_matrix(x, name: str, min_cols: int = 0) -> np.ndarray:
-    """``x`` as a finite float64 2-D array with at least one row and ``min_cols`` columns."""
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiu":
-        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
-    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < min_cols:
-        raise ValueError(
-            f"{name} must be 2-D with at least one row and {min_cols} columns, got shape {arr.shape}"
-        )
-    arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got {int(np.sum(~np.isfinite(arr)))} NaN/Inf")
-    return arr
-
-
 def _check_lr(lr) -> float:
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     return float(lr)
-
-
-def _check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)

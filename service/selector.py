@@ -60,6 +60,7 @@ class SelectorService:
         self._busy_s = 0.0
         self._answered = 0
         self._stopped = False
+        self._latest = -1  # newest round asked; older rounds are superseded
 
     # cheap calls -------------------------------------------------------------------------------
     def plan(self) -> dict:
@@ -106,12 +107,19 @@ class SelectorService:
             state = self._rounds.setdefault(request.round_id, _Round())
             state.request = request
             state.config, state.strategy = self.config, self._strategy
+            self._latest = max(self._latest, request.round_id)
+            if request.strategy != self.config.strategy:
+                self._fail(state, f"round asked of strategy {request.strategy!r}, but this selector runs "
+                                  f"{self.config.strategy!r} (restarted since a reconfigure?)")
+                return
             self._maybe_start(request.round_id, state)
 
     def add_chunk(self, chunk) -> None:
         """Store one chunk; chunks may arrive before their request or out of order."""
         chunk = GradientChunk.model_validate(chunk)
         with self._lock:
+            if chunk.round_id < self._latest:
+                return  # a superseded round's late chunk
             state = self._rounds.setdefault(chunk.round_id, _Round())
             if state.request is not None and chunk.chunk_index >= state.request.n_chunks:
                 self._fail(state, f"chunk_index == {chunk.chunk_index}, must be < {state.request.n_chunks}")
@@ -123,6 +131,8 @@ class SelectorService:
         """Store the validation set's last-layer view for a round that asked for it."""
         validation = ValidationSet.model_validate(validation)
         with self._lock:
+            if validation.round_id < self._latest:
+                return
             state = self._rounds.setdefault(validation.round_id, _Round())
             state.validation = validation
             self._maybe_start(validation.round_id, state)
@@ -136,16 +146,19 @@ class SelectorService:
         deadline = time.monotonic() + timeout_s
         with self._lock:
             state = self._rounds.setdefault(round_id, _Round())
-        grace = min(request_grace_s, timeout_s)
-        if not state.done.wait(grace) and state.request is None:
-            raise RoundFailed(f"round {round_id} is unknown to this selector (restarted since it was asked)")
-        if not state.done.wait(max(0.0, deadline - time.monotonic())):
-            raise RoundFailed(f"round {round_id} not answered within {timeout_s} s")
-        if state.error is not None:
-            raise RoundFailed(f"round {round_id}: {state.error}")
-        with self._lock:
-            self._rounds.pop(round_id, None)
-        return state.answer
+        try:
+            grace = min(request_grace_s, timeout_s)
+            if not state.done.wait(grace) and state.request is None:
+                raise RoundFailed(f"round {round_id} is unknown to this selector (restarted since it was asked)")
+            if not state.done.wait(max(0.0, deadline - time.monotonic())):
+                raise RoundFailed(f"round {round_id} not answered within {timeout_s} s")
+            if state.error is not None:
+                raise RoundFailed(f"round {round_id}: {state.error}")
+            return state.answer
+        finally:
+            with self._lock:
+                if self._rounds.get(round_id) is state:
+                    del self._rounds[round_id]
 
     # internals ---------------------------------------------------------------------------------
     def _fail(self, state: _Round, reason: str) -> None:

@@ -27,6 +27,7 @@ from service.glister import glister_greedy
 from service.omp import orthogonal_matching_pursuit
 
 GRAM_MAX_BYTES = 256 << 20  # beyond this OMP passes over rows instead of building an n x n Gram
+MIN_LOOKAHEAD_LR = 1e-6  # GLISTER's look-ahead step when the schedule has annealed the rate to ~0
 
 
 @dataclass(frozen=True)
@@ -275,7 +276,7 @@ def select_glister(config: GlisterSelector, request: RoundRequest, ground: Groun
     _require(ground, "validation", config.strategy)
     val = ground.validation
     indices, _ = glister_greedy(ground.errors, ground.features, val.logits, val.features, val.labels,
-                                request.n_select, request.lr or 0.01, config.greedy_steps)
+                                request.n_select, max(request.lr or 0.0, MIN_LOOKAHEAD_LR), config.greedy_steps)
     return Selection(np.asarray(indices, dtype=np.int64), np.ones(len(indices)), target="val")
 
 
@@ -293,23 +294,22 @@ def _plan(rounds=True, ground="example", summaries="none", validation=False):
 class Strategy:
     plan: Callable[..., StrategyPlan]
     select: Callable[..., Selection] | None
-    paper_name: str
     matches: str
 
 
 STRATEGIES: dict[str, Strategy] = {
-    "full": Strategy(_plan(rounds=False), None, "FULL", "nothing: trains on all data"),
-    "full-earlystop": Strategy(_plan(rounds=False), None, "FULL-EARLYSTOP",
+    "full": Strategy(_plan(rounds=False), None, "nothing: trains on all data"),
+    "full-earlystop": Strategy(_plan(rounds=False), None,
                                "nothing: all data until the time budget is spent"),
-    "random": Strategy(_plan(), select_random, "RANDOM", "nothing: a seeded uniform subset each round"),
-    "gradmatch": Strategy(_plan(summaries="example"), select_gradmatch, "GRAD-MATCH",
+    "random": Strategy(_plan(), select_random, "nothing: a seeded uniform subset each round"),
+    "gradmatch": Strategy(_plan(summaries="example"), select_gradmatch,
                           "training (or validation) gradient, per class, per gradient, by OMP"),
-    "gradmatch-pb": Strategy(_plan(ground="batch", summaries="batch"), select_gradmatch_pb, "GRAD-MATCH-PB",
+    "gradmatch-pb": Strategy(_plan(ground="batch", summaries="batch"), select_gradmatch_pb,
                              "training (or validation) gradient, over mini-batches, by OMP"),
-    "craig": Strategy(_plan(summaries="example"), select_craig, "CRAIG",
+    "craig": Strategy(_plan(summaries="example"), select_craig,
                       "gradient similarities, per class, by facility location"),
-    "craig-pb": Strategy(_plan(ground="batch", summaries="batch"), select_craig_pb, "CRAIG-PB",
+    "craig-pb": Strategy(_plan(ground="batch", summaries="batch"), select_craig_pb,
                          "mini-batch gradient similarities, by facility location"),
-    "glister": Strategy(_plan(summaries="example", validation=True), select_glister, "GLISTER",
+    "glister": Strategy(_plan(summaries="example", validation=True), select_glister,
                         "validation loss after a one-step look-ahead, greedy"),
 }

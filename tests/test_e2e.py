@@ -31,7 +31,7 @@ def read_run(out: Path) -> tuple[dict, list[dict], list[dict]]:
 def test_cli_runs_gradmatch_pb_on_the_running_cluster(ray_address, tmp_path):
     out = tmp_path / "run"
     done = run_cli("--dataset", "synthetic", "--model", "mlp", "--epochs", "8", "--select-every", "2",
-                   "--kappa", "0.5", "--budget", "0.25", "--threads", "1", "--out", str(out))
+                   "--kappa", "0.5", "--budget", "0.25", "--on-late", "wait", "--threads", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     summary, epochs, rounds = read_run(out)
     assert summary["ray_address"] == ray_address  # joined the running cluster, started none
@@ -39,7 +39,7 @@ def test_cli_runs_gradmatch_pb_on_the_running_cluster(ray_address, tmp_path):
     # warm start: kappa*T = 4 subset epochs after round(4 * 0.25) = 1 full epoch; rounds due at 1 and 3
     assert (summary["epochs_full"], summary["epochs_subset"]) == (1, 4) and len(epochs) == 5
     assert [r["due_epoch"] for r in rounds] == [1, 3]
-    assert summary["rounds"] + summary["rounds_rejected"] + sum(r["status"] == "unused" for r in rounds) == 2
+    assert [r["status"] for r in rounds] == ["adopted", "adopted"] and summary["rounds"] == 2
     assert 0 <= summary["acc"] <= 100 and summary["wall_s"] > 0
     config = json.loads((out / "config.json").read_text())
     assert config["schedule"]["budget"] == 0.25 and config["selector"]["lam"] == 0.5

@@ -110,3 +110,18 @@ def test_unknown_preset_exits_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--preset", "nope"])
     assert info.value.code == 2 and "--preset 'nope': must be one of smoke" in capsys.readouterr().err
+
+
+def test_energy_tables_when_counters_exist():
+    from trainer.report import _energy_section
+
+    frame = pd.DataFrame({
+        "label": ["FULL", "FULL", "RANDOM", "RANDOM"], "strategy": ["full", "full", "random", "random"],
+        "budget": [1.0, 1.0, 0.1, 0.1], "energy_j": [100.0, 120.0, 10.0, 14.0],
+        "energy_training_j": [90.0, 110.0, 8.0, 12.0], "energy_summaries_j": [None, None, 1.0, 1.0],
+        "energy_stall_j": [0.0, 0.0, 0.5, 0.5],
+    })
+    text = _energy_section(frame)
+    assert "| FULL | 110.0 ± 14.1 |" in text and "| RANDOM | 12.0 ± 2.8 |" in text
+    summaries = text.split("Phase `summaries`:")[1].split("Phase")[0]
+    assert "FULL" not in summaries and "| RANDOM | 1.0 ± 0.0 |" in summaries

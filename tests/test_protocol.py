@@ -7,7 +7,8 @@ from pydantic import ValidationError
 from protocol.config import RunConfig, ScheduleConfig
 from protocol.messages import GradientChunk, RoundRequest, SubsetMessage, ValidationSet
 
-REQUEST = RoundRequest(round_id=3, model_step=40, ground="batch", n_ground=10, n_select=3, n_chunks=1, seed=0)
+REQUEST = RoundRequest(round_id=3, model_step=40, ground="batch", n_ground=10, n_select=3, n_chunks=1, seed=0,
+                       strategy="gradmatch-pb")
 GOOD = {"round_id": 3, "model_step": 40, "strategy": "gradmatch-pb", "indices": [4, 1, 7],
         "weights": [2.0, 1.0, 0.5], "grad_error": 0.1, "select_s": 0.01, "busy_s": 0.02}
 
@@ -31,6 +32,11 @@ def test_valid_message_passes_and_keeps_arrays():
         ({"weights": [1.0, -0.5, 1.0]}, "weights", ">= 0"),
         ({"weights": [1.0, float("nan"), 1.0]}, "weights", "finite"),
         ({"weights": [1.0, 2.0]}, "weights", "equal indices"),
+        ({"weights": [0.0, 0.0, 0.0]}, "weights", "positive, finite sum"),
+        ({"weights": [1e308, 1e308, 1e308]}, "weights", "positive, finite sum"),
+        ({"n_padded": 4}, "n_padded", "must be <= the size"),
+        ({"strategy": "random"}, "strategy", "must be 'gradmatch-pb' as asked"),
+        ({"model_step": 41}, "model_step", "must be 40 as asked"),
         ({"round_id": 4}, "round_id", "must be 3"),
         ({"indices": [0, 1, 2, 3], "weights": [1, 1, 1, 1]}, "size", "budget of 3"),
         ({"indices": [], "weights": []}, "indices", "empty"),
@@ -85,10 +91,11 @@ def test_validation_set_rules():
 
 def test_request_rules():
     with pytest.raises(ValidationError, match="n_select == 11, must be <= n_ground"):
-        RoundRequest(round_id=0, model_step=0, ground="batch", n_ground=10, n_select=11, n_chunks=0, seed=0)
+        RoundRequest(round_id=0, model_step=0, ground="batch", n_ground=10, n_select=11, n_chunks=0, seed=0,
+                     strategy="random")
     with pytest.raises(ValidationError, match="sizes has shape"):
         RoundRequest(round_id=0, model_step=0, ground="batch", n_ground=3, n_select=1, n_chunks=0, seed=0,
-                     sizes=[1, 2])
+                     strategy="random", sizes=[1, 2])
 
 
 def test_config_is_strict_and_frozen():

@@ -65,7 +65,8 @@ def test_round_trip_adopts_every_round(ray_address):
 
 
 def test_trainer_keeps_stepping_while_a_slow_selector_works(ray_address):
-    # epochs take ~10 ms here: 150 epochs after the trigger leave ample time for a 0.5 s selection
+    # the round starts at epoch 149 and is due at 150; epochs take ~10 ms here, so a 0.5 s selection
+    # is late by many epochs (the test needs an epoch shorter than 0.5 s) and the run has 150 epochs left
     config = make_config({"strategy": "gradmatch-pb", "delay_s": 0.5}, epochs=300, select_every=150)
     result = run(config)
     first = rounds_of(result)[0]
@@ -123,3 +124,25 @@ def test_selector_killed_mid_round_does_not_stop_the_run(ray_address):
     assert rounds[0]["status"] == "failed" and "restarted" in rounds[0]["reason"]
     assert rounds[-1]["status"] == "adopted"  # asked of the restarted selector
     assert len(result["progress"]["epochs"]) == 12 and result["summary"]["acc"] > 0
+
+
+def test_rounds_overtaken_by_a_slow_selector_are_skipped(ray_address):
+    # a round every epoch, each taking ~0.3 s while an epoch takes a few ms: most boundaries pass while
+    # a round is out; those rounds are skipped instead of being run late one per epoch
+    config = make_config({"strategy": "random", "delay_s": 0.3}, epochs=400, select_every=1)
+    rounds = rounds_of(run(config))
+    statuses = [r["status"] for r in rounds]
+    assert statuses.count("skipped") > statuses.count("adopted") >= 1
+    started = [r for r in rounds if r["status"] != "skipped"]
+    assert all(b["trigger_epoch"] > a["trigger_epoch"] for a, b in zip(started, started[1:]))
+    assert len(rounds) == 399  # every slot is accounted for: rounds due at epochs 1..399
+
+
+def test_a_round_that_never_returns_times_out_and_restarts_the_selector(ray_address):
+    config = make_config({"strategy": "random", "delay_s": 30.0}, epochs=9, select_every=3, on_late="wait",
+                         round_timeout_s=1.0)
+    result = run(config)
+    rounds = rounds_of(result)
+    assert [r["status"] for r in rounds] == ["timeout", "timeout"]
+    assert all("selector restarted" in r["reason"] and 0.9 < r["stall_s"] < 10 for r in rounds)
+    assert len(result["progress"]["epochs"]) == 9

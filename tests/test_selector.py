@@ -14,9 +14,9 @@ RNG = np.random.default_rng(0)
 ROWS = (RNG.normal(size=(30, 12)) + 0.3).astype(np.float32)
 
 
-def request(round_id=0, n_chunks=3, n_select=4):
+def request(round_id=0, n_chunks=3, n_select=4, strategy="gradmatch-pb"):
     return RoundRequest(round_id=round_id, model_step=7, ground="batch", n_ground=30, n_select=n_select,
-                        n_chunks=n_chunks, seed=1).model_dump()
+                        n_chunks=n_chunks, seed=1, strategy=strategy).model_dump()
 
 
 def chunk(round_id, index, ids):
@@ -55,7 +55,7 @@ def test_plan_declares_needs():
 
 def test_status_answers_while_a_slow_round_runs():
     service = SelectorService({"strategy": "random", "delay_s": 1.0})
-    service.start_round(request(n_chunks=0))
+    service.start_round(request(n_chunks=0, strategy="random"))
     time.sleep(0.1)
     start = time.perf_counter()
     assert service.status()["running"] == [0]
@@ -106,15 +106,15 @@ def test_chunks_must_cover_the_ground_set():
 )
 def test_injected_faults_fail_the_receivers_validation(fault, match):
     service = SelectorService({"strategy": "random", "fault": fault})
-    service.start_round(request(n_chunks=0))
+    service.start_round(request(n_chunks=0, strategy="random"))
     answer = service.result(0, timeout_s=10)
     with pytest.raises(ValidationError, match=match):
-        SubsetMessage.model_validate(answer, context={"request": RoundRequest(**request(n_chunks=0))})
+        SubsetMessage.model_validate(answer, context={"request": RoundRequest(**request(n_chunks=0, strategy="random"))})
 
 
 def test_a_crashing_strategy_fails_the_round_not_the_service():
     service = SelectorService({"strategy": "random", "fault": "crash"})
-    service.start_round(request(n_chunks=0))
+    service.start_round(request(n_chunks=0, strategy="random"))
     with pytest.raises(RoundFailed, match="injected fault"):
         service.result(0, timeout_s=10)
     assert service.status()["stopped"] is False
@@ -123,6 +123,16 @@ def test_a_crashing_strategy_fails_the_round_not_the_service():
 def test_bad_config_names_the_field():
     with pytest.raises(ValidationError, match="delay_s"):
         SelectorService({"strategy": "random", "delay_s": -1})
+
+
+def test_superseded_rounds_leave_no_state_behind():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request(round_id=0))
+    service.start_round(request(round_id=1))
+    send_chunks(service, 0)  # late chunks of the superseded round are dropped
+    send_chunks(service, 1)
+    service.result(1, timeout_s=30)
+    assert service._rounds == {}
 
 
 def test_a_round_never_asked_of_this_selector_fails_fast():
@@ -135,13 +145,16 @@ def test_a_round_never_asked_of_this_selector_fails_fast():
 
 def test_reconfigure_takes_effect_from_the_next_round():
     service = SelectorService({"strategy": "random", "delay_s": 0.5})
-    service.start_round(request(round_id=0, n_chunks=0))
+    service.start_round(request(round_id=0, n_chunks=0, strategy="random"))
     plan = service.reconfigure({"strategy": "gradmatch-pb"})
     assert plan["strategy"] == "gradmatch-pb" and plan["summaries"] == "batch"
     assert service.result(0, timeout_s=10)["strategy"] == "random"  # asked before the change
     service.start_round(request(round_id=1))
     send_chunks(service, 1)
     assert service.result(1, timeout_s=30)["strategy"] == "gradmatch-pb"
+    service.start_round(request(round_id=2, n_chunks=0, strategy="random"))  # the trainer's view is stale
+    with pytest.raises(RoundFailed, match="asked of strategy 'random', but this selector runs 'gradmatch-pb'"):
+        service.result(2, timeout_s=10)
     with pytest.raises(ValidationError, match="lam"):
         service.reconfigure({"strategy": "gradmatch-pb", "lam": -1})
     assert service.status()["strategy"] == "gradmatch-pb"

@@ -26,8 +26,6 @@ def test_weighted_loss_keeps_mean_step_size_and_relative_weights():
     loss = weighted_loss(logits, labels, weights, mean_w)
     losses = F.cross_entropy(logits, labels, reduction="none")
     torch.testing.assert_close(loss, (losses * weights).sum() / (4 * mean_w))
-    # normalised weights average to one over the subset: the mean step equals unweighted training
-    assert float((weights / mean_w).mean()) == pytest.approx(1.0)
     # scaling every weight changes nothing
     torch.testing.assert_close(weighted_loss(logits, labels, 5 * weights, 5 * mean_w), loss)
 

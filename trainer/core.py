@@ -95,7 +95,10 @@ class Trainer:
         # a change at epoch E governs the subsets adopted from boundary E on, so it reaches the selector
         # ``lead`` epochs earlier, before the round due at E starts
         lead = config.schedule.lead
-        self.changes = {max(0, c.epoch - lead): c for c in config.strategy_schedule if c.epoch > 0}
+        self.changes: dict[int, list] = {}
+        for change in config.strategy_schedule:
+            if change.epoch > 0:
+                self.changes.setdefault(max(0, change.epoch - lead), []).append(change)
         self.applied_changes: list[dict] = []
         self.resend_config = None  # a scheduled config to give a restarted selector again
         self.selector_failed = False
@@ -181,6 +184,13 @@ class Trainer:
         wall_s = time.perf_counter() - start - self.eval_s
         return self._result(wall_s, meter.stop())
 
+    def _energy_j(self, total) -> float | None:
+        """Joules of the measured phases (training, summaries, stall): evaluation excluded, as in wall_s."""
+        phases = [reading.energy_j for reading in self.meter.phases().values()]
+        if phases and all(j is not None for j in phases):
+            return float(sum(phases))
+        return total.energy_j
+
     def _maybe_validate(self, epoch: int, last: bool = False) -> float | None:
         last = last or epoch == self.epoch_plan.total - 1
         if not last and (epoch + 1) % self.config.train.eval_every:
@@ -191,10 +201,11 @@ class Trainer:
         return acc
 
     def _apply_change(self, epoch: int) -> None:
-        """A scheduled strategy change: reconfigure the selector; rounds asked from now on use it."""
-        change = self.changes.get(epoch)
-        if change is None:
-            return
+        """Scheduled strategy changes: reconfigure the selector; rounds asked from now on use it."""
+        for change in self.changes.get(epoch, []):
+            self._reconfigure(change, epoch)
+
+    def _reconfigure(self, change, epoch: int) -> None:
         selector, record = change.selector, {"epoch": change.epoch, "applied_epoch": epoch,
                                              "strategy": change.selector.strategy}
         try:
@@ -214,11 +225,25 @@ class Trainer:
             self._try_adopt(epoch, wait=self._must_wait())
         elif self.pending is not None:
             self._check_timeout()
+        if self.pending is None:
+            self._skip_overdue(epoch)
         if self.pending is None and self.next_slot < len(self.slots) and epoch >= self.slots[self.next_slot].trigger:
             self._trigger(self.slots[self.next_slot], epoch)
             self.next_slot += 1
             if epoch >= self.pending.slot.due:
                 self._try_adopt(epoch, wait=self._must_wait())
+
+    def _skip_overdue(self, epoch: int) -> None:
+        """Rounds whose boundary passed while an earlier round was still out are not started late:
+        selection keeps its every-R rhythm instead of running at every epoch to catch up."""
+        while self.next_slot < len(self.slots) and self.slots[self.next_slot].due < epoch:
+            slot = self.slots[self.next_slot]
+            self.next_slot += 1
+            record = RoundRecord(round=slot.round, strategy=self.plan.strategy, model_step=self.steps,
+                                 trigger_epoch=epoch, due_epoch=slot.due, status="skipped",
+                                 reason="its boundary passed while an earlier round was still out")
+            with self._lock:
+                self._progress.rounds.append(record.model_dump())
 
     def _must_wait(self) -> bool:
         return self.config.schedule.lead == 0 or self.config.schedule.on_late == "wait"
@@ -233,7 +258,8 @@ class Trainer:
         n_chunks = math.ceil(ground.n_ground / chunk_rows) if plan.summaries != "none" else 0
         request = RoundRequest(
             round_id=slot.round, model_step=self.steps, ground=plan.ground, n_ground=ground.n_ground,
-            n_select=ground.n_select, n_chunks=n_chunks, seed=self.config.seed, sizes=ground.sizes,
+            n_select=ground.n_select, n_chunks=n_chunks, seed=self.config.seed, strategy=plan.strategy,
+            sizes=ground.sizes,
             lr=self.optimizer.param_groups[0]["lr"], with_validation=plan.needs_validation,
         )
         self.selector.start_round.remote(request.model_dump())
@@ -317,13 +343,19 @@ class Trainer:
     def _check_timeout(self) -> None:
         pending = self.pending
         if time.perf_counter() - pending.started >= self.config.schedule.round_timeout_s:
-            self.pending = None  # the selector gives up on it by itself (its result() timeout)
-            self._record_round(pending, "timeout", reason=f"no answer within {self.config.schedule.round_timeout_s} s")
+            self.pending = None
+            # a selector that does not answer is hung: restart it so the next round has a fresh one
+            ray.kill(self.selector, no_restart=False)
+            self.selector_failed = True
+            self._record_round(pending, "timeout", reason=f"no answer within {self.config.schedule.round_timeout_s} s; "
+                                                          "selector restarted")
 
     def _finish_pending(self) -> None:
+        """At the end: the round still out is unused, rounds never started are skipped."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self._record_round(pending, "unused", reason="training ended before the subset was adopted")
+        self._skip_overdue(self.epoch_plan.total)
 
     # records -----------------------------------------------------------------------------------
     def _record_round(self, pending: PendingRound, status: str, **fields) -> None:
@@ -374,7 +406,7 @@ class Trainer:
             rounds=adopted, rounds_rejected=sum(r["status"] in ("rejected", "failed", "timeout") for r in rounds),
             grad_error=float(np.mean(errors)) if errors else None,
             redundant=(1.0 - float(self.ever_selected.float().mean())) if adopted else None,
-            steps=self.steps, energy_j=energy.energy_j, energy_note=energy.note, ray_address="",
+            steps=self.steps, energy_j=self._energy_j(energy), energy_note=energy.note, ray_address="",
             energy_phases={name: reading.energy_j for name, reading in self.meter.phases().items()},
             device=str(self.device), time_budget_s=self.plan.time_budget_s, imbalance=self.splits.imbalance,
             strategy_changes=self.applied_changes, n_train=self.n_train,

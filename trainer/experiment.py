@@ -198,6 +198,15 @@ def load_grid(args) -> Grid:
         raise SystemExit(_error(f"{where}: {error['msg'].removeprefix('Value error, ')}")) from None
 
 
+def _check_fits(cpus: float, gpus: float) -> None:
+    """A trial must fit on one node, or its placement group would wait forever."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        biggest = max(((n.get("CPU", 0), n.get("GPU", 0)) for n in nodes), default=(0, 0))
+        raise SystemExit(_error(f"--trial-cpus {cpus:g} / --trial-gpus {gpus:g}: no node has that much "
+                                f"(largest: {biggest[0]:g} CPUs, {biggest[1]:g} GPUs)"))
+
+
 def _error(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -214,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPUs each trial reserves (default: all CPUs of the machine when local, else 1)")
     parser.add_argument("--trial-gpus", type=float, default=None,
                         help="GPUs each trial reserves (default: 1 when the cluster has GPUs, else 0)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite results.csv, report.md and the plots from the finished trials; run nothing")
     return parser
 
 
@@ -223,11 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path("experiments") / grid.name)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(grid.model_dump_json(indent=2))
+    command = " ".join(["python -m trainer.experiment", *(argv if argv is not None else sys.argv[1:])])
+    if args.report_only:
+        from trainer.report import write_report
+
+        experiment = Experiment(grid, out, 1.0, 0.0)
+        missing = {t.key: "not run yet" for t in experiment.trials if not experiment.done(t)}
+        print(f"report: {write_report(experiment, missing, command=command, elapsed_s=0.0)}")
+        return 0
     started = connect_ray()
     try:
         resources = ray.cluster_resources()
         gpus = args.trial_gpus if args.trial_gpus is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
         cpus = args.trial_cpus if args.trial_cpus is not None else (resources.get("CPU", 1) if started else 1.0)
+        _check_fits(cpus, gpus)
         experiment = Experiment(grid, out, cpus, gpus)
         start = time.perf_counter()
         failed = experiment.run()
@@ -237,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     from trainer.report import write_report
 
-    write_report(experiment, failed, command=" ".join(["python -m trainer.experiment", *(argv or sys.argv[1:])]),
-                 elapsed_s=elapsed)
+    write_report(experiment, failed, command=command, elapsed_s=elapsed)
     print(f"{len(experiment.trials) - len(failed)} of {len(experiment.trials)} trials done in {elapsed:.0f} s; "
           f"report: {out / 'report.md'}")
     return 1 if failed else 0

@@ -21,18 +21,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
+from protocol.config import PAPER_NAMES  # noqa: E402
+
 COLUMNS = [
     "trial", "strategy", "label", "budget", "kappa", "R", "seed", "acc", "wall_s", "speedup", "acc_drop",
     "rel_error", "energy_j", "energy_ratio", "overhead", "stall_s", "selector_busy_s", "overlap", "grad_error",
-    "redundant", "epochs_run",
+    "redundant", "epochs_run", "energy_training_j", "energy_summaries_j", "energy_stall_j",
 ]
+DERIVED = ("speedup", "acc_drop", "rel_error", "energy_ratio", "overhead")
 
 
 def label(strategy: str, kappa: float) -> str:
     """The paper's row name: GRAD-MATCH-PB, GRAD-MATCH-PB-WARM, ..."""
-    from service.strategies import STRATEGIES
-
-    name = STRATEGIES[strategy].paper_name
+    name = PAPER_NAMES[strategy]
     return f"{name}-WARM" if kappa > 0 and strategy not in ("full", "full-earlystop") else name
 
 
@@ -47,9 +48,9 @@ def results_table(experiment, failed: dict) -> pd.DataFrame:
                      "budget": trial.budget, "kappa": trial.kappa, "R": trial.select_every, "seed": trial.seed,
                      "acc": s["acc"], "wall_s": s["wall_s"], "energy_j": s["energy_j"], "stall_s": s["stall_s"],
                      "selector_busy_s": s["selector_busy_s"], "overlap": s["overlap"], "grad_error": s["grad_error"],
-                     "redundant": s["redundant"], "epochs_run": s["epochs_run"]})
-    frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in (
-        "speedup", "acc_drop", "rel_error", "energy_ratio", "overhead")])
+                     "redundant": s["redundant"], "epochs_run": s["epochs_run"],
+                     **{f"energy_{phase}_j": s["energy_phases"].get(phase) for phase in ("training", "summaries", "stall")}})
+    frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in DERIVED])
     return _derive(frame)[COLUMNS]
 
 
@@ -106,9 +107,10 @@ def accuracy_time_table(frame: pd.DataFrame) -> str:
     return markdown_table(header, rows)
 
 
-def mean_std_table(frame: pd.DataFrame, column: str, digits: int = 2, with_full: bool = True) -> str:
-    """Mean ± std over seeds of ``column`` per strategy and budget (rows without values left out)."""
-    frame = frame[frame[column].notna()] if not with_full else frame
+def mean_std_table(frame: pd.DataFrame, column: str, digits: int = 2, drop_missing: bool = False) -> str:
+    """Mean ± std over seeds of ``column`` per strategy and budget (``drop_missing``: rows without a value
+    left out, e.g. FULL for the gradient error)."""
+    frame = frame[frame[column].notna()] if drop_missing else frame
     budgets = sorted(frame[frame.strategy != "full"].budget.unique())
     stats = frame.groupby(["label", "budget"])[column].agg(["mean", "std"])
     full = frame[frame.strategy == "full"][column]
@@ -149,12 +151,21 @@ def _wilcoxon_p(paired: pd.DataFrame, a: str, b: str) -> str:
 
 # --- plots --------------------------------------------------------------------------------------
 
+_BASES = list(PAPER_NAMES.values())
+
+
+def _style(lab: str) -> dict:
+    """One colour per strategy (FULL black), dashed lines for the warm-start variants."""
+    base = lab.removesuffix("-WARM")
+    color = "black" if base == "FULL" else plt.get_cmap("tab10")(_BASES.index(base) % 10)
+    return {"color": color, "linestyle": "--" if lab.endswith("-WARM") else "-"}
+
 def _scatter(frame: pd.DataFrame, y: str, path: Path, ylabel: str, title: str) -> None:
     points = frame[(frame.strategy != "full")].groupby(["label", "budget"])[["rel_error", y]].mean().reset_index()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for lab, part in points.groupby("label"):
         part = part.sort_values("budget")
-        ax.plot(part.rel_error.clip(lower=1e-2), part[y], marker="o", label=lab)
+        ax.plot(part.rel_error.clip(lower=1e-2), part[y], marker="o", label=lab, **_style(lab))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("relative test error w.r.t. FULL (%, log; clipped at 0.01)")
@@ -176,7 +187,7 @@ def accuracy_over_time(experiment, frame: pd.DataFrame, path: Path) -> None:
                   (experiment.out / "trials" / row.trial / "epochs.jsonl").read_text().splitlines()]
         points = [(e["wall_s"], e["val_acc"]) for e in epochs if e["val_acc"] is not None]
         if points:
-            ax.plot(*zip(*points), marker=".", label=row.label)
+            ax.plot(*zip(*points), marker=".", label=row.label, **_style(row.label))
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"accuracy over time, budget {budget:g}, seed {seed}")
@@ -192,7 +203,9 @@ def ablation(frame: pd.DataFrame, column: str, path: Path, xlabel: str) -> None:
     part = selecting.groupby(["strategy", "budget", column]).acc.mean().reset_index()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for (strategy, budget), group in part.groupby(["strategy", "budget"]):
-        ax.plot(group[column], group.acc, marker="o", label=f"{strategy} {budget:g}")
+        style = _style(PAPER_NAMES[strategy])
+        ax.plot(group[column], group.acc, marker="o", label=f"{PAPER_NAMES[strategy]} {budget:g}",
+                color=style["color"], alpha=0.4 + 0.6 * budget / part.budget.max())
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7)
@@ -248,7 +261,7 @@ def _report_text(experiment, frame, failed, command, elapsed_s, figures) -> str:
         "Best accuracy per budget in bold (FULL aside).",
         accuracy_time_table(frame),
         "## Energy (J) (paper Table 5)",
-        mean_std_table(frame, "energy_j", 1) if frame.energy_j.notna().any() else f"Not measured: {energy_note}",
+        _energy_section(frame) if frame.energy_j.notna().any() else f"Not measured: {energy_note}",
         "## Test accuracy, mean ± std over seeds (paper Table 7)",
         mean_std_table(frame, "acc"),
         "## One-tailed Wilcoxon signed-rank p-values (paper Table 6)",
@@ -256,22 +269,30 @@ def _report_text(experiment, frame, failed, command, elapsed_s, figures) -> str:
         "were better; paired over (budget, seed); n/a with fewer than two pairs or no differences.",
         wilcoxon_table(frame),
         "## Gradient matching error ||sum w g - target|| / ||target|| (paper Table 8)",
-        mean_std_table(frame, "grad_error", 3, with_full=False)
+        mean_std_table(frame, "grad_error", 3, drop_missing=True)
         if frame.grad_error.notna().any() else "No strategy of this grid matches gradients.",
         "## Share of training examples never selected (paper Table 9)",
-        mean_std_table(frame, "redundant", 3, with_full=False)
+        mean_std_table(frame, "redundant", 3, drop_missing=True)
         if frame.redundant.notna().any() else "No strategy of this grid selects.",
         "## What selection cost (overhead = wall_s / wall_s(RANDOM))",
-        mean_std_table(frame, "overhead", 3, with_full=False) if frame.overhead.notna().any()
+        mean_std_table(frame, "overhead", 3, drop_missing=True) if frame.overhead.notna().any()
         else "No RANDOM trials to compare with.",
         "## Time the trainer waited on the selector (stall_s)",
-        mean_std_table(frame[frame.strategy != "full"], "stall_s", 3, with_full=False),
+        mean_std_table(frame[frame.strategy != "full"], "stall_s", 3, drop_missing=True),
         "## Figures",
         *[f"![{name}]({name})" for name in figures],
     ]
     if failed:
         parts += ["## Failed trials", markdown_table(["trial", "error"], [[k, v] for k, v in failed.items()])]
     return "\n\n".join(parts) + "\n"
+
+
+def _energy_section(frame: pd.DataFrame) -> str:
+    """Total energy per strategy and budget, then the trainer's phases (selection runs concurrently)."""
+    parts = [mean_std_table(frame, "energy_j", 1)]
+    for phase in ("training", "summaries", "stall"):
+        parts += [f"Phase `{phase}`:", mean_std_table(frame, f"energy_{phase}_j", 1, drop_missing=True)]
+    return "\n\n".join(parts)
 
 
 def _energy_note(experiment, frame) -> str:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
 from tqdm import tqdm
 
 from protocol.config import RunConfig
@@ -40,17 +41,17 @@ def actor_options(config: RunConfig) -> dict:
     """Both actors on one GPU (halves of one placement-group bundle) when there is one, else CPU only.
 
     No actor holds a CPU for life (``num_cpus=0``): on a 2-core machine a held core would starve the other.
+    The placement group, if any, is under the key ``"placement_group"`` of the returned options.
     """
     gpus = ray.cluster_resources().get("GPU", 0)
     if config.train.device == "cpu" or gpus < 1:
         return {"num_cpus": 0, "num_gpus": 0}
-    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     group = placement_group([{"GPU": 1}], strategy="STRICT_PACK")
     ray.get(group.ready(), timeout=120)
     strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0)
-    return {"num_cpus": 0, "num_gpus": 0.5, "scheduling_strategy": strategy}
+    return {"num_cpus": 0, "num_gpus": 0.5, "scheduling_strategy": strategy, "placement_group": group}
 
 
 def run_dir(config: RunConfig) -> Path:
@@ -61,11 +62,10 @@ def run_dir(config: RunConfig) -> Path:
     return path
 
 
-def start_actors(config: RunConfig, options: dict | None = None):
+def start_actors(config: RunConfig, options: dict):
     from service.actor import SelectorActor
     from trainer.actor import TrainerActor
 
-    options = actor_options(config) if options is None else options
     selector = SelectorActor.options(**options).remote(config.selector.model_dump())
     trainer = TrainerActor.options(**options).remote(config.model_dump(), selector)
     return selector, trainer
@@ -74,6 +74,8 @@ def start_actors(config: RunConfig, options: dict | None = None):
 def execute(config: RunConfig, out: Path, show_progress: bool = True, options: dict | None = None) -> dict:
     """Run one job on the connected Ray: write ``out`` (config, records, summary); return the summary."""
     (out / "config.json").write_text(config.model_dump_json(indent=2))
+    options = dict(actor_options(config) if options is None else options)
+    group = options.pop("placement_group", None)
     actors = []
     try:
         actors = start_actors(config, options)
@@ -81,6 +83,8 @@ def execute(config: RunConfig, out: Path, show_progress: bool = True, options: d
     finally:
         for actor in actors:
             ray.kill(actor)
+        if group is not None:
+            remove_placement_group(group)
     summary = dict(result["summary"], ray_address=ray.get_runtime_context().gcs_address)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

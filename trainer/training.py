@@ -5,7 +5,6 @@ All plain functions on tensors; the trainer actor only schedules them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -105,10 +104,6 @@ def subset_from_examples(ids, weights, n_train: int, round_id: int | None) -> Su
 
 def full_subset(n_train: int) -> Subset:
     return Subset([torch.arange(n_train)], torch.ones(n_train), fixed=False)
-
-
-def steps_per_epoch(subset_examples: int, n_batches: int | None, batch_size: int) -> int:
-    return n_batches if n_batches is not None else math.ceil(subset_examples / batch_size)
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float, total_steps: int):
