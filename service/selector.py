@@ -20,6 +20,7 @@ from service.strategies import STRATEGIES, GroundSet, Selection
 
 log = logging.getLogger(__name__)
 REQUEST_GRACE_S = 10.0  # a round's request arrives right after the trainer asks for its result
+CHUNK_GRACE_S = 30.0  # the trainer streams a round's chunks back to back; a longer silence means some were lost
 _CONFIG = TypeAdapter(SelectorConfig)
 
 
@@ -34,6 +35,7 @@ class _Round:
     validation: ValidationSet | None = None
     config: object = None  # the strategy config in force when the round was asked
     strategy: object = None
+    last_input: float = field(default_factory=time.monotonic)  # when a request or chunk last arrived
     started: bool = False
     answer: dict | None = None
     error: str | None = None
@@ -106,6 +108,7 @@ class SelectorService:
                     del self._rounds[round_id]
             state = self._rounds.setdefault(request.round_id, _Round())
             state.request = request
+            state.last_input = time.monotonic()
             state.config, state.strategy = self.config, self._strategy
             self._latest = max(self._latest, request.round_id)
             if request.strategy != self.config.strategy:
@@ -125,6 +128,7 @@ class SelectorService:
                 self._fail(state, f"chunk_index == {chunk.chunk_index}, must be < {state.request.n_chunks}")
                 return
             state.chunks[chunk.chunk_index] = chunk
+            state.last_input = time.monotonic()
             self._maybe_start(chunk.round_id, state)
 
     def add_validation(self, validation) -> None:
@@ -137,21 +141,22 @@ class SelectorService:
             state.validation = validation
             self._maybe_start(validation.round_id, state)
 
-    def result(self, round_id: int, timeout_s: float, request_grace_s: float = REQUEST_GRACE_S) -> dict:
+    def result(self, round_id: int, timeout_s: float, request_grace_s: float = REQUEST_GRACE_S,
+               chunk_grace_s: float = CHUNK_GRACE_S) -> dict:
         """Block until round ``round_id`` is answered; return the ``SubsetMessage`` as a dict.
 
         A round whose request does not arrive within ``request_grace_s`` is unknown here (its request
-        went to an earlier incarnation of a restarted selector) and fails at once instead of waiting.
+        went to an earlier incarnation of a restarted selector), and one whose chunks stop coming for
+        ``chunk_grace_s`` before they are complete lost some to such a restart: both fail at once
+        instead of waiting for ``timeout_s``.
         """
-        deadline = time.monotonic() + timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
         with self._lock:
             state = self._rounds.setdefault(round_id, _Round())
         try:
-            grace = min(request_grace_s, timeout_s)
-            if not state.done.wait(grace) and state.request is None:
-                raise RoundFailed(f"round {round_id} is unknown to this selector (restarted since it was asked)")
-            if not state.done.wait(max(0.0, deadline - time.monotonic())):
-                raise RoundFailed(f"round {round_id} not answered within {timeout_s} s")
+            while not state.done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+                self._check_progress(round_id, state, start, deadline, request_grace_s, chunk_grace_s)
             if state.error is not None:
                 raise RoundFailed(f"round {round_id}: {state.error}")
             return state.answer
@@ -161,6 +166,19 @@ class SelectorService:
                     del self._rounds[round_id]
 
     # internals ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_progress(round_id, state: _Round, start, deadline, request_grace_s, chunk_grace_s) -> None:
+        now = time.monotonic()
+        if now >= deadline:
+            raise RoundFailed(f"round {round_id} not answered within {deadline - start:g} s")
+        if state.request is None and now - start > request_grace_s:
+            raise RoundFailed(f"round {round_id} is unknown to this selector (restarted since it was asked)")
+        if state.request is not None and not state.started and now - state.last_input > chunk_grace_s:
+            raise RoundFailed(
+                f"round {round_id}: {len(state.chunks)} of {state.request.n_chunks} chunks arrived, then "
+                f"none for {chunk_grace_s} s (lost to a selector restart?)"
+            )
+
     def _fail(self, state: _Round, reason: str) -> None:
         if not state.done.is_set():
             state.error = reason

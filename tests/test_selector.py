@@ -89,6 +89,16 @@ def test_result_times_out_when_chunks_never_come():
         service.result(0, timeout_s=0.2)
 
 
+def test_a_round_whose_chunks_stop_coming_fails_fast():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request())
+    send_chunks(service, 0, order=(0, 2))
+    start = time.perf_counter()
+    with pytest.raises(RoundFailed, match="2 of 3 chunks arrived, then none for 0.3 s"):
+        service.result(0, timeout_s=60, chunk_grace_s=0.3)
+    assert time.perf_counter() - start < 5
+
+
 def test_chunks_must_cover_the_ground_set():
     service = SelectorService({"strategy": "gradmatch-pb"})
     service.start_round(request(n_chunks=2))
