@@ -35,6 +35,7 @@ from trainer.training import (
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60.0  # cheap selector calls (plan, reconfigure)
+RESULT_MARGIN_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,9 @@ class Trainer:
         self.selector.start_round.remote(request.model_dump())
         with self.meter.phase("summaries"):
             self._stream(slot.round, plan, ground, chunk_rows)
-        result = self.selector.result.remote(slot.round, self.config.schedule.round_timeout_s)
+        # the selector gives up a little after the trainer does, so the trainer's timeout (which restarts a
+        # hung selector) is the one that fires
+        result = self.selector.result.remote(slot.round, self.config.schedule.round_timeout_s + RESULT_MARGIN_S)
         summary_s = time.perf_counter() - start
         self.summary_s += summary_s
         self.pending = PendingRound(slot, plan.strategy, ground, request, result, epoch, time.perf_counter(), summary_s)
