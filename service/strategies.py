@@ -193,23 +193,20 @@ def select_gradmatch_pb(config: GradMatchPBSelector, request: RoundRequest, grou
     return Selection(indices, weights, error, n_padded, "val" if config.valid else "train")
 
 
-def class_targets(ground: GroundSet, classes: np.ndarray, valid: bool) -> dict[int, np.ndarray]:
-    """Per-class targets in the per-gradient space (1 + D): the class's training gradient sum, or its
-    validation gradient scaled to the class's size (the training one where validation lacks the class)."""
-    targets = {}
-    for c in classes:
-        members = ground.labels == c
-        rows = class_rows(ground.errors[members], ground.features[members], c)
-        target = rows.astype(np.float64).sum(axis=0)
-        if valid:
-            val = ground.validation
-            in_val = val.labels == c
-            if in_val.any():
-                val_rows = class_rows(softmax_errors(val.logits[in_val], val.labels[in_val]),
-                                      val.features[in_val], c)
-                target = members.sum() * val_rows.astype(np.float64).mean(axis=0)
-        targets[int(c)] = target
-    return targets
+def class_target(rows: np.ndarray, c: int, validation: ValidationSet | None) -> np.ndarray:
+    """Class ``c``'s target in the per-gradient space (1 + D).
+
+    rows : (n_c, 1 + D) the class's own-column gradients (``class_rows``). Without ``validation``: their
+    sum (the class's training gradient). With it: the class's mean validation gradient scaled to n_c, or
+    the training one where the validation set lacks the class.
+    """
+    if validation is not None:
+        in_val = validation.labels == c
+        if in_val.any():
+            errors = softmax_errors(validation.logits[in_val], validation.labels[in_val])
+            val_rows = class_rows(errors, validation.features[in_val], c)
+            return len(rows) * val_rows.astype(np.float64).mean(axis=0)
+    return rows.astype(np.float64).sum(axis=0)
 
 
 def select_gradmatch(config: GradMatchSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
@@ -219,13 +216,12 @@ def select_gradmatch(config: GradMatchSelector, request: RoundRequest, ground: G
         _require(ground, "validation", config.strategy)
     classes, counts = np.unique(ground.labels, return_counts=True)
     budgets = class_budgets(counts, request.n_select)
-    targets = class_targets(ground, classes, config.valid)
     rng = round_rng(request.seed, request.round_id)
     picked, weights, n_padded, residual_sq, target_sq = [], [], 0, 0.0, 0.0
     for c, k_c in zip(classes, budgets):
         members = np.flatnonzero(ground.labels == c)
         rows = class_rows(ground.errors[members], ground.features[members], int(c))
-        target = targets[int(c)]
+        target = class_target(rows, int(c), ground.validation if config.valid else None)
         target_sq += float(target @ target)
         if k_c == 0:
             residual_sq += float(target @ target)

@@ -83,7 +83,7 @@ from protocol.config import CraigPBSelector, CraigSelector, GlisterSelector, Gra
 from protocol.messages import ValidationSet  # noqa: E402
 from service.omp import choose_method  # noqa: E402
 from service.strategies import (  # noqa: E402
-    GRAM_MAX_BYTES, STRATEGIES, class_budgets, class_rows, class_targets, flat_gradient, select_craig,
+    GRAM_MAX_BYTES, STRATEGIES, class_budgets, class_rows, class_target, flat_gradient, select_craig,
     select_craig_pb, select_glister, select_gradmatch, softmax_errors, validation_target,
 )
 
@@ -127,21 +127,22 @@ def test_gradmatch_is_per_class_with_exact_budget():
 
 
 def test_gradmatch_recovers_a_planted_class_combination():
-    # class 0 examples: the class target (sum of own-column rows) is exactly 2*row[0] + 3*row[4]
+    # only two class-0 examples keep a non-zero own-column gradient, so the class target (the sum of
+    # the own-column rows) is exactly their sum: OMP must pick both with weight 1
     ground = example_ground(n=40, n_classes=2)
     errors = ground.errors.copy()
     members = np.flatnonzero(ground.labels == 0)
-    rows = class_rows(errors[members], ground.features[members], 0)
-    others = members[2:]  # zero the class-0 column of every other class-0 example but one pair
+    others = members[2:]
     errors[others, 0] = 0.0
     errors[members[0], 0], errors[members[1], 0] = -0.5, -0.25
     planted = GroundSet(labels=ground.labels, errors=errors, features=ground.features)
-    target = class_targets(planted, np.array([0]), valid=False)[0]
     rows = class_rows(errors[members], ground.features[members], 0)
+    target = class_target(rows, 0, None)
     np.testing.assert_allclose(target, rows[:2].astype(np.float64).sum(0), rtol=1e-6)
     selection = select_gradmatch(GradMatchSelector(lam=1e-8), request(40, 4, ground="example"), planted)
-    chosen = set(selection.indices.tolist())
-    assert {members[0], members[1]} <= chosen
+    weights = dict(zip(selection.indices.tolist(), selection.weights))
+    assert {members[0], members[1]} <= set(weights)
+    np.testing.assert_allclose([weights[members[0]], weights[members[1]]], [1.0, 1.0], atol=1e-4)
 
 
 def test_valid_matches_the_validation_gradient():
@@ -164,11 +165,12 @@ def test_valid_changes_what_gradmatch_matches():
     assert set(valid.indices.tolist()) != set(train.indices.tolist())
     assert set(valid.indices.tolist()) != set(valid_other.indices.tolist())
     # the per-class val target is the class's validation gradient scaled to the class size
-    targets = class_targets(ground, np.array([2]), valid=True)
+    in_train = ground.labels == 2
+    target = class_target(class_rows(ground.errors[in_train], ground.features[in_train], 2), 2, ground.validation)
     val = ground.validation
     in_class = val.labels == 2
     val_rows = class_rows(softmax_errors(val.logits[in_class], val.labels[in_class]), val.features[in_class], 2)
-    np.testing.assert_allclose(targets[2], 30 * val_rows.astype(np.float64).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(target, 30 * val_rows.astype(np.float64).mean(0), rtol=1e-6)
 
 
 def test_craig_is_per_class_and_weights_count_the_class():

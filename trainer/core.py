@@ -240,11 +240,10 @@ class Trainer:
         while self.next_slot < len(self.slots) and self.slots[self.next_slot].due < epoch:
             slot = self.slots[self.next_slot]
             self.next_slot += 1
-            record = RoundRecord(round=slot.round, strategy=self.plan.strategy, model_step=self.steps,
-                                 trigger_epoch=epoch, due_epoch=slot.due, status="skipped",
-                                 reason="its boundary passed while an earlier round was still out")
-            with self._lock:
-                self._progress.rounds.append(record.model_dump())
+            self._append_round(RoundRecord(
+                round=slot.round, strategy=self.plan.strategy, model_step=self.steps, trigger_epoch=epoch,
+                due_epoch=slot.due, status="skipped", reason="its boundary passed while an earlier round was still out",
+            ))
 
     def _must_wait(self) -> bool:
         return self.config.schedule.lead == 0 or self.config.schedule.on_late == "wait"
@@ -369,6 +368,9 @@ class Trainer:
             trigger_epoch=pending.trigger_epoch, due_epoch=pending.slot.due, status=status,
             stall_s=pending.stall_s, summary_s=pending.summary_s, **fields,
         )
+        self._append_round(record)
+
+    def _append_round(self, record: RoundRecord) -> None:
         with self._lock:
             self._progress.rounds.append(record.model_dump())
 
