@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 
 from protocol.config import RunConfig  # noqa: E402
-from trainer.run import connect_ray, execute  # noqa: E402
+from trainer.launch import connect_ray, execute  # noqa: E402
 
 MODES = {
     "full": {"selector": {"strategy": "full"}},

@@ -7,23 +7,28 @@ discriminated by ``strategy`` so that a bad strategy config names exactly the br
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Union
+import re
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DATASETS = ("mnist5k", "digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
 MODELS = ("lenet", "mlp", "resnet18")
-STRATEGIES = ("full", "random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister", "full-earlystop")
+FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")  # package.module:function
+MODEL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # a torchvision model name such as mobilenet_v3_small
 
 
 class Strict(BaseModel):
     """Base for every config and message: unknown fields are errors, instances are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(Strict):
-    dataset: Literal[DATASETS] = Field("mnist5k", description="data set to train on")
+    dataset: str = Field(
+        "mnist5k", description="data set: a built-in name, imagefolder:PATH, or package.module:function "
+        "returning (train, val, test) datasets"
+    )
     data_root: str | None = Field(
         None, description="folder holding torchvision data sets in torchvision's on-disk layout"
     )
@@ -44,10 +49,45 @@ class DataConfig(Strict):
     imbalance_drop: float = Field(
         0.0, ge=0, le=1, description="share of those classes' training examples removed (paper: 0.9)"
     )
+    image_size: int | None = Field(
+        None, ge=1, description="imagefolder only: resize every image to image_size x image_size pixels "
+        "(default: none, all images must share one size)"
+    )
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_known(cls, value: str) -> str:
+        if value in DATASETS or FACTORY.match(value):
+            return value
+        if value.startswith("imagefolder:") and value[len("imagefolder:"):].strip():
+            return value
+        raise ValueError(
+            f"dataset == {value!r}, must be one of {', '.join(DATASETS)}, imagefolder:PATH or package.module:function"
+        )
+
+    @model_validator(mode="after")
+    def _image_size_for_imagefolder(self) -> "DataConfig":
+        if self.image_size is not None and not self.dataset.startswith("imagefolder:"):
+            raise ValueError(
+                f"image_size == {self.image_size} applies to imagefolder:PATH data sets only, not to {self.dataset!r}"
+            )
+        return self
 
 
 class ModelConfig(Strict):
-    name: Literal[MODELS] = Field("lenet", description="network architecture")
+    name: str = Field(
+        "lenet", description="network: lenet, mlp, resnet18, any torchvision classification model name, or "
+        "package.module:function(in_shape, n_classes) returning an nn.Module"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_well_formed(cls, value: str) -> str:
+        if value in MODELS or MODEL_NAME.match(value) or FACTORY.match(value):
+            return value
+        raise ValueError(
+            f"name == {value!r}, must be one of {', '.join(MODELS)}, a torchvision model name or package.module:function"
+        )
 
 
 class TrainConfig(Strict):
@@ -59,6 +99,10 @@ class TrainConfig(Strict):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the trainer (default: all cores)")
     eval_every: int = Field(10, ge=1, description="epochs between validation evaluations")
+    lr_schedule: Literal["epoch", "step"] = Field(
+        "epoch", description="cosine annealing per epoch (the paper's) or per optimizer step"
+    )
+    checkpoint_every: int = Field(10, ge=1, description="epochs between checkpoints (and one at the end)")
 
     @field_validator("device")
     @classmethod
@@ -81,6 +125,10 @@ class ScheduleConfig(Strict):
         "continue", description="at a boundary whose subset is not ready: keep training or wait"
     )
     round_timeout_s: float = Field(600.0, gt=0, description="a round not answered by then is failed")
+    on_selector_loss: Literal["fail", "continue"] = Field(
+        "fail", description="when the selector is gone for good: end the run with an error, or keep training "
+        "on the current subset"
+    )
     chunk_examples: int = Field(
         1024, ge=1, description="examples per streamed gradient chunk (and per forward pass of a summary pass)"
     )
@@ -158,18 +206,32 @@ class GlisterSelector(SelectorBase):
     greedy_steps: int = Field(100, ge=1, description="gain re-evaluations per round (more: closer to pure greedy)")
 
 
-SelectorConfig = Annotated[
-    Union[
-        FullSelector, FullEarlyStopSelector, RandomSelector, GradMatchPBSelector, GradMatchSelector,
-        CraigSelector, CraigPBSelector, GlisterSelector,
-    ],
-    Field(discriminator="strategy"),
-]
-ROUND_STRATEGIES = ("random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister")
-PAPER_NAMES = {
-    "full": "FULL", "full-earlystop": "FULL-EARLYSTOP", "random": "RANDOM", "gradmatch": "GRAD-MATCH",
-    "gradmatch-pb": "GRAD-MATCH-PB", "craig": "CRAIG", "craig-pb": "CRAIG-PB", "glister": "GLISTER",
+# The one table of strategies: each selector class (whose ``strategy`` Literal is the strategy's name), its
+# name in the paper's tables, and whether it runs selection rounds. Every other list of names derives from it.
+SELECTOR_TABLE: dict[type[SelectorBase], tuple[str, bool]] = {
+    FullSelector: ("FULL", False),
+    FullEarlyStopSelector: ("FULL-EARLYSTOP", False),
+    RandomSelector: ("RANDOM", True),
+    GradMatchPBSelector: ("GRAD-MATCH-PB", True),
+    GradMatchSelector: ("GRAD-MATCH", True),
+    CraigSelector: ("CRAIG", True),
+    CraigPBSelector: ("CRAIG-PB", True),
+    GlisterSelector: ("GLISTER", True),
 }
+SelectorConfig = Annotated[Union[tuple(SELECTOR_TABLE)], Field(discriminator="strategy")]
+
+
+def strategy_name(selector: type[SelectorBase]) -> str:
+    """The ``strategy`` tag of a selector class: ``strategy_name(GradMatchSelector) == "gradmatch"``."""
+    (name,) = get_args(selector.model_fields["strategy"].annotation)
+    return name
+
+
+STRATEGIES = tuple(strategy_name(selector) for selector in SELECTOR_TABLE)
+ROUND_STRATEGIES = tuple(strategy_name(selector) for selector, (_, rounds) in SELECTOR_TABLE.items() if rounds)
+PAPER_NAMES = {strategy_name(selector): paper for selector, (paper, _) in SELECTOR_TABLE.items()}
+FULL, FULL_EARLYSTOP = strategy_name(FullSelector), strategy_name(FullEarlyStopSelector)
+PB_STRATEGIES = (strategy_name(GradMatchPBSelector), strategy_name(CraigPBSelector))  # ground set: mini-batches
 
 
 class StrategyChange(Strict):
@@ -189,7 +251,7 @@ class StrategyChange(Strict):
 
 
 class RunConfig(Strict):
-    seed: int = Field(0, ge=0, description="seed of splits, initial weights, subsets")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of splits, initial weights, subsets")
     out: str | None = Field(None, description="run directory (default: runs/<time>-<strategy>)")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()

@@ -7,7 +7,7 @@ import json
 
 from pydantic import Field, field_validator, model_validator
 
-from protocol.config import STRATEGIES, RunConfig, Strict
+from protocol.config import FULL_EARLYSTOP, ROUND_STRATEGIES, STRATEGIES, RunConfig, Strict
 
 
 class Grid(Strict):
@@ -35,9 +35,14 @@ class Grid(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Grid":
-        if "full-earlystop" in self.strategies and self.earlystop_match not in self.strategies:
+        if FULL_EARLYSTOP in self.strategies and self.earlystop_match not in self.strategies:
             raise ValueError(
                 f"earlystop_match == {self.earlystop_match!r}, must be one of the grid's strategies"
+            )
+        if FULL_EARLYSTOP in self.strategies and self.earlystop_match not in ROUND_STRATEGIES:
+            raise ValueError(
+                f"earlystop_match == {self.earlystop_match!r}, must be a strategy that selects "
+                f"({', '.join(ROUND_STRATEGIES)})"
             )
         for budget in self.budgets:
             if not 0 < budget <= 1:

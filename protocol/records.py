@@ -10,6 +10,7 @@ from protocol.config import Strict
 
 
 class EpochRecord(Strict):
+
     epoch: int
     phase: Literal["full", "subset"]
     steps: int = Field(description="optimizer steps taken so far")
@@ -43,6 +44,11 @@ class RoundRecord(Strict):
 
 
 class RunSummary(Strict):
+    status: Literal["completed", "interrupted", "failed"] = Field(
+        "completed", description="completed: every epoch trained; interrupted: stopped by a signal (resumable); "
+        "failed: stopped by an error (reason)"
+    )
+    reason: str | None = Field(None, description="why the run did not complete")
     strategy: str
     dataset: str
     model: str
@@ -60,8 +66,14 @@ class RunSummary(Strict):
     overlap: float | None = Field(description="1 - stall_s / selector_busy_s")
     rounds: int = Field(description="rounds adopted")
     rounds_rejected: int = Field(description="rounds rejected, failed or timed out")
-    grad_error: float | None = Field(None, description="mean gradient matching error over adopted rounds")
-    redundant: float | None = Field(None, description="share of training examples never selected")
+    rounds_skipped: int = Field(0, description="rounds not started because their boundary had passed")
+    late_adoptions: int = Field(0, description="adopted rounds adopted after their due epoch")
+    staleness: float | None = Field(None, description="mean epochs between snapshot and adoption, adopted rounds")
+    selector_lost: str | None = Field(None, description="why selection stopped for good, if it did")
+    grad_error: float | None = Field(None, description="mean gradient error (paper Table 8) over adopted rounds")
+    redundant: float | None = Field(
+        None, description="share of training examples never trained on in the whole run (paper Table 9)"
+    )
     steps: int
     energy_j: float | None
     energy_note: str

@@ -2,6 +2,10 @@
 
 ``SelectorService`` is a plain, thread-safe class; ``service.actor.SelectorActor`` is the Ray shell
 around it (a threaded actor, so cheap calls answer while a selection runs).
+
+The trainer sends requests, chunks and validation sets without waiting for an answer, so a message that
+fails validation here is not raised back to it: the rejection fails its round, and ``result`` raises
+``protocol.errors.RoundFailed`` with the reason at once.
 """
 
 from __future__ import annotations
@@ -10,22 +14,21 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
-from pydantic import TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError
 
 from protocol.config import SelectorConfig
+from protocol.errors import RoundFailed, one_line
 from protocol.messages import GradientChunk, RoundRequest, SubsetMessage, ValidationSet
-from service.strategies import STRATEGIES, GroundSet, Selection
+from service.strategies import GroundSet, Selection, implementation, subset_gradient_error
 
 log = logging.getLogger(__name__)
 REQUEST_GRACE_S = 10.0  # a round's request arrives right after the trainer asks for its result
 CHUNK_GRACE_S = 30.0  # the trainer streams a round's chunks back to back; a longer silence means some were lost
 _CONFIG = TypeAdapter(SelectorConfig)
-
-
-class RoundFailed(RuntimeError):
-    """A round could not be answered (superseded, stopped, timed out or the strategy failed)."""
+_ROUND_ID = TypeAdapter(Annotated[int, Field(ge=0)])
 
 
 @dataclass
@@ -56,13 +59,14 @@ class SelectorService:
     def __init__(self, config, device: str = "cpu"):
         self.config = _CONFIG.validate_python(config)
         self.device = device
-        self._strategy = STRATEGIES[self.config.strategy]
+        self._strategy = implementation(self.config)
         self._lock = threading.Lock()
         self._rounds: dict[int, _Round] = {}
         self._busy_s = 0.0
         self._answered = 0
         self._stopped = False
         self._latest = -1  # newest round asked; older rounds are superseded
+        self._unclaimed: str | None = None  # a rejection that came before any round it could belong to
 
     # cheap calls -------------------------------------------------------------------------------
     def plan(self) -> dict:
@@ -72,7 +76,7 @@ class SelectorService:
         """Swap the strategy for rounds asked from now on (open rounds keep theirs); returns the new plan."""
         config = _CONFIG.validate_python(config)
         with self._lock:
-            self.config, self._strategy = config, STRATEGIES[config.strategy]
+            self.config, self._strategy = config, implementation(config)
         log.info("reconfigured to %s", config.strategy)
         return self.plan()
 
@@ -96,12 +100,18 @@ class SelectorService:
                 self._fail(state, "selector stopped")
 
     # the round ---------------------------------------------------------------------------------
-    def start_round(self, request) -> None:
-        """Open a round; an older open round is superseded (its answer would be stale)."""
-        request = RoundRequest.model_validate(request)
+    def start_round(self, request) -> str | None:
+        """Open a round; an older open round is superseded (its answer would be stale).
+
+        Returns None, or the reason an invalid request was rejected (its round then fails with it).
+        """
+        try:
+            request = RoundRequest.model_validate(request)
+        except ValidationError as exc:
+            return self._reject(request, f"request rejected: {one_line(exc)}")
         with self._lock:
             if self._stopped:
-                raise RoundFailed("selector stopped")
+                raise RoundFailed(request.round_id, "selector stopped")
             for round_id, state in list(self._rounds.items()):
                 if round_id < request.round_id:
                     self._fail(state, f"superseded by round {request.round_id}")
@@ -111,15 +121,24 @@ class SelectorService:
             state.last_input = time.monotonic()
             state.config, state.strategy = self.config, self._strategy
             self._latest = max(self._latest, request.round_id)
+            if self._unclaimed is not None:
+                self._fail(state, self._unclaimed)
+                self._unclaimed = None
             if request.strategy != self.config.strategy:
                 self._fail(state, f"round asked of strategy {request.strategy!r}, but this selector runs "
                                   f"{self.config.strategy!r} (restarted since a reconfigure?)")
                 return
             self._maybe_start(request.round_id, state)
 
-    def add_chunk(self, chunk) -> None:
-        """Store one chunk; chunks may arrive before their request or out of order."""
-        chunk = GradientChunk.model_validate(chunk)
+    def add_chunk(self, chunk) -> str | None:
+        """Store one chunk; chunks may arrive before their request or out of order.
+
+        Returns None, or the reason an invalid chunk was rejected (its round then fails with it).
+        """
+        try:
+            chunk = GradientChunk.model_validate(chunk)
+        except ValidationError as exc:
+            return self._reject(chunk, f"chunk {_field(chunk, 'chunk_index')} rejected: {one_line(exc)}")
         with self._lock:
             if chunk.round_id < self._latest:
                 return  # a superseded round's late chunk
@@ -131,9 +150,15 @@ class SelectorService:
             state.last_input = time.monotonic()
             self._maybe_start(chunk.round_id, state)
 
-    def add_validation(self, validation) -> None:
-        """Store the validation set's last-layer view for a round that asked for it."""
-        validation = ValidationSet.model_validate(validation)
+    def add_validation(self, validation) -> str | None:
+        """Store the validation set's last-layer view for a round that asked for it.
+
+        Returns None, or the reason an invalid validation set was rejected (its round then fails with it).
+        """
+        try:
+            validation = ValidationSet.model_validate(validation)
+        except ValidationError as exc:
+            return self._reject(validation, f"validation set rejected: {one_line(exc)}")
         with self._lock:
             if validation.round_id < self._latest:
                 return
@@ -158,7 +183,7 @@ class SelectorService:
             while not state.done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
                 self._check_progress(round_id, state, start, deadline, request_grace_s, chunk_grace_s)
             if state.error is not None:
-                raise RoundFailed(f"round {round_id}: {state.error}")
+                raise RoundFailed(round_id, state.error)
             return state.answer
         finally:
             with self._lock:
@@ -170,14 +195,32 @@ class SelectorService:
     def _check_progress(round_id, state: _Round, start, deadline, request_grace_s, chunk_grace_s) -> None:
         now = time.monotonic()
         if now >= deadline:
-            raise RoundFailed(f"round {round_id} not answered within {deadline - start:g} s")
+            raise RoundFailed(round_id, f"not answered within {deadline - start:g} s")
         if state.request is None and now - start > request_grace_s:
-            raise RoundFailed(f"round {round_id} is unknown to this selector (restarted since it was asked)")
+            raise RoundFailed(round_id, "unknown to this selector (restarted since it was asked)")
         if state.request is not None and not state.started and now - state.last_input > chunk_grace_s:
             raise RoundFailed(
-                f"round {round_id}: {len(state.chunks)} of {state.request.n_chunks} chunks arrived, then "
+                round_id, f"{len(state.chunks)} of {state.request.n_chunks} chunks arrived, then "
                 f"none for {chunk_grace_s} s (lost to a selector restart?)"
             )
+
+    def _reject(self, payload, reason: str) -> str:
+        """Fail the round an invalid message belongs to: its own round id when readable, else the newest open one.
+
+        With no open round the reason waits for the next round to be asked (its message came first).
+        """
+        log.warning("%s", reason)
+        round_id = _round_of(payload)
+        with self._lock:
+            if round_id is None:
+                open_rounds = [r for r, state in self._rounds.items() if not state.done.is_set()]
+                if not open_rounds:
+                    self._unclaimed = reason
+                    return reason
+                round_id = max(open_rounds)
+            if round_id >= self._latest:
+                self._fail(self._rounds.setdefault(round_id, _Round()), reason)
+        return reason
 
     def _fail(self, state: _Round, reason: str) -> None:
         if not state.done.is_set():
@@ -204,10 +247,13 @@ class SelectorService:
             config = state.config
             selection = state.strategy.select(config, state.request, ground, self.device)
             select_s = time.perf_counter() - select_start
+            grad_error = subset_gradient_error(ground, state.request.sizes, selection.indices, selection.weights)
+            log.debug("round %d: grad_error %s, the strategy's own matching error %s",
+                      round_id, grad_error, selection.match_error)
             if config.delay_s:
                 time.sleep(config.delay_s)
             busy_s = time.perf_counter() - start
-            answer = _message(config.strategy, state.request, selection, select_s, busy_s)
+            answer = _message(config.strategy, state.request, selection, grad_error, select_s, busy_s)
             answer = _inject_fault(config.fault, answer, state.request)
         except Exception as exc:  # the trainer is told, the service stays up
             log.exception("round %d failed", round_id)
@@ -244,7 +290,20 @@ def _assemble(request: RoundRequest, chunks: dict[int, GradientChunk], validatio
                      features=stack("features"), validation=validation)
 
 
-def _message(strategy: str, request: RoundRequest, selection: Selection, select_s: float, busy_s: float) -> dict:
+def _field(payload, name: str):
+    return payload.get(name) if isinstance(payload, dict) else getattr(payload, name, None)
+
+
+def _round_of(payload) -> int | None:
+    """The round id of a message that failed validation, when it is itself a valid round id."""
+    try:
+        return _ROUND_ID.validate_python(_field(payload, "round_id"))
+    except ValidationError:
+        return None
+
+
+def _message(strategy: str, request: RoundRequest, selection: Selection, grad_error: float | None,
+             select_s: float, busy_s: float) -> dict:
     message = SubsetMessage.model_validate(
         {
             "round_id": request.round_id,
@@ -252,7 +311,7 @@ def _message(strategy: str, request: RoundRequest, selection: Selection, select_
             "strategy": strategy,
             "indices": selection.indices,
             "weights": selection.weights,
-            "grad_error": selection.grad_error,
+            "grad_error": grad_error,
             "n_padded": selection.n_padded,
             "target": selection.target,
             "select_s": select_s,
@@ -264,7 +323,7 @@ def _message(strategy: str, request: RoundRequest, selection: Selection, select_
 
 
 def _inject_fault(fault: str, answer: dict, request: RoundRequest) -> dict:
-    """Corrupt an answer on purpose (config ``fault``), after its own validation."""
+    """Corrupt an answer on purpose (config ``fault``), after its own validation; invalid for any size >= 1."""
     if fault == "none":
         return answer
     answer = dict(answer, indices=answer["indices"].copy(), weights=answer["weights"].copy())
@@ -274,8 +333,9 @@ def _inject_fault(fault: str, answer: dict, request: RoundRequest) -> dict:
         answer["indices"][0] = request.n_ground
     elif fault == "negative_weight":
         answer["weights"][0] = -1.0
-    elif fault == "duplicate_index":
-        answer["indices"][-1] = answer["indices"][0]
+    elif fault == "duplicate_index":  # appended, so a one-element answer is corrupted too
+        answer["indices"] = np.append(answer["indices"], answer["indices"][0])
+        answer["weights"] = np.append(answer["weights"], answer["weights"][0])
     elif fault == "crash":
         raise RuntimeError("injected fault: crash")
     return answer

@@ -1,7 +1,9 @@
-"""Selection strategies: plain functions of the gathered ground set, registered by name.
+"""Selection strategies: plain functions of the gathered ground set, registered by their config class.
 
 A strategy declares what it needs (``StrategyPlan``); given a ``RoundRequest`` and the ground set's
-summaries it returns a ``Selection``: indices into the ground set and their weights.
+summaries it returns a ``Selection``: indices into the ground set and their weights. Every strategy that
+selects asks for the summaries of its ground set, even one that does not need them to choose (RANDOM),
+so that ``subset_gradient_error`` (paper Table 8, ``docs/metrics.md``) can score every subset alike.
 
 Scale of targets and weights: a target is the gradient *sum* over the ground set (``n_ground`` times the
 mean example gradient), so weights count how many ground elements each chosen one stands for, as CRAIG's
@@ -18,8 +20,8 @@ import numpy as np
 import torch
 
 from protocol.config import (
-    CraigPBSelector, CraigSelector, GlisterSelector, GradMatchPBSelector, GradMatchSelector, OMPOptions,
-    RandomSelector,
+    ROUND_STRATEGIES, CraigPBSelector, CraigSelector, FullEarlyStopSelector, FullSelector, GlisterSelector,
+    GradMatchPBSelector, GradMatchSelector, OMPOptions, RandomSelector, SelectorBase,
 )
 from protocol.messages import RoundRequest, StrategyPlan, ValidationSet
 from service import craig
@@ -27,7 +29,6 @@ from service.glister import glister_greedy
 from service.omp import orthogonal_matching_pursuit
 
 GRAM_MAX_BYTES = 256 << 20  # beyond this OMP passes over rows instead of building an n x n Gram
-MIN_LOOKAHEAD_LR = 1e-6  # GLISTER's look-ahead step when the schedule has annealed the rate to ~0
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class GroundSet:
 class Selection:
     indices: np.ndarray  # (k,) int64 into the ground set
     weights: np.ndarray  # (k,) float64, >= 0
-    grad_error: float | None = None
+    match_error: float | None = None  # the strategy's own objective (GRAD-MATCH's matching error), not Table 8's
     n_padded: int = 0
     target: str | None = None  # what was matched: "train" or "val"
 
@@ -72,6 +73,15 @@ def softmax_errors(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return p
 
 
+def weighted_row_sum(rows: np.ndarray, coefficients: np.ndarray, block_bytes: int = 32 << 20) -> np.ndarray:
+    """``coefficients @ rows`` in float64, a block of rows at a time (no float64 copy of all rows): (dim,)."""
+    step = max(1, block_bytes // max(1, 8 * rows.shape[1]))
+    total = np.zeros(rows.shape[1])
+    for start in range(0, len(rows), step):
+        total += coefficients[start:start + step] @ rows[start:start + step].astype(np.float64)
+    return total
+
+
 def flat_gradient(errors: np.ndarray, features: np.ndarray) -> np.ndarray:
     """Sum of ``errors_i ⊗ [1, features_i]`` in the row layout ``[bias (C), weight (C*D)]``: (C + C*D,)."""
     e, h = errors.astype(np.float64), features.astype(np.float64)
@@ -83,10 +93,9 @@ def train_target(rows: np.ndarray, sizes: np.ndarray | None) -> np.ndarray:
 
     rows : (n_ground, dim) mean gradient of each element; sizes : (n_ground,) examples per element.
     """
-    rows64 = rows.astype(np.float64, copy=False)
     if sizes is None:
-        return rows64.sum(axis=0)
-    return rows.shape[0] * (sizes.astype(np.float64) @ rows64) / sizes.sum()
+        return weighted_row_sum(rows, np.ones(len(rows)))
+    return rows.shape[0] * weighted_row_sum(rows, sizes.astype(np.float64)) / sizes.sum()
 
 
 def validation_target(validation: ValidationSet, n_ground: int) -> np.ndarray:
@@ -106,6 +115,50 @@ def matching_error(rows: np.ndarray, target: np.ndarray, indices: np.ndarray, we
     residual = weights @ rows[indices].astype(np.float64) - target
     norm = np.linalg.norm(target)
     return float(np.linalg.norm(residual) / norm) if norm > 0 else 0.0
+
+
+def subset_gradient_error(
+    ground: GroundSet | None, sizes: np.ndarray | None, indices: np.ndarray, weights: np.ndarray
+) -> float | None:
+    """Paper Table 8: how far the subset's gradient, weighted as it is trained, is from the full one.
+
+    ``||sum_{i in S} w^_i g_i - sum_{i in U} g_i|| / ||sum_{i in U} g_i||`` over the full last-layer gradient
+    (all ``C + C*D`` columns) at the round's snapshot, ``U`` every training example. Training divides each
+    weight by the subset's mean example weight, so the weights are rescaled to stand for ``n`` examples:
+    ``w^_i = w_i * n / sum_S w`` for examples; for mini-batches of ``s_b`` examples with mean gradient
+    ``r_b`` each example of a chosen batch gets ``w_b``, so the subset's sum is
+    ``n * sum_S w_b s_b r_b / sum_S w_b s_b``. A subset that trains like the full epoch scores 0.
+
+    Parameters
+    ----------
+    ground : GroundSet or None
+        Example factors (``errors``, ``features``) or mini-batch ``rows``; None or neither: no error.
+    sizes : (n_ground,) int array or None
+        Examples per mini-batch (``RoundRequest.sizes``); None counts every element as one example.
+    indices, weights : (k,) arrays
+        The subset and its weights as sent to the trainer.
+
+    Returns
+    -------
+    float or None
+        The relative error, or None when the summaries are missing or the full gradient is zero.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if ground is None or weights.size == 0 or not np.isfinite(weights.sum()) or weights.sum() <= 0:
+        return None
+    if ground.rows is not None:
+        counts = np.ones(len(ground.rows)) if sizes is None else np.asarray(sizes, dtype=np.float64)
+        full = weighted_row_sum(ground.rows, counts)
+        chosen = weights * counts[indices]
+        subset = counts.sum() * weighted_row_sum(ground.rows[indices], chosen) / chosen.sum()
+    elif ground.errors is not None and ground.features is not None:
+        full = flat_gradient(ground.errors, ground.features)
+        scaled = ground.errors[indices].astype(np.float64) * (len(ground.errors) * weights / weights.sum())[:, None]
+        subset = flat_gradient(scaled, ground.features[indices])
+    else:
+        return None
+    norm = np.linalg.norm(full)
+    return float(np.linalg.norm(subset - full) / norm) if norm > 0 else None
 
 
 # --- budgets and padding -----------------------------------------------------------------------
@@ -154,7 +207,9 @@ def pad_selection(
 
 # --- strategies --------------------------------------------------------------------------------
 
-def select_random(config: RandomSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+def select_random(
+    config: RandomSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
+) -> Selection:
     """RANDOM: a uniform subset of ``n_select`` elements re-drawn each round, weights 1."""
     rng = round_rng(request.seed, request.round_id)
     indices = np.sort(rng.choice(request.n_ground, size=request.n_select, replace=False))
@@ -176,7 +231,9 @@ def _require(ground: GroundSet | None, what: str, strategy: str):
         raise ValueError(f"{strategy} needs {what} in its ground set, none were sent")
 
 
-def select_gradmatch_pb(config: GradMatchPBSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+def select_gradmatch_pb(
+    config: GradMatchPBSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
+) -> Selection:
     """GRAD-MATCH-PB: OMP over mini-batch gradients matching the training (or validation) gradient."""
     _require(ground, "rows", config.strategy)
     if config.valid:
@@ -209,7 +266,9 @@ def class_target(rows: np.ndarray, c: int, validation: ValidationSet | None) -> 
     return rows.astype(np.float64).sum(axis=0)
 
 
-def select_gradmatch(config: GradMatchSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+def select_gradmatch(
+    config: GradMatchSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
+) -> Selection:
     """GRAD-MATCH: one OMP per class over that class's examples, in that class's logit column (A.2.1)."""
     _require(ground, "errors", config.strategy)
     if config.valid:
@@ -244,7 +303,9 @@ def _class_omp(config, rows, target, budget, rng, device):
                          len(rows), budget, rng)
 
 
-def select_craig(config: CraigSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+def select_craig(
+    config: CraigSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
+) -> Selection:
     """CRAIG: per-class facility location over example gradient similarities; weights = cluster sizes."""
     _require(ground, "errors", config.strategy)
     classes, counts = np.unique(ground.labels, return_counts=True)
@@ -259,53 +320,63 @@ def select_craig(config: CraigSelector, request: RoundRequest, ground: GroundSet
     return Selection(np.concatenate(picked).astype(np.int64), np.concatenate(weights).astype(np.float64))
 
 
-def select_craig_pb(config: CraigPBSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
+def select_craig_pb(
+    config: CraigPBSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
+) -> Selection:
     """CRAIG-PB: facility location over mini-batch gradients; weights = how many batches each represents."""
     _require(ground, "rows", config.strategy)
     indices, weights = craig.select_craig(craig.row_gram(ground.rows), request.n_select)
     return Selection(np.asarray(indices, dtype=np.int64), np.asarray(weights, dtype=np.float64))
 
 
-def select_glister(config: GlisterSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu") -> Selection:
-    """GLISTER: greedy Taylor approximation of the validation loss after a one-step look-ahead."""
+def select_glister(
+    config: GlisterSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
+) -> Selection:
+    """GLISTER: greedy Taylor approximation of the validation loss after a one-step look-ahead.
+
+    The look-ahead step is fixed at ``request.lr``, the run's initial learning rate, as in the reference
+    implementation: the annealed rate reaches 0 in late rounds, and with it every gain.
+    """
     _require(ground, "errors", config.strategy)
     _require(ground, "validation", config.strategy)
+    if request.lr is None or request.lr <= 0:
+        raise ValueError(f"lr == {request.lr}, glister needs the initial learning rate (> 0) as its look-ahead step")
     val = ground.validation
     indices, _ = glister_greedy(ground.errors, ground.features, val.logits, val.features, val.labels,
-                                request.n_select, max(request.lr or 0.0, MIN_LOOKAHEAD_LR), config.greedy_steps)
+                                request.n_select, request.lr, config.greedy_steps)
     return Selection(np.asarray(indices, dtype=np.int64), np.ones(len(indices)), target="val")
 
 
 # --- registry ----------------------------------------------------------------------------------
 
-def _plan(rounds=True, ground="example", summaries="none", validation=False):
-    def plan(config) -> StrategyPlan:
-        return StrategyPlan(strategy=config.strategy, rounds=rounds, ground=ground, summaries=summaries,
-                            needs_validation=validation or bool(getattr(config, "valid", False)),
-                            time_budget_s=getattr(config, "time_budget_s", None))
-    return plan
-
-
 @dataclass(frozen=True)
 class Strategy:
-    plan: Callable[..., StrategyPlan]
+    """What a strategy asks of the trainer (beyond a round) and how it selects (None: it never selects)."""
+
     select: Callable[..., Selection] | None
-    matches: str
+    ground: str = "example"
+    summaries: str = "none"
+    validation: bool = False
+
+    def plan(self, config: SelectorBase) -> StrategyPlan:
+        return StrategyPlan(strategy=config.strategy, rounds=config.strategy in ROUND_STRATEGIES,
+                            ground=self.ground, summaries=self.summaries,
+                            needs_validation=self.validation or bool(getattr(config, "valid", False)),
+                            time_budget_s=getattr(config, "time_budget_s", None))
 
 
-STRATEGIES: dict[str, Strategy] = {
-    "full": Strategy(_plan(rounds=False), None, "nothing: trains on all data"),
-    "full-earlystop": Strategy(_plan(rounds=False), None,
-                               "nothing: all data until the time budget is spent"),
-    "random": Strategy(_plan(), select_random, "nothing: a seeded uniform subset each round"),
-    "gradmatch": Strategy(_plan(summaries="example"), select_gradmatch,
-                          "training (or validation) gradient, per class, per gradient, by OMP"),
-    "gradmatch-pb": Strategy(_plan(ground="batch", summaries="batch"), select_gradmatch_pb,
-                             "training (or validation) gradient, over mini-batches, by OMP"),
-    "craig": Strategy(_plan(summaries="example"), select_craig,
-                      "gradient similarities, per class, by facility location"),
-    "craig-pb": Strategy(_plan(ground="batch", summaries="batch"), select_craig_pb,
-                         "mini-batch gradient similarities, by facility location"),
-    "glister": Strategy(_plan(summaries="example", validation=True), select_glister,
-                        "validation loss after a one-step look-ahead, greedy"),
+IMPLEMENTATIONS: dict[type[SelectorBase], Strategy] = {  # keyed by config class, so names stay in protocol.config
+    FullSelector: Strategy(None),
+    FullEarlyStopSelector: Strategy(None),
+    RandomSelector: Strategy(select_random, summaries="example"),  # summaries only for the Table 8 error
+    GradMatchSelector: Strategy(select_gradmatch, summaries="example"),
+    GradMatchPBSelector: Strategy(select_gradmatch_pb, ground="batch", summaries="batch"),
+    CraigSelector: Strategy(select_craig, summaries="example"),
+    CraigPBSelector: Strategy(select_craig_pb, ground="batch", summaries="batch"),
+    GlisterSelector: Strategy(select_glister, summaries="example", validation=True),
 }
+
+
+def implementation(config: SelectorBase) -> Strategy:
+    """The strategy that runs ``config`` (a validated branch of ``SelectorConfig``)."""
+    return IMPLEMENTATIONS[type(config)]

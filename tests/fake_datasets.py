@@ -3,7 +3,9 @@
 Each ``write_*`` function writes random images with balanced labels under ``root`` exactly where
 ``trainer.data`` (and torchvision) look for them, and returns what it wrote, in the layout of the file
 (MNIST: (n, 28, 28) uint8; CIFAR, SVHN: (n, 3, 32, 32) uint8 after the reader's transpose), so tests
-can check a round trip. Files carry no valid md5 sum: torchvision's CIFAR and SVHN classes reject them.
+can check a round trip. Files carry no valid md5 sum: torchvision's CIFAR and SVHN classes reject them
+unless their md5 sums are None, as ``trainer.data`` sets them (it checks the content instead).
+``write_imagefolder`` writes PNG files in the ``imagefolder:PATH`` layout.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _images_labels(
     return x, y
 
 
-def _idx_bytes(array: np.ndarray) -> bytes:
+def idx_bytes(array: np.ndarray) -> bytes:
     """A uint8 array in the idx format: magic 0x0000 08 <ndim>, big-endian sizes, then the data."""
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in array.shape)
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
@@ -43,7 +45,7 @@ def _write_idx_set(
         x, y = _images_labels(n, (28, 28), 10, rng)
         for kind, array in (("images-idx3", x), ("labels-idx1", y.astype(np.uint8))):
             name = raw / f"{prefix}-{kind}-ubyte"
-            data = _idx_bytes(array)
+            data = idx_bytes(array)
             if gz:
                 name, data = name.with_name(name.name + ".gz"), gzip.compress(data)
             name.write_bytes(data)
@@ -71,7 +73,7 @@ def write_fashion_mnist(
     return _write_idx_set(root, "FashionMNIST", n_train, n_test, seed, gz)
 
 
-def _write_pickle(path: Path, entry: dict) -> None:
+def write_pickle(path: str | Path, entry) -> None:
     with open(path, "wb") as f:
         pickle.dump(entry, f)
 
@@ -98,9 +100,9 @@ def write_cifar10(
     train_x, train_y = _images_labels(n_train, (3, 32, 32), 10, rng)
     test_x, test_y = _images_labels(n_test, (3, 32, 32), 10, rng)
     for i, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
-        _write_pickle(folder / f"data_batch_{i}", _cifar_entry(train_x[part], train_y[part], "labels"))
-    _write_pickle(folder / "test_batch", _cifar_entry(test_x, test_y, "labels"))
-    _write_pickle(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
+        write_pickle(folder / f"data_batch_{i}", _cifar_entry(train_x[part], train_y[part], "labels"))
+    write_pickle(folder / "test_batch", _cifar_entry(test_x, test_y, "labels"))
+    write_pickle(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
     return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
 
 
@@ -122,9 +124,9 @@ def write_cifar100(
         x, y = _images_labels(n, (3, 32, 32), 100, rng)
         entry = _cifar_entry(x, y, "fine_labels")
         entry["coarse_labels"] = [int(v) // 5 for v in y]
-        _write_pickle(folder / split, entry)
+        write_pickle(folder / split, entry)
         out[f"{split}_x"], out[f"{split}_y"] = x, y
-    _write_pickle(folder / "meta", {"fine_label_names": [f"class{i}" for i in range(100)]})
+    write_pickle(folder / "meta", {"fine_label_names": [f"class{i}" for i in range(100)]})
     return out
 
 
@@ -149,6 +151,35 @@ def write_svhn(
         stored_y = np.where(y == 0, 10, y).astype(np.uint8)[:, None]  # (n, 1), digit 0 stored as 10
         savemat(os.path.join(root, f"{split}_32x32.mat"), {"X": x.transpose(2, 3, 1, 0), "y": stored_y})
         out[f"{split}_x"], out[f"{split}_y"] = x, y
+    return out
+
+
+def write_imagefolder(
+    root: str | Path, splits: dict[str, int], classes=("cat", "dog", "emu"), size=(6, 5), seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Random RGB PNG files ``<root>/<split>/<class>/<i>.png``, ``splits[split]`` per class, ``size`` (H, W).
+
+    Returns
+    -------
+    dict
+        ``<split>_x`` (n, 3, H, W) uint8 and ``<split>_y`` (n,) int64 in ImageFolder's order (classes sorted,
+        then file names sorted).
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n_per_class in splits.items():
+        images, labels = [], []
+        for label, name in enumerate(sorted(classes)):
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n_per_class):
+                x = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+                Image.fromarray(x).save(folder / f"{i:03d}.png")
+                images.append(x.transpose(2, 0, 1))
+                labels.append(label)
+        out[f"{split}_x"], out[f"{split}_y"] = np.stack(images), np.array(labels, dtype=np.int64)
     return out
 
 

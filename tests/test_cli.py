@@ -51,7 +51,14 @@ def test_every_help_line_shows_its_default():
     [
         (["--budget", "1.5"], "--budget '1.5': Input should be less than or equal to 1"),
         (["--budget", "0"], "--budget '0': Input should be greater than 0"),
-        (["--dataset", "imagenet"], "--dataset 'imagenet': Input should be 'mnist5k'"),
+        (["--dataset", "imagenet"], "--dataset: dataset == 'imagenet', must be one of mnist5k"),
+        (["--model", "no_such_net"], "--model 'no_such_net': not one of lenet"),
+        (["--model", "nosuchpkg.mod:fn"], "--model 'nosuchpkg.mod:fn': cannot import nosuchpkg.mod"),
+        (["--lr", "inf"], "--lr 'inf': Input should be a finite number"),
+        (["--budget", "nan"], "--budget 'nan': Input should be a finite number"),
+        (["--select-every", "20", "--epochs", "10", "--kappa", "0"], "--select-every 20: no selection round fits"),
+        (["--dataset", "digits", "--batch-size", "2000"], "--batch-size 2000: the budget of"),
+        (["--seed", str(2**70)], "--seed"),
         (["--strategy", "craig-typo"], "--strategy 'craig-typo': must be one of 'full', 'full-earlystop', 'random'"),
         (["--epochs", "ten"], "--epochs 'ten': Input should be a valid integer"),
         (["--lead", "30"], "--lead: lead == 30, must be <= select_every (20)"),
@@ -90,3 +97,21 @@ def test_an_existing_run_directory_is_never_overwritten(tmp_path, capsys):
     assert main(["--out", str(tmp_path)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+def test_run_directory_is_checked_before_anything_starts(tmp_path, capsys):
+    assert main(["--out", ""]) == 2
+    assert "--out '': must name a directory" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "file" / "below")]) == 2
+    assert "cannot create or write there" in capsys.readouterr().err
+
+
+def test_binary_config_file_is_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(bytes(range(256)))
+    assert main(["--config", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a text file" in err

@@ -197,15 +197,19 @@ def test_torchvision_dataset_without_root_is_a_value_error():
 
 
 def test_download_asks_torchvision_for_missing_files(tmp_path, monkeypatch):
+    """Only torchvision's network step is replaced: its MNIST class still reads what the download wrote."""
     calls = []
 
-    def fake_mnist(root, train, download):
-        calls.append((root, train, download))
-        write_mnist(root, seed=0)
+    def offline_download(self):
+        calls.append(self.root)
+        write_mnist(self.root, seed=0)
 
-    monkeypatch.setattr(torchvision.datasets, "MNIST", fake_mnist)
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline_download)
     s = load_splits(DataConfig(dataset="mnist", data_root=str(tmp_path), download=True), seed=0)
-    assert calls and all(c[2] is True for c in calls) and len(s.test_y) == 20
+    assert calls == [str(tmp_path)] and len(s.test_y) == 20
+    with pytest.raises(FileNotFoundError):  # without download=True nothing is fetched
+        load_splits(DataConfig(dataset="mnist", data_root=str(tmp_path / "elsewhere")), seed=0)
+    assert calls == [str(tmp_path)]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -15,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 420
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(address: str | None, *args: str) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it after ``ray start --head`` (``RAY_ADDRESS`` names the session's Ray)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if address:
+        env["RAY_ADDRESS"] = address
     return subprocess.run([sys.executable, "-m", "trainer.run", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
@@ -30,7 +33,7 @@ def read_run(out: Path) -> tuple[dict, list[dict], list[dict]]:
 
 def test_cli_runs_gradmatch_pb_on_the_running_cluster(ray_address, tmp_path):
     out = tmp_path / "run"
-    done = run_cli("--dataset", "synthetic", "--model", "mlp", "--epochs", "8", "--select-every", "2",
+    done = run_cli(ray_address, "--dataset", "synthetic", "--model", "mlp", "--epochs", "8", "--select-every", "2",
                    "--kappa", "0.5", "--budget", "0.25", "--on-late", "wait", "--threads", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     summary, epochs, rounds = read_run(out)
@@ -57,7 +60,7 @@ ROUND_STRATEGIES = ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", 
 def test_every_strategy_runs_through_the_cli(ray_address, tmp_path, strategy):
     # warm start (kappa 0.5) exercises both phases; runs without warm start are covered below
     out = tmp_path / strategy
-    done = run_cli("--dataset", "digits", "--model", "mlp", "--strategy", strategy, "--epochs", "4",
+    done = run_cli(ray_address, "--dataset", "digits", "--model", "mlp", "--strategy", strategy, "--epochs", "4",
                    "--kappa", "0.5", "--select-every", "2", "--on-late", "wait", "--threads", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     summary, epochs, rounds = read_run(out)
@@ -78,12 +81,12 @@ def test_every_strategy_runs_through_the_cli(ray_address, tmp_path, strategy):
 
 def test_full_earlystop_stops_at_the_wall_time_of_another_run(ray_address, tmp_path):
     reference = tmp_path / "reference"
-    done = run_cli("--dataset", "digits", "--model", "mlp", "--strategy", "random", "--epochs", "30",
+    done = run_cli(ray_address, "--dataset", "digits", "--model", "mlp", "--strategy", "random", "--epochs", "30",
                    "--threads", "1", "--out", str(reference))
     assert done.returncode == 0, done.stderr[-3000:]
     wall_s = read_run(reference)[0]["wall_s"]
     out = tmp_path / "earlystop"
-    done = run_cli("--dataset", "digits", "--model", "mlp", "--strategy", "full-earlystop", "--match-run",
+    done = run_cli(ray_address, "--dataset", "digits", "--model", "mlp", "--strategy", "full-earlystop", "--match-run",
                    str(reference), "--epochs", "1000", "--threads", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     summary, epochs, _ = read_run(out)
@@ -100,7 +103,7 @@ def test_strategy_schedule_valid_and_imbalance(ray_address, tmp_path):
         "  - {epoch: 0, selector: {strategy: random}}\n"
         "  - {epoch: 4, selector: {strategy: gradmatch-pb, valid: true}}\n"
     )
-    done = run_cli("--config", str(config), "--dataset", "digits", "--model", "mlp", "--epochs", "8", "--kappa", "0",
+    done = run_cli(ray_address, "--config", str(config), "--dataset", "digits", "--model", "mlp", "--epochs", "8", "--kappa", "0",
                    "--select-every", "2", "--on-late", "wait", "--imbalance-classes", "0.3", "--imbalance-drop",
                    "0.9", "--threads", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -116,7 +119,7 @@ def test_strategy_schedule_valid_and_imbalance(ray_address, tmp_path):
 def test_cli_on_files_in_torchvision_mnist_layout(ray_address, tmp_path):
     write_mnist(tmp_path / "data", n_train=80, n_test=20, seed=0)
     out = tmp_path / "run"
-    done = run_cli("--dataset", "mnist", "--data-root", str(tmp_path / "data"), "--epochs", "4",
+    done = run_cli(ray_address, "--dataset", "mnist", "--data-root", str(tmp_path / "data"), "--epochs", "4",
                    "--batch-size", "8", "--select-every", "1", "--kappa", "0", "--budget", "0.25",
                    "--on-late", "wait", "--threads", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -129,7 +132,7 @@ def test_cli_on_files_in_torchvision_mnist_layout(ray_address, tmp_path):
 def test_cli_on_files_in_torchvision_cifar10_layout_with_resnet18(ray_address, tmp_path):
     write_cifar10(tmp_path / "data", n_train=40, n_test=10, seed=1)
     out = tmp_path / "run"
-    done = run_cli("--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--model", "resnet18",
+    done = run_cli(ray_address, "--dataset", "cifar10", "--data-root", str(tmp_path / "data"), "--model", "resnet18",
                    "--epochs", "2", "--batch-size", "8", "--select-every", "1", "--kappa", "0",
                    "--budget", "0.5", "--on-late", "wait", "--threads", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -139,6 +142,27 @@ def test_cli_on_files_in_torchvision_cifar10_layout_with_resnet18(ray_address, t
 
 
 def test_cli_missing_dataset_fails_clearly(ray_address, tmp_path):
-    done = run_cli("--dataset", "cifar10", "--data-root", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
+    done = run_cli(ray_address, "--dataset", "cifar10", "--data-root", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
     assert done.returncode != 0
     assert "cifar-10-batches-py" in done.stderr and "--download" in done.stderr
+
+
+def test_cli_torchvision_model_on_an_imagefolder(ray_address, tmp_path):
+    """A torchvision model by name on PNG files in ImageFolder layout (train and test folders, val split off)."""
+    from fake_datasets import write_imagefolder
+
+    write_imagefolder(tmp_path / "images", {"train": 22, "test": 4}, size=(16, 16))
+    out = tmp_path / "run"
+    done = run_cli(ray_address, "--dataset", f"imagefolder:{tmp_path / 'images'}", "--model", "mobilenet_v3_small",
+                   "--epochs", "4", "--select-every", "1", "--kappa", "0.5", "--budget", "0.3",
+                   "--batch-size", "8", "--on-late", "wait", "--threads", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary, epochs, rounds = read_run(out)
+    assert summary["model"] == "mobilenet_v3_small" and summary["dataset"].startswith("imagefolder:")
+    assert summary["n_train"] == 66 - 7 and len(epochs) == summary["epochs_full"] + summary["epochs_subset"]
+    assert rounds and all(r["status"] == "adopted" for r in rounds)
+    import torch
+    from torchvision.models import get_model
+
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert set(get_model("mobilenet_v3_small", num_classes=3).state_dict()) == set(state)

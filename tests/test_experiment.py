@@ -8,13 +8,17 @@ import pytest
 from pydantic import ValidationError
 
 from protocol.experiment import Grid
-from trainer.experiment import PRESETS, expand, main
-from trainer.report import COLUMNS
+from trainer.experiment import PRESETS, Experiment, expand, main
+from trainer.report import COLUMNS, _report_text, adoption_stats, results_table
 
 
 def test_grid_expansion_counts_and_matches():
     grid = Grid.model_validate(PRESETS["mnist5k-paper"])
     trials = expand(grid)
+    combos = {(t.strategy, t.budget, t.kappa, t.select_every, t.seed) for t in trials if t.strategy != "full"}
+    assert {(s, b, k, 10, seed) for s in ("random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister")
+            for b in (0.05, 0.1, 0.3) for k in (0, 0.5) for seed in (0, 1, 2)} <= combos
+    assert sorted(t.seed for t in trials if t.strategy == "full") == [0, 1, 2]
     # per seed: FULL + 6 strategies x 3 budgets x 2 kappas + FULL-EARLYSTOP x 3 budgets
     assert len(trials) == 3 * (1 + 6 * 3 * 2 + 3)
     assert len({t.key for t in trials}) == len(trials)
@@ -32,6 +36,8 @@ def test_grid_errors_name_the_field():
         Grid.model_validate({"name": "x", "strategies": ["nope"]})
     with pytest.raises(ValidationError, match="earlystop_match"):
         Grid.model_validate({"name": "x", "strategies": ["random", "full-earlystop"]})
+    with pytest.raises(ValidationError, match="earlystop_match == 'full', must be a strategy that selects"):
+        Grid.model_validate({"name": "x", "strategies": ["full", "full-earlystop"], "earlystop_match": "full"})
     with pytest.raises(ValidationError, match="budgets contains 2"):
         Grid.model_validate({"name": "x", "strategies": ["random"], "budgets": [2]})
     with pytest.raises(ValidationError, match="Extra inputs"):
@@ -125,3 +131,68 @@ def test_energy_tables_when_counters_exist():
     assert "| FULL | 110.0 ± 14.1 |" in text and "| RANDOM | 12.0 ± 2.8 |" in text
     summaries = text.split("Phase `summaries`:")[1].split("Phase")[0]
     assert "FULL" not in summaries and "| RANDOM | 1.0 ± 0.0 |" in summaries
+
+
+def _round(status, trigger, due, adopted=None, staleness=None):
+    return {"round": 0, "strategy": "random", "model_step": 0, "trigger_epoch": trigger, "due_epoch": due,
+            "adopted_epoch": adopted, "status": status, "staleness": staleness}
+
+
+def test_adoption_stats_read_the_adopted_rounds(tmp_path):
+    path = tmp_path / "rounds.jsonl"
+    rounds = [_round("adopted", 3, 4, 4, 1), _round("adopted", 7, 8, 10, 3), _round("failed", 11, 12),
+              _round("adopted", 11, 12, 12)]  # no staleness field: adopted - trigger
+    path.write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    assert adoption_stats(path) == (pytest.approx((1 + 3 + 1) / 3), 1)
+    path.write_text(json.dumps(_round("timeout", 3, 4)) + "\n")
+    assert adoption_stats(path) == (None, 0)
+    assert adoption_stats(tmp_path / "absent.jsonl") == (None, 0)
+    path.write_text('{"status": "adop')
+    with pytest.raises(ValueError, match="rounds.jsonl:1: not a JSON round record"):
+        adoption_stats(path)
+
+
+def test_results_and_report_carry_tables_8_9_and_staleness(tmp_path):
+    grid = Grid.model_validate({"name": "fake", "strategies": ["random", "gradmatch"], "budgets": [0.1],
+                                "kappas": [0], "seeds": [0, 1]})
+    experiment = Experiment(grid, tmp_path, 1.0, 0.0)
+    values = {}  # trial key: (grad_error, redundant, stalenesses, late)
+    for i, trial in enumerate(experiment.trials):
+        folder = experiment.trial_dir(trial)
+        folder.mkdir(parents=True)
+        selects = trial.strategy != "full"
+        grad_error, redundant = (0.1 * (i + 1), 0.01 * i) if selects else (None, None)
+        summary = {"acc": 90.0 + i, "wall_s": 10.0 - i, "energy_j": None, "stall_s": 0.0, "selector_busy_s": 1.0,
+                   "overlap": 1.0, "grad_error": grad_error, "redundant": redundant, "epochs_run": 4,
+                   "energy_phases": {}, "energy_note": "no counters"}
+        (folder / "summary.json").write_text(json.dumps(summary))
+        rounds = [_round("adopted", 1, 2, 2 + i % 3, 1 + i % 3), _round("adopted", 3, 4, 4, 1)] if selects else []
+        (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+        values[trial.key] = (grad_error, redundant, (2 + i % 3) / 2 if selects else None,
+                             int(i % 3 > 0) if selects else None)
+    frame = results_table(experiment, {})
+    assert list(frame.columns) == COLUMNS and len(frame) == 6
+    for _, row in frame.iterrows():
+        grad_error, redundant, staleness, late = values[row.trial]
+        if row.strategy == "full":
+            assert pd.isna(row.grad_error) and pd.isna(row.staleness) and pd.isna(row.late_adoptions)
+        else:
+            assert (row.grad_error, row.redundant) == pytest.approx((grad_error, redundant))
+            assert (row.staleness, row.late_adoptions) == pytest.approx((staleness, late))
+    report = _report_text(experiment, frame, {}, "cmd", 0.0, [])
+    table8 = {row[0]: row[1] for row in _markdown_section(report, "(paper Table 8)")}
+    assert set(table8) == {"RANDOM", "GRAD-MATCH"}  # every strategy that selects, FULL has none
+    for name, strategy in (("RANDOM", "random"), ("GRAD-MATCH", "gradmatch")):
+        errors = frame[frame.strategy == strategy].grad_error
+        assert table8[name] == f"{errors.mean():.3f} ± {errors.std():.3f}"
+    table9 = {row[0]: row[1] for row in _markdown_section(report, "(paper Table 9)")}
+    redundant = frame[frame.strategy == "gradmatch"].redundant
+    assert table9["GRAD-MATCH"] == f"{redundant.mean():.3f} ± {redundant.std():.3f}"
+    assert "never used for training in the whole run" in report
+    staleness = {row[0]: row[1] for row in _markdown_section(report, "(epochs between a round's snapshot")}
+    assert staleness["RANDOM"] == f"{frame[frame.strategy == 'random'].staleness.mean():.2f} ± " \
+                                  f"{frame[frame.strategy == 'random'].staleness.std():.2f}"
+    late = {row[0]: row[1] for row in _markdown_section(report, "(rounds adopted after their due epoch)")}
+    assert late["GRAD-MATCH"] == f"{frame[frame.strategy == 'gradmatch'].late_adoptions.mean():.2f} ± " \
+                                 f"{frame[frame.strategy == 'gradmatch'].late_adoptions.std():.2f}"
+    assert "by construction, not measurements" in report  # the grid ran with on_late = continue

@@ -90,6 +90,19 @@ def test_several_picks_per_step_match_direct_gains(seed, budget, steps):
     assert len(picks) == budget and len(set(picks.tolist())) == budget
 
 
+def test_the_choice_follows_the_validation_set():
+    # the same training candidates scored against validation sets that differ only in their labels
+    problem = TinyProblem(3)
+    labels = problem.y_val.clone()
+    choices = set()
+    for shift in range(C):
+        problem.y_val = (labels + shift) % C
+        picks, _ = glister_greedy(**problem.inputs(), budget=3, lr=LR)
+        assert picks.tolist() == direct_selection(problem, 3, None)[0]
+        choices.add(tuple(picks.tolist()))
+    assert len(choices) == C
+
+
 def test_float32_summaries_give_the_same_selection():
     problem = TinyProblem(11)
     inputs = problem.inputs()

@@ -79,3 +79,36 @@ def test_bad_shape_is_rejected():
         build_model("mlp", (28, 28), 10)
     with pytest.raises(ValueError, match="lenet needs H and W >= 4"):
         build_model("lenet", (1, 3, 3), 10)
+
+
+def test_torchvision_models_by_name_on_small_inputs():
+    """Any torchvision classifier by name; 1-channel 28x28 inputs go through a fixed channel repeat."""
+    from trainer.models import find_classifier
+
+    model = build_model("mobilenet_v3_small", (1, 28, 28), 10)
+    x = torch.randn(2, 1, 28, 28)
+    model.eval()
+    assert model(x).shape == (2, 10)
+    layer = find_classifier(model, 10, x)
+    assert layer.out_features == 10 and layer is last_linear(model)
+
+
+def test_model_factory_and_its_errors(tmp_path, monkeypatch):
+    from trainer.models import ModelError, check_model_name
+
+    (tmp_path / "mynets.py").write_text(
+        "import torch\n"
+        "def small(in_shape, n_classes):\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_shape[0] * in_shape[1] * in_shape[2], n_classes))\n"
+        "def broken(in_shape, n_classes):\n"
+        "    return 'not a module'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = build_model("mynets:small", (1, 8, 8), 10)
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    with pytest.raises(ModelError, match=r"--model 'mynets:broken': returned str, must return a torch.nn.Module"):
+        build_model("mynets:broken", (1, 8, 8), 10)
+    with pytest.raises(ModelError, match=r"mynets has no callable 'absent'"):
+        check_model_name("mynets:absent")
+    with pytest.raises(ModelError, match=r"not a torchvision classification model"):
+        check_model_name("resnet_9000")

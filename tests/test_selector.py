@@ -1,5 +1,6 @@
 """The selector service without Ray: streaming, background work, supersession, faults."""
 
+import pickle
 import threading
 import time
 
@@ -7,8 +8,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from protocol.errors import RoundFailed
 from protocol.messages import RoundRequest, SubsetMessage
-from service.selector import RoundFailed, SelectorService
+from service.selector import SelectorService
+from service.strategies import GroundSet, subset_gradient_error
 
 RNG = np.random.default_rng(0)
 ROWS = (RNG.normal(size=(30, 12)) + 0.3).astype(np.float32)
@@ -47,7 +50,8 @@ def test_plan_declares_needs():
         "needs_validation": False, "time_budget_s": None}
     assert SelectorService({"strategy": "gradmatch-pb", "valid": True}).plan()["needs_validation"] is True
     assert SelectorService({"strategy": "full"}).plan()["rounds"] is False
-    assert SelectorService({"strategy": "random"}).plan()["summaries"] == "none"
+    assert SelectorService({"strategy": "random"}).plan()["summaries"] == "example"  # for its grad_error
+    assert SelectorService({"strategy": "full"}).plan()["summaries"] == "none"
     assert SelectorService({"strategy": "gradmatch"}).plan()["summaries"] == "example"
     assert SelectorService({"strategy": "glister"}).plan()["needs_validation"] is True
     assert SelectorService({"strategy": "full-earlystop", "time_budget_s": 3}).plan()["time_budget_s"] == 3
@@ -109,17 +113,22 @@ def test_chunks_must_cover_the_ground_set():
         service.result(0, timeout_s=10)
 
 
+@pytest.mark.parametrize("n_select", [1, 2, 4])
 @pytest.mark.parametrize(
     "fault, match",
     [("wrong_round", "round_id == 1, must be 0"), ("index_out_of_range", "indices must be in"),
      ("negative_weight", "weights must be >= 0"), ("duplicate_index", "indices must be unique")],
 )
-def test_injected_faults_fail_the_receivers_validation(fault, match):
+def test_injected_faults_fail_the_receivers_validation_for_every_budget(fault, match, n_select):
+    asked = request(n_chunks=0, n_select=n_select, strategy="random")
+    clean = SelectorService({"strategy": "random"})
+    clean.start_round(asked)
+    SubsetMessage.model_validate(clean.result(0, timeout_s=10), context={"request": RoundRequest(**asked)})
     service = SelectorService({"strategy": "random", "fault": fault})
-    service.start_round(request(n_chunks=0, strategy="random"))
+    service.start_round(asked)
     answer = service.result(0, timeout_s=10)
     with pytest.raises(ValidationError, match=match):
-        SubsetMessage.model_validate(answer, context={"request": RoundRequest(**request(n_chunks=0, strategy="random"))})
+        SubsetMessage.model_validate(answer, context={"request": RoundRequest(**asked)})
 
 
 def test_a_crashing_strategy_fails_the_round_not_the_service():
@@ -168,3 +177,92 @@ def test_reconfigure_takes_effect_from_the_next_round():
     with pytest.raises(ValidationError, match="lam"):
         service.reconfigure({"strategy": "gradmatch-pb", "lam": -1})
     assert service.status()["strategy"] == "gradmatch-pb"
+
+
+def test_round_failed_survives_pickling_with_its_fields():
+    service = SelectorService({"strategy": "random", "fault": "crash"})
+    service.start_round(request(round_id=3, n_chunks=0, strategy="random"))
+    with pytest.raises(RoundFailed) as info:
+        service.result(3, timeout_s=10)
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert type(copy) is RoundFailed and isinstance(copy, RuntimeError)
+    assert (copy.round_id, copy.reason) == (3, "RuntimeError: injected fault: crash")
+    assert str(copy) == "round 3: RuntimeError: injected fault: crash"
+
+
+def _fails_at_once(service, round_id, match):
+    start = time.perf_counter()
+    with pytest.raises(RoundFailed, match=match) as info:
+        service.result(round_id, timeout_s=60, chunk_grace_s=60, request_grace_s=60)
+    assert time.perf_counter() - start < 2 and info.value.round_id == round_id
+    return info.value.reason
+
+
+def test_a_rejected_chunk_fails_its_round_at_once_with_the_reason():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request(round_id=2))
+    parts = np.array_split(np.arange(30), 3)
+    bad = chunk(2, 1, parts[1])
+    bad["rows"] = bad["rows"].copy()
+    bad["rows"][0, 3] = np.nan
+    service.add_chunk(chunk(2, 0, parts[0]))
+    reason = service.add_chunk(bad)
+    assert reason == _fails_at_once(service, 2, "chunk 1 rejected: .*rows contain 1 non-finite values")
+    assert service._rounds == {}  # nothing left behind
+
+
+def test_a_rejection_before_the_request_fails_the_round_it_names():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    bad = chunk(0, 0, np.arange(10))
+    bad["labels"] = np.zeros(3)  # misaligned with ids
+    assert "labels has 3 entries, must equal ids (10)" in service.add_chunk(bad)
+    service.start_round(request(round_id=0))
+    send_chunks(service, 0, order=(1, 2))
+    _fails_at_once(service, 0, "chunk 0 rejected: .*labels has 3 entries")
+
+
+def test_a_chunk_with_an_unreadable_round_id_fails_the_newest_open_round():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request(round_id=4))
+    bad = chunk(4, 0, np.arange(10))
+    bad["round_id"] = "four"
+    reason = service.add_chunk(bad)
+    assert "round_id" in reason
+    _fails_at_once(service, 4, "chunk 0 rejected: round_id: ")
+
+
+def test_an_unreadable_rejection_before_any_round_fails_the_next_round_asked():
+    service = SelectorService({"strategy": "random"})
+    service.add_validation({"round_id": -1, "logits": np.zeros((2, 3)), "features": np.zeros((2, 4)),
+                            "labels": np.array([0, 1])})
+    service.start_round(request(round_id=0, n_chunks=0, strategy="random"))
+    _fails_at_once(service, 0, "validation set rejected: round_id: ")
+    service.start_round(request(round_id=1, n_chunks=0, strategy="random"))  # only that one round fails
+    assert len(service.result(1, timeout_s=10)["indices"]) == 4
+
+
+def test_a_rejected_request_fails_its_round_at_once():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    asked = dict(request(round_id=1), n_select=31)
+    assert "n_select == 31, must be <= n_ground (30)" in service.start_round(asked)
+    _fails_at_once(service, 1, "request rejected: .*n_select == 31")
+
+
+def test_a_rejected_validation_set_fails_its_round_at_once():
+    service = SelectorService({"strategy": "glister"})
+    service.start_round(RoundRequest(round_id=0, model_step=0, ground="example", n_ground=30, n_select=3,
+                                     n_chunks=0, seed=0, strategy="glister", lr=0.1, with_validation=True)
+                        .model_dump())
+    service.add_validation({"round_id": 0, "logits": np.full((2, 3), np.inf), "features": np.zeros((2, 4)),
+                            "labels": np.array([0, 1])})
+    _fails_at_once(service, 0, "validation set rejected: .*logits contain 6 non-finite values")
+
+
+def test_answers_carry_the_comparable_gradient_error():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request(n_select=5))
+    send_chunks(service, 0)
+    answer = service.result(0, timeout_s=30)
+    expected = subset_gradient_error(GroundSet(labels=np.zeros(30), rows=ROWS), None, answer["indices"],
+                                     answer["weights"])
+    assert answer["grad_error"] == pytest.approx(expected) and 0 < answer["grad_error"] < 1

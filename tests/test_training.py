@@ -1,33 +1,63 @@
 """Weighted loss, epoch plan, round schedule and budgets."""
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.rounds import batch_budget, budget_size, round_schedule
-from trainer.training import (
-    EpochPlan, fixed_batches, plan_epochs, subset_from_batches, weighted_loss,
-)
+from trainer.rounds import EpochPlan, batch_budget, budget_size, plan_epochs, round_schedule
+from trainer.training import CosineSchedule, cosine_lr, fixed_batches, subset_from_batches, weighted_step
 
 
-def test_uniform_weights_give_the_unweighted_loss():
-    logits, labels = torch.randn(8, 5), torch.randint(0, 5, (8,))
-    loss = weighted_loss(logits, labels, torch.full((8,), 7.0), mean_weight=7.0)
-    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
+def _step_delta(model, x, y, w, lr=0.1):
+    """The parameter change of one plain SGD step of ``weighted_step``."""
+    model = copy.deepcopy(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    weighted_step(model, torch.optim.SGD(model.parameters(), lr=lr), x, y, w)
+    return [p.detach() - b for p, b in zip(model.parameters(), before)]
 
 
-def test_weighted_loss_keeps_mean_step_size_and_relative_weights():
+def _hand_gradient(model, x, y, w):
+    """d/dθ of (1/B) Σ_i w_i CE_i, each example's gradient computed alone with autograd."""
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(len(y)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        total = [t + float(w[i]) * p.grad / len(y) for t, p in zip(total, model.parameters())]
+    return total
+
+
+def test_weights_reach_the_step():
     torch.manual_seed(0)
-    logits, labels = torch.randn(4, 3), torch.randint(0, 3, (4,))
-    weights = torch.tensor([1.0, 3.0, 6.0, 10.0])
-    mean_w = float(weights.mean())
-    loss = weighted_loss(logits, labels, weights, mean_w)
-    losses = F.cross_entropy(logits, labels, reduction="none")
-    torch.testing.assert_close(loss, (losses * weights).sum() / (4 * mean_w))
-    # scaling every weight changes nothing
-    torch.testing.assert_close(weighted_loss(logits, labels, 5 * weights, 5 * mean_w), loss)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    w = torch.tensor([1.0, 0.5, 2.0, 1.5, 0.25, 0.75])
+    for delta, grad in zip(_step_delta(model, x, y, w), _hand_gradient(model, x, y, w)):
+        torch.testing.assert_close(delta, -0.1 * grad)
+    # a zero weight removes the example: the step equals the step on the others, rescaled by B'/B
+    zero = w.clone()
+    zero[2] = 0.0
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    for with_zero, without in zip(_step_delta(model, x, y, zero), _step_delta(model, x[keep], y[keep], w[keep])):
+        torch.testing.assert_close(with_zero, without * 5 / 6)
+    # doubling one weight adds exactly that example's gradient share once more
+    double = w.clone()
+    double[4] *= 2
+    one = torch.zeros(6)
+    one[4] = w[4]
+    for d2, d1, extra in zip(_step_delta(model, x, y, double), _step_delta(model, x, y, w), _hand_gradient(model, x, y, one)):
+        torch.testing.assert_close(d2 - d1, -0.1 * extra)
+
+
+def test_non_finite_loss_takes_no_step():
+    model = torch.nn.Linear(2, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = weighted_step(model, torch.optim.SGD(model.parameters(), lr=1.0), torch.tensor([[float("nan"), 0.0]]),
+                         torch.tensor([1]), torch.ones(1))
+    assert not torch.isfinite(loss)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_pb_subset_spreads_batch_weights_to_examples():
@@ -54,6 +84,9 @@ def test_fixed_batches_partition_and_are_seeded():
         (300, 0.5, 0.1, True, EpochPlan(full=15, subset=150)),  # the paper's example
         (20, 0.0, 0.1, True, EpochPlan(full=0, subset=20)),
         (5, 0.5, 0.01, True, EpochPlan(full=1, subset=2)),
+        (200, 0.5, 0.01, True, EpochPlan(full=1, subset=100)),  # the paper's MNIST 1%: T_f = ceil(1.0)
+        (200, 0.5, 0.05, True, EpochPlan(full=5, subset=100)),
+        (100, 0.5, 0.05, True, EpochPlan(full=3, subset=50)),  # ceil(2.5), as the reference rounds
         (7, 0.5, 0.1, False, EpochPlan(full=7, subset=0)),
     ],
 )
@@ -66,7 +99,10 @@ def test_round_schedule_warm_and_cold():
     assert [(s.trigger, s.due) for s in warm] == [(9, 10), (29, 30), (49, 50), (69, 70), (89, 90)]
     cold = round_schedule(EpochPlan(full=0, subset=10), select_every=3, lead=0)
     assert [(s.trigger, s.due) for s in cold] == [(3, 3), (6, 6), (9, 9)]
-    assert round_schedule(EpochPlan(full=1, subset=4), 2, 2)[0].trigger == 0  # clamped
+    # no round starts before the first epoch has been trained (an untrained model's subset says nothing)
+    assert round_schedule(EpochPlan(full=1, subset=4), 2, 2)[0].trigger == 1
+    assert [(s.trigger, s.due) for s in round_schedule(EpochPlan(full=1, subset=100), 20, 1)][:2] == [(1, 1), (20, 21)]
+    assert round_schedule(EpochPlan(full=0, subset=6), 1, 1)[0].trigger == 1
     assert round_schedule(EpochPlan(full=5, subset=0), 2, 1) == []
 
 
@@ -75,3 +111,30 @@ def test_budgets():
     assert budget_size(1e-6, 100) == 1
     assert batch_budget(450, 32, 141) == math.ceil(450 / 32)
     assert batch_budget(10_000, 32, 20) == 20
+
+
+def test_epoch_cosine_schedule_values():
+    """lr(e) = lr0 (1 + cos(pi e / E)) / 2 per epoch: the paper's MNIST preset is at ~0.98 lr0 after 10 full epochs."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    schedule = CosineSchedule(optimizer, 0.5, "epoch", n_epochs=110, total_steps=10_000)
+    expected = {0: 0.5, 10: 0.5 * 0.5 * (1 + math.cos(math.pi * 10 / 110)), 55: 0.25, 109: None}
+    for epoch, lr in expected.items():
+        schedule.start_epoch(epoch, step=epoch * 90)
+        schedule.after_step(epoch * 90 + 1)  # per-epoch: steps leave the rate alone
+        if lr is not None:
+            assert schedule.lr == pytest.approx(lr, rel=1e-12)
+    assert 0 < schedule.lr < 0.5 * 1e-3
+    assert expected[10] == pytest.approx(0.4898, abs=1e-4)  # 0.98 lr0, where per-step annealing gave 0.5 lr0
+
+
+def test_step_cosine_schedule_anneals_over_steps():
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0)
+    schedule = CosineSchedule(optimizer, 1.0, "step", n_epochs=10, total_steps=100)
+    schedule.start_epoch(0, step=0)
+    assert schedule.lr == 1.0
+    schedule.after_step(50)
+    assert schedule.lr == pytest.approx(0.5)
+    schedule.after_step(100)
+    assert schedule.lr == pytest.approx(0.0, abs=1e-12)
+    assert cosine_lr(2.0, 25, 100) == pytest.approx(1.0 + math.cos(math.pi / 4))

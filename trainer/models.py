@@ -6,10 +6,16 @@ The selection algorithms work on last-layer gradients (DESIGN.md §4), so every 
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
-from protocol.config import MODELS
+from protocol.config import FACTORY, MODELS
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or used for selection; the message is one line naming it."""
 
 LENET_MIN_SIDE = 4
 
@@ -31,13 +37,129 @@ def build_model(name: str, in_shape: tuple[int, int, int], n_classes: int) -> nn
     nn.Module
         Maps a batch (B, C, H, W) to logits (B, n_classes).
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"model == {name!r}, must be one of {', '.join(MODELS)}")
     if len(in_shape) != 3 or min(in_shape) < 1:
         raise ValueError(f"in_shape == {tuple(in_shape)}, must be (C, H, W) with positive sizes")
     if n_classes < 1:
         raise ValueError(f"n_classes == {n_classes}, must be >= 1")
-    return _BUILDERS[name](tuple(int(s) for s in in_shape), int(n_classes))
+    in_shape, n_classes = tuple(int(s) for s in in_shape), int(n_classes)
+    if name in _BUILDERS:
+        return _BUILDERS[name](in_shape, n_classes)
+    if FACTORY.match(name):
+        return _from_factory(name, in_shape, n_classes)
+    return _from_torchvision(name, in_shape, n_classes)
+
+
+def check_model_name(name: str) -> None:
+    """Fail early (before Ray starts) on a model name that cannot be built: unknown or not importable."""
+    if name in _BUILDERS:
+        return
+    if FACTORY.match(name):
+        _import_factory(name)
+        return
+    from torchvision.models import list_models
+    import torchvision.models as tvm
+
+    if name not in list_models(module=tvm):
+        raise ModelError(f"--model {name!r}: not one of {', '.join(MODELS)}, not a torchvision classification model "
+                         f"(torchvision.models.list_models()), and not package.module:function")
+
+
+def _import_factory(spec: str):
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import failure of user code is reported in one line
+        raise ModelError(f"--model {spec!r}: cannot import {module_name}: {type(exc).__name__}: {exc}") from None
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise ModelError(f"--model {spec!r}: {module_name} has no callable {attr!r}")
+    return function
+
+
+def _from_factory(spec: str, in_shape: tuple[int, int, int], n_classes: int) -> nn.Module:
+    """``package.module:function``, called as ``function(in_shape, n_classes)``, must return an ``nn.Module``."""
+    model = _import_factory(spec)(in_shape, n_classes)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"--model {spec!r}: returned {type(model).__name__}, must return a torch.nn.Module")
+    return model
+
+
+def _from_torchvision(name: str, in_shape: tuple[int, int, int], n_classes: int) -> nn.Module:
+    """A torchvision classification model, untrained, with ``n_classes`` outputs.
+
+    torchvision's ImageNet models downsample by 32; small inputs (28x28, 32x32) still work because every
+    classification model ends in adaptive pooling, though with a 1x1 final feature map. Inputs with other
+    than 3 channels are repeated or averaged to 3 by a fixed first layer (documented in the README).
+    """
+    check_model_name(name)
+    from torchvision.models import get_model
+
+    model = get_model(name, weights=None, num_classes=n_classes)
+    if in_shape[0] != 3:
+        model = nn.Sequential(_ToRGB(in_shape[0]), model)
+    return model
+
+
+class _ToRGB(nn.Module):
+    """Maps C input channels to the 3 a torchvision model expects: repeat one channel, average others."""
+
+    def __init__(self, n_channels: int):
+        super().__init__()
+        self.n_channels = n_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.n_channels == 1:
+            return x.expand(-1, 3, -1, -1)
+        return x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+
+
+def find_classifier(model: nn.Module, n_classes: int, sample: torch.Tensor | None = None,
+                    last_layer: nn.Linear | str | None = None) -> nn.Linear:
+    """The ``nn.Linear`` whose outputs are the model's logits.
+
+    The last ``nn.Linear`` with ``out_features == n_classes`` (or the module named by ``last_layer``, a module
+    or its dotted name in ``model.named_modules()``). With ``sample``, one forward pass confirms that the
+    model's output is that layer's output, shape (B, n_classes).
+    """
+    kind = type(model).__name__
+    if isinstance(last_layer, str):
+        layer = dict(model.named_modules()).get(last_layer)
+        if layer is None:
+            raise ModelError(f"last_layer == {last_layer!r}: {kind} has no module of that name")
+    elif last_layer is not None:
+        layer = last_layer
+    else:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        fits = [m for m in linears if m.out_features == n_classes]
+        if not fits:
+            found = ", ".join(f"Linear({m.in_features}, {m.out_features})" for m in linears[-3:]) or "no nn.Linear"
+            raise ModelError(f"model {kind}: no nn.Linear with out_features == {n_classes} (the number of classes); "
+                             f"found {found}; name the classifier layer with last_layer=")
+        layer = fits[-1]
+    if not isinstance(layer, nn.Linear) or layer.out_features != n_classes:
+        raise ModelError(f"last_layer of {kind} is {layer!r}, must be an nn.Linear with out_features == {n_classes}")
+    if sample is not None:
+        _confirm(model, layer, sample, kind)
+    return layer
+
+
+@torch.no_grad()
+def _confirm(model: nn.Module, layer: nn.Linear, sample: torch.Tensor, kind: str) -> None:
+    seen = {}
+    handle = layer.register_forward_hook(lambda module, args, output: seen.setdefault("out", output))
+    was_training = model.training
+    model.eval()
+    try:
+        output = model(sample)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[1] != layer.out_features:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ModelError(f"model {kind} returns {shape}, must return logits of shape (B, {layer.out_features})")
+    if "out" not in seen or not torch.equal(seen["out"], output):
+        raise ModelError(f"model {kind}: its output is not the output of its classifier layer {layer}; "
+                         "the selection needs logits z = W h + b of a final nn.Linear (name it with last_layer=)")
 
 
 def last_linear(model: nn.Module) -> nn.Linear:

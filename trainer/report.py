@@ -1,10 +1,11 @@
 """An experiment's evidence: ``results.csv`` (a row per trial), ``report.md`` (the paper's tables, made
 from the trials) and PNG plots (the paper's figures 3 and 4).
 
-Definitions (DESIGN.md §5): ``speedup = wall_s(FULL) / wall_s``, ``acc_drop = acc(FULL) - acc`` in points,
-``rel_error = 100 * acc_drop / acc(FULL)`` (relative test error w.r.t. FULL, in %), ``overhead =
+Definitions (DESIGN.md §5, ``docs/metrics.md``): ``speedup = wall_s(FULL) / wall_s``, ``acc_drop = acc(FULL) -
+acc`` in points, ``rel_error = 100 * acc_drop / acc(FULL)`` (relative test error w.r.t. FULL, in %), ``overhead =
 wall_s / wall_s(RANDOM)`` at the same budget, kappa, R and seed, ``energy_ratio = energy_j(FULL) /
-energy_j``. FULL and RANDOM references are taken from the same seed.
+energy_j``. FULL and RANDOM references are taken from the same seed. ``staleness`` and ``late_adoptions`` come
+from each trial's ``rounds.jsonl``; ``grad_error`` (Table 8) and ``redundant`` (Table 9) from its summary.
 """
 
 from __future__ import annotations
@@ -21,20 +22,40 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
-from protocol.config import PAPER_NAMES  # noqa: E402
+from protocol.config import FULL, PAPER_NAMES, ROUND_STRATEGIES  # noqa: E402
 
 COLUMNS = [
     "trial", "strategy", "label", "budget", "kappa", "R", "seed", "acc", "wall_s", "speedup", "acc_drop",
-    "rel_error", "energy_j", "energy_ratio", "overhead", "stall_s", "selector_busy_s", "overlap", "grad_error",
-    "redundant", "epochs_run", "energy_training_j", "energy_summaries_j", "energy_stall_j",
+    "rel_error", "energy_j", "energy_ratio", "overhead", "stall_s", "selector_busy_s", "overlap", "staleness",
+    "late_adoptions", "grad_error", "redundant", "epochs_run", "energy_training_j", "energy_summaries_j",
+    "energy_stall_j",
 ]
 DERIVED = ("speedup", "acc_drop", "rel_error", "energy_ratio", "overhead")
+PHASES = ("training", "summaries", "stall")
 
 
 def label(strategy: str, kappa: float) -> str:
     """The paper's row name: GRAD-MATCH-PB, GRAD-MATCH-PB-WARM, ..."""
     name = PAPER_NAMES[strategy]
-    return f"{name}-WARM" if kappa > 0 and strategy not in ("full", "full-earlystop") else name
+    return f"{name}-WARM" if kappa > 0 and strategy in ROUND_STRATEGIES else name
+
+
+def adoption_stats(path: Path) -> tuple[float | None, int]:
+    """Mean staleness (epochs from snapshot to adoption) and the number of late adoptions (adopted after the
+    round's due epoch) over the adopted rounds of one ``rounds.jsonl``; (None, 0) when none was adopted."""
+    staleness, late = [], 0
+    lines = path.read_text().splitlines() if path.exists() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON round record ({exc.msg})") from None
+        if record.get("status") != "adopted":
+            continue
+        staleness.append(record["staleness"] if record.get("staleness") is not None
+                         else record["adopted_epoch"] - record["trigger_epoch"])
+        late += int(record["adopted_epoch"] > record["due_epoch"])
+    return (float(np.mean(staleness)) if staleness else None), late
 
 
 def results_table(experiment, failed: dict) -> pd.DataFrame:
@@ -44,18 +65,21 @@ def results_table(experiment, failed: dict) -> pd.DataFrame:
         if trial.key in failed or not experiment.done(trial):
             continue
         s = experiment.summary(trial)
+        selects = trial.strategy in ROUND_STRATEGIES
+        staleness, late = adoption_stats(experiment.trial_dir(trial) / "rounds.jsonl") if selects else (None, None)
         rows.append({"trial": trial.key, "strategy": trial.strategy, "label": label(trial.strategy, trial.kappa),
                      "budget": trial.budget, "kappa": trial.kappa, "R": trial.select_every, "seed": trial.seed,
                      "acc": s["acc"], "wall_s": s["wall_s"], "energy_j": s["energy_j"], "stall_s": s["stall_s"],
-                     "selector_busy_s": s["selector_busy_s"], "overlap": s["overlap"], "grad_error": s["grad_error"],
-                     "redundant": s["redundant"], "epochs_run": s["epochs_run"],
-                     **{f"energy_{phase}_j": s["energy_phases"].get(phase) for phase in ("training", "summaries", "stall")}})
+                     "selector_busy_s": s["selector_busy_s"], "overlap": s["overlap"], "staleness": staleness,
+                     "late_adoptions": late, "grad_error": s["grad_error"], "redundant": s["redundant"],
+                     "epochs_run": s["epochs_run"],
+                     **{f"energy_{phase}_j": s["energy_phases"].get(phase) for phase in PHASES}})
     frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in DERIVED])
     return _derive(frame)[COLUMNS]
 
 
 def _derive(frame: pd.DataFrame) -> pd.DataFrame:
-    full = frame[frame.strategy == "full"].set_index("seed")
+    full = frame[frame.strategy == FULL].set_index("seed")
     ref = frame.seed.map(full.wall_s)
     frame["speedup"] = ref / frame.wall_s
     frame["acc_drop"] = frame.seed.map(full.acc) - frame.acc
@@ -90,9 +114,9 @@ def _order(frame: pd.DataFrame) -> list[str]:
 def accuracy_time_table(frame: pd.DataFrame) -> str:
     """Tables 2-4: mean test accuracy and wall time per strategy and budget; the best accuracy of each
     budget (FULL aside) in bold."""
-    budgets = sorted(frame[frame.strategy != "full"].budget.unique())
+    budgets = sorted(frame[frame.strategy != FULL].budget.unique())
     means = frame.groupby(["label", "budget"])[["acc", "wall_s"]].mean()
-    full = frame[frame.strategy == "full"][["acc", "wall_s"]].mean()
+    full = frame[frame.strategy == FULL][["acc", "wall_s"]].mean()
     best = {b: means.xs(b, level="budget").acc.idxmax() for b in budgets}
     rows = []
     for lab in _order(frame):
@@ -111,9 +135,9 @@ def mean_std_table(frame: pd.DataFrame, column: str, digits: int = 2, drop_missi
     """Mean ± std over seeds of ``column`` per strategy and budget (``drop_missing``: rows without a value
     left out, e.g. FULL for the gradient error)."""
     frame = frame[frame[column].notna()] if drop_missing else frame
-    budgets = sorted(frame[frame.strategy != "full"].budget.unique())
+    budgets = sorted(frame[frame.strategy != FULL].budget.unique())
     stats = frame.groupby(["label", "budget"])[column].agg(["mean", "std"])
-    full = frame[frame.strategy == "full"][column]
+    full = frame[frame.strategy == FULL][column]
     rows = []
     for lab in _order(frame):
         cells = [lab]
@@ -131,7 +155,7 @@ def wilcoxon_table(frame: pd.DataFrame) -> str:
     """Table 6: one-tailed Wilcoxon signed-rank p-values that the row beats the column in accuracy,
     paired over (budget, seed)."""
     labels = [lab for lab in _order(frame) if lab != "FULL"]
-    paired = frame[frame.strategy != "full"].pivot_table(index=["budget", "seed"], columns="label", values="acc")
+    paired = frame[frame.strategy != FULL].pivot_table(index=["budget", "seed"], columns="label", values="acc")
     rows = []
     for a in labels:
         cells = [a]
@@ -161,7 +185,7 @@ def _style(lab: str) -> dict:
     return {"color": color, "linestyle": "--" if lab.endswith("-WARM") else "-"}
 
 def _scatter(frame: pd.DataFrame, y: str, path: Path, ylabel: str, title: str) -> None:
-    points = frame[(frame.strategy != "full")].groupby(["label", "budget"])[["rel_error", y]].mean().reset_index()
+    points = frame[(frame.strategy != FULL)].groupby(["label", "budget"])[["rel_error", y]].mean().reset_index()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for lab, part in points.groupby("label"):
         part = part.sort_values("budget")
@@ -179,10 +203,10 @@ def _scatter(frame: pd.DataFrame, y: str, path: Path, ylabel: str, title: str) -
 
 def accuracy_over_time(experiment, frame: pd.DataFrame, path: Path) -> None:
     """Fig. 3e: validation accuracy against wall time at the largest budget, seed of the first trial."""
-    budget = frame[frame.strategy != "full"].budget.max()
+    budget = frame[frame.strategy != FULL].budget.max()
     seed = frame.seed.min()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    for _, row in frame[((frame.budget == budget) | (frame.strategy == "full")) & (frame.seed == seed)].iterrows():
+    for _, row in frame[((frame.budget == budget) | (frame.strategy == FULL)) & (frame.seed == seed)].iterrows():
         epochs = [json.loads(line) for line in
                   (experiment.out / "trials" / row.trial / "epochs.jsonl").read_text().splitlines()]
         points = [(e["wall_s"], e["val_acc"]) for e in epochs if e["val_acc"] is not None]
@@ -199,7 +223,7 @@ def accuracy_over_time(experiment, frame: pd.DataFrame, path: Path) -> None:
 
 def ablation(frame: pd.DataFrame, column: str, path: Path, xlabel: str) -> None:
     """Fig. 4: accuracy against R or kappa per strategy, at each budget."""
-    selecting = frame[~frame.strategy.isin(["full", "full-earlystop"])]
+    selecting = frame[frame.strategy.isin(ROUND_STRATEGIES)]
     part = selecting.groupby(["strategy", "budget", column]).acc.mean().reset_index()
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for (strategy, budget), group in part.groupby(["strategy", "budget"]):
@@ -228,7 +252,7 @@ def plots(experiment, frame: pd.DataFrame) -> list[str]:
     made.append("fig3_accuracy_over_time.png")
     for column, name, xlabel in (("R", "fig4_ablation_R.png", "R (epochs between rounds)"),
                                  ("kappa", "fig4_ablation_kappa.png", "kappa (share of epochs on subsets)")):
-        if frame[~frame.strategy.isin(["full", "full-earlystop"])][column].nunique() > 1:
+        if frame[frame.strategy.isin(ROUND_STRATEGIES)][column].nunique() > 1:
             ablation(frame, column, out / name, xlabel)
             made.append(name)
     return made
@@ -268,17 +292,30 @@ def _report_text(experiment, frame, failed, command, elapsed_s, figures) -> str:
         "Probability of seeing at least this advantage in accuracy of the row over the column if neither "
         "were better; paired over (budget, seed); n/a with fewer than two pairs or no differences.",
         wilcoxon_table(frame),
-        "## Gradient matching error ||sum w g - target|| / ||target|| (paper Table 8)",
+        "## Gradient error of the subsets as trained (paper Table 8)",
+        "grad_error = ||sum_S w^_i g_i - sum_U g_i|| / ||sum_U g_i|| over the whole last-layer gradient at each "
+        "round's snapshot, U every training example, weights rescaled to stand for the n examples (w^_i = w_i n / "
+        "sum_S w; per example of a chosen batch in the PB variants); 0 for a subset that trains like a full epoch. "
+        "Mean over a trial's adopted rounds, then mean ± std over seeds. See docs/metrics.md.",
         mean_std_table(frame, "grad_error", 3, drop_missing=True)
-        if frame.grad_error.notna().any() else "No strategy of this grid matches gradients.",
-        "## Share of training examples never selected (paper Table 9)",
+        if frame.grad_error.notna().any() else "No strategy of this grid selects.",
+        "## Redundant points: share of training examples never used for training in the whole run (paper Table 9)",
+        "Examples neither in a subset that was trained on nor in a full epoch (warm start included).",
         mean_std_table(frame, "redundant", 3, drop_missing=True)
         if frame.redundant.notna().any() else "No strategy of this grid selects.",
+        "## Staleness of adopted subsets (epochs between a round's snapshot and its adoption)",
+        "Mean over a trial's adopted rounds, then mean ± std over seeds.",
+        mean_std_table(frame, "staleness", 2, drop_missing=True)
+        if frame.staleness.notna().any() else "No round was adopted.",
+        "## Late adoptions per trial (rounds adopted after their due epoch)",
+        mean_std_table(frame, "late_adoptions", 2, drop_missing=True)
+        if frame.late_adoptions.notna().any() else "No strategy of this grid selects.",
         "## What selection cost (overhead = wall_s / wall_s(RANDOM))",
         mean_std_table(frame, "overhead", 3, drop_missing=True) if frame.overhead.notna().any()
         else "No RANDOM trials to compare with.",
         "## Time the trainer waited on the selector (stall_s)",
-        mean_std_table(frame[frame.strategy != "full"], "stall_s", 3, drop_missing=True),
+        _stall_note(experiment),
+        mean_std_table(frame[frame.strategy != FULL], "stall_s", 3, drop_missing=True),
         "## Figures",
         *[f"![{name}]({name})" for name in figures],
     ]
@@ -287,10 +324,19 @@ def _report_text(experiment, frame, failed, command, elapsed_s, figures) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _stall_note(experiment) -> str:
+    modes = sorted({t.config["schedule"]["on_late"] for t in experiment.trials if t.strategy in ROUND_STRATEGIES})
+    if modes == ["wait"]:
+        return "All trials ran with on_late = wait: stall_s is the time the trainer waited on late subsets."
+    return ("Trials with on_late = continue never wait (a late subset is adopted at a later boundary), so their "
+            "stall_s and overlap are 0 and 1 by construction, not measurements; their cost shows as staleness "
+            "and late adoptions above. stall_s measures waiting only in on_late = wait mode.")
+
+
 def _energy_section(frame: pd.DataFrame) -> str:
     """Total energy per strategy and budget, then the trainer's phases (selection runs concurrently)."""
     parts = [mean_std_table(frame, "energy_j", 1)]
-    for phase in ("training", "summaries", "stall"):
+    for phase in PHASES:
         parts += [f"Phase `{phase}`:", mean_std_table(frame, f"energy_{phase}_j", 1, drop_missing=True)]
     return "\n\n".join(parts)
 

@@ -1,18 +1,73 @@
-"""When selection rounds start and when their subsets are due (DESIGN.md §3)."""
+"""The round protocol (DESIGN.md §3), in one place: when rounds happen and how they are driven.
+
+``RoundClient`` owns the selector's actor handle. At each epoch boundary it adopts a due subset (polling
+without blocking, or waiting when asked to), triggers the next round when its epoch has come, streams the
+summaries the strategy asks for, times rounds out, restarts a hung selector, skips overdue rounds and
+records every round. The built-in trainer and a user's own loop (``trainer.api.AdaptiveSubset``) both drive
+rounds through it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
-from trainer.training import EpochPlan
+import numpy as np
+import ray
+import torch
+from pydantic import ValidationError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
+
+from protocol.config import RunConfig
+from protocol.errors import RoundFailed, RunFailed, one_line
+from protocol.messages import RoundRequest, StrategyPlan, SubsetMessage
+from protocol.records import RoundRecord
+from trainer.training import Subset, fixed_batches, full_subset, subset_from_batches, subset_from_examples
+
+log = logging.getLogger(__name__)
+CALL_TIMEOUT_S = 60.0  # cheap selector calls (plan, reconfigure)
+RESULT_MARGIN_S = 5.0  # the selector gives up this much after the trainer, so the trainer's timeout fires
+INITIAL_SUBSET_STREAM = 2**31  # seed stream of the initial random subset, apart from every round's stream
+
+
+# --- the schedule -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """``full`` epochs on all data (warm start or FULL) followed by ``subset`` epochs."""
+
+    full: int
+    subset: int
+
+    @property
+    def total(self) -> int:
+        return self.full + self.subset
+
+
+def plan_epochs(epochs: int, kappa: float, budget: float, rounds: bool) -> EpochPlan:
+    """Warm start of paper A.2.1: ``T_s = kappa*T`` subset epochs after ``T_f = ceil(T_s*k/n)`` full ones.
+
+    ``kappa == 0`` means no warm start: all ``T`` epochs on subsets. Strategies without rounds (FULL)
+    train ``T`` full epochs. ``T_f`` is rounded up, as the reference implementation does, so a warm start
+    has at least one full epoch.
+    """
+    if not rounds:
+        return EpochPlan(full=epochs, subset=0)
+    if kappa == 0:
+        return EpochPlan(full=0, subset=epochs)
+    subset = max(1, round(kappa * epochs))
+    return EpochPlan(full=max(1, math.ceil(subset * budget - 1e-9)), subset=subset)
 
 
 @dataclass(frozen=True)
 class RoundSlot:
-    """Round ``round`` starts before epoch ``trigger`` and its subset is due before epoch ``due``."""
+    """Round ``round_id`` starts before epoch ``trigger`` and its subset is due before epoch ``due``."""
 
-    round: int
+    round_id: int
     trigger: int
     due: int
 
@@ -20,12 +75,13 @@ class RoundSlot:
 def round_schedule(plan: EpochPlan, select_every: int, lead: int) -> list[RoundSlot]:
     """Rounds every ``select_every`` epochs of the subset phase, each started ``lead`` epochs early.
 
-    With a warm start the first round is due when the subset phase begins; without one the run
-    starts from a random subset and the first round is due ``select_every`` epochs in.
+    With a warm start the first round is due when the subset phase begins; without one the run starts
+    from a random subset and the first round is due ``select_every`` epochs in. No round starts before
+    the first epoch has been trained (a subset chosen by the untrained model says nothing).
     """
     first = plan.full if plan.full > 0 else select_every
     dues = range(first, plan.total, select_every) if plan.subset > 0 else range(0)
-    return [RoundSlot(r, max(0, due - lead), due) for r, due in enumerate(dues)]
+    return [RoundSlot(r, max(1, due - lead), due) for r, due in enumerate(dues)]
 
 
 def budget_size(budget: float, n_train: int) -> int:
@@ -36,3 +92,437 @@ def budget_size(budget: float, n_train: int) -> int:
 def batch_budget(k: int, batch_size: int, n_batches: int) -> int:
     """PB budget: the number of mini-batches that holds ``k`` examples."""
     return max(1, min(n_batches, math.ceil(k / batch_size)))
+
+
+def check_schedule(config: RunConfig, n_train: int, pb: bool, rounds: bool) -> tuple[list[str], list[str]]:
+    """What keeps a run from selecting as asked: ``(errors, warnings)``, each a list of one-line messages.
+
+    Errors: no round fits in the subset phase (the run would train on its initial random subset only); a PB
+    batch size that makes the budget every mini-batch. Warnings: strategy changes at or after the last epoch,
+    which never take effect; a budget of the whole training set.
+    """
+    errors, warnings = [], []
+    if not rounds:
+        return errors, warnings
+    schedule, train = config.schedule, config.train
+    plan = plan_epochs(train.epochs, schedule.kappa, schedule.budget, rounds)
+    if not round_schedule(plan, schedule.select_every, schedule.lead):
+        errors.append(f"--select-every {schedule.select_every}: no selection round fits in the {plan.subset} subset "
+                      f"epochs of --epochs {train.epochs} (kappa {schedule.kappa:g}); use a smaller --select-every")
+    k = budget_size(schedule.budget, n_train)
+    n_batches = math.ceil(n_train / train.batch_size)
+    if pb and batch_budget(k, train.batch_size, n_batches) >= n_batches:
+        errors.append(f"--batch-size {train.batch_size}: the budget of {k} examples needs all {n_batches} mini-batches "
+                      f"of the {n_train} training examples, so nothing is selected; use a smaller --batch-size")
+    elif k >= n_train:
+        warnings.append(f"--budget {schedule.budget:g}: the subset is the whole training set ({n_train} examples)")
+    late = [c.epoch for c in config.strategy_schedule if c.epoch >= plan.total]
+    if late:
+        warnings.append(f"--strategy-schedule: entries at epochs {late} are at or after the last epoch "
+                        f"({plan.total - 1}) and never take effect")
+    return errors, warnings
+
+
+@dataclass(frozen=True)
+class GroundLayout:
+    """What a strategy chooses from: the fixed mini-batches (PB) or the training examples."""
+
+    batches: list[torch.Tensor] | None
+    n_ground: int
+    n_select: int
+    sizes: np.ndarray | None
+
+
+def ground_layout(plan: StrategyPlan, n_train: int, k: int, batch_size: int, seed: int) -> GroundLayout:
+    if plan.ground == "batch":
+        batches = fixed_batches(n_train, batch_size, seed)
+        return GroundLayout(batches, len(batches), batch_budget(k, batch_size, len(batches)),
+                            np.array([len(b) for b in batches]))
+    return GroundLayout(None, n_train, k, None)
+
+
+# --- the client ---------------------------------------------------------------------------------
+
+@dataclass
+class PendingRound:
+    slot: RoundSlot
+    strategy: str
+    ground: GroundLayout
+    request: RoundRequest
+    result: ray.ObjectRef | None  # None once the answer is held in ``payload`` (restored from a checkpoint)
+    trigger_epoch: int
+    started: float
+    summary_s: float
+    stall_s: float = 0.0
+    payload: dict | None = None
+
+
+@dataclass
+class RoundStats:
+    stall_s: float = 0.0
+    summary_s: float = 0.0
+    selector_busy_s: float = 0.0
+    records: list[dict] = field(default_factory=list)
+
+
+class RoundClient:
+    """Drives a run's selection rounds against one selector actor.
+
+    Parameters
+    ----------
+    selector : ray.actor.ActorHandle
+        A ``service.actor.SelectorActor`` (restarted by Ray when it dies, up to its ``max_restarts``).
+    config : RunConfig
+        The run's config; ``schedule``, ``strategy_schedule``, ``seed``, ``train.batch_size`` and ``train.lr``
+        are read here.
+    n_train : int
+        Examples in the ground set (the training set).
+    source : trainer.summaries.SummarySource
+        Computes the summaries a round asks for from the current model.
+    phase : callable, optional
+        ``phase(name)`` returns a context manager around the work of one phase (``"summaries"``, ``"stall"``),
+        e.g. an energy meter's.
+    """
+
+    def __init__(self, selector, config: RunConfig, n_train: int, source, phase: Callable | None = None):
+        self.selector = selector
+        self.config = config
+        self.source = source
+        self.n_train = n_train
+        self.phase = phase or (lambda name: contextlib.nullcontext())
+        self.plan = StrategyPlan.model_validate(ray.get(selector.plan.remote(), timeout=CALL_TIMEOUT_S))
+        schedule = config.schedule
+        self.k = budget_size(schedule.budget, n_train)
+        self.epoch_plan = plan_epochs(config.train.epochs, schedule.kappa, schedule.budget, self.plan.rounds)
+        self.slots = round_schedule(self.epoch_plan, schedule.select_every, schedule.lead)
+        self.ground = self._layout(self.plan)
+        self.subset = self._initial_subset()
+        # a change at epoch E governs the subsets adopted from boundary E on, so it reaches the selector
+        # ``lead`` epochs earlier, before the round due at E starts
+        self.changes: dict[int, list] = {}
+        for change in config.strategy_schedule:
+            if change.epoch > 0:
+                self.changes.setdefault(max(0, change.epoch - schedule.lead), []).append(change)
+        self.applied_changes: list[dict] = []
+        self.resend_config = None  # a scheduled config to give a restarted selector again
+        self.selector_failed = False
+        self.selector_lost: str | None = None  # why the selector is gone for good
+        self.ever_used = torch.zeros(n_train, dtype=torch.bool)  # trained on in some epoch
+        self.pending: PendingRound | None = None
+        self.next_slot = 0
+        self.stats = RoundStats()
+        self.on_record: Callable[[dict], None] | None = None
+
+    # set-up ------------------------------------------------------------------------------------
+    def _layout(self, plan: StrategyPlan) -> GroundLayout:
+        return ground_layout(plan, self.n_train, self.k, self.config.train.batch_size, self.config.seed)
+
+    def _initial_subset(self) -> Subset:
+        """Without a warm start the run begins on a seeded random subset (weights 1)."""
+        if not self.plan.rounds:
+            return full_subset(self.n_train)
+        rng = np.random.default_rng([self.config.seed, INITIAL_SUBSET_STREAM])
+        chosen = np.sort(rng.choice(self.ground.n_ground, size=self.ground.n_select, replace=False))
+        return self._subset(self.ground, chosen, np.ones(self.ground.n_select), None)
+
+    def _subset(self, ground: GroundLayout, indices, weights, round_id: int | None) -> Subset:
+        if ground.batches is not None:
+            return subset_from_batches(ground.batches, indices, weights, self.n_train, round_id)
+        return subset_from_examples(indices, weights, self.n_train, round_id)
+
+    # the boundary ------------------------------------------------------------------------------
+    def start_epoch(self, epoch: int, step: int) -> Subset:
+        """Run the boundary before ``epoch`` (``step`` optimizer steps so far); return what to train on."""
+        self.step = step
+        for change in self.changes.get(epoch, []):
+            self._reconfigure(change, epoch)
+        self._boundary(epoch)
+        subset = full_subset(self.n_train) if epoch < self.epoch_plan.full else self.subset
+        self.ever_used[torch.cat(subset.batches)] = True
+        return subset
+
+    def _boundary(self, epoch: int) -> None:
+        """Adopt a due subset, then start the next round if its trigger epoch has come."""
+        if self.pending is not None and epoch >= self.pending.slot.due:
+            self._try_adopt(epoch, wait=self._must_wait())
+        elif self.pending is not None:
+            self._check_timeout()
+        if self.selector_lost:
+            return
+        if self.pending is None:
+            self._skip_overdue(epoch)
+        if self.pending is None and self.next_slot < len(self.slots) and epoch >= self.slots[self.next_slot].trigger:
+            self._trigger(self.slots[self.next_slot], epoch)
+            self.next_slot += 1
+            if self.pending is not None and epoch >= self.pending.slot.due:
+                self._try_adopt(epoch, wait=self._must_wait())
+
+    def _must_wait(self) -> bool:
+        return self.config.schedule.lead == 0 or self.config.schedule.on_late == "wait"
+
+    def _skip_overdue(self, epoch: int) -> None:
+        """Rounds whose boundary passed while an earlier round was still out are not started late:
+        selection keeps its every-R rhythm instead of running at every epoch to catch up."""
+        while self.next_slot < len(self.slots) and self.slots[self.next_slot].due < epoch:
+            slot = self.slots[self.next_slot]
+            self.next_slot += 1
+            self._append(RoundRecord(
+                round=slot.round_id, strategy=self.plan.strategy, model_step=self.step, trigger_epoch=epoch,
+                due_epoch=slot.due, status="skipped",
+                reason=self.selector_lost or "its boundary passed while an earlier round was still out",
+            ))
+
+    def _reconfigure(self, change, epoch: int) -> None:
+        """A scheduled strategy change: reconfigure the selector; rounds asked from now on use it."""
+        selector, record = change.selector, {"epoch": change.epoch, "applied_epoch": epoch,
+                                             "strategy": change.selector.strategy}
+        try:
+            plan = ray.get(self.selector.reconfigure.remote(selector.model_dump()), timeout=CALL_TIMEOUT_S)
+        except (RayError, GetTimeoutError) as exc:
+            log.warning("reconfigure at epoch %d failed: %s", epoch, one_line(exc))
+            self.applied_changes.append({**record, "status": "failed"})
+            return
+        self.plan = StrategyPlan.model_validate(plan)
+        self.ground = self._layout(self.plan)
+        self.resend_config = selector
+        self.applied_changes.append({**record, "status": "applied"})
+
+    # rounds ------------------------------------------------------------------------------------
+    def _trigger(self, slot: RoundSlot, epoch: int) -> None:
+        """Snapshot: stream what the strategy needs to the selector, then ask for the answer."""
+        start = time.perf_counter()
+        self._resend_config()
+        plan, ground = self.plan, self.ground
+        chunk_rows = self._chunk_rows(plan)
+        n_chunks = math.ceil(ground.n_ground / chunk_rows) if plan.summaries != "none" else 0
+        request = RoundRequest(
+            round_id=slot.round_id, model_step=self.step, ground=plan.ground, n_ground=ground.n_ground,
+            n_select=ground.n_select, n_chunks=n_chunks, seed=self.config.seed, strategy=plan.strategy,
+            sizes=ground.sizes, lr=self.config.train.lr, with_validation=plan.needs_validation,
+        )
+        self.selector.start_round.remote(request.model_dump())
+        with self.phase("summaries"):
+            self._stream(slot.round_id, plan, ground, chunk_rows)
+        timeout_s = self.config.schedule.round_timeout_s
+        result = self.selector.result.remote(slot.round_id, timeout_s + RESULT_MARGIN_S)
+        summary_s = time.perf_counter() - start
+        self.stats.summary_s += summary_s
+        self.pending = PendingRound(slot, plan.strategy, ground, request, result, epoch, time.perf_counter(),
+                                    summary_s)
+
+    def _chunk_rows(self, plan: StrategyPlan) -> int:
+        examples = self.config.schedule.chunk_examples
+        return max(1, examples // self.config.train.batch_size) if plan.summaries == "batch" else examples
+
+    def _stream(self, round_id: int, plan: StrategyPlan, ground: GroundLayout, chunk_rows: int) -> None:
+        """Send the summaries chunk by chunk as they are computed (the selector may start early)."""
+        if plan.summaries == "batch":
+            chunks = self.source.batch_chunks(ground.batches, chunk_rows)
+        elif plan.summaries == "example":
+            chunks = self.source.example_chunks(chunk_rows)
+        else:
+            chunks = iter(())
+        for index, chunk in enumerate(chunks):
+            self.selector.add_chunk.remote({"round_id": round_id, "chunk_index": index, **chunk})
+        if plan.needs_validation:
+            self.selector.add_validation.remote({"round_id": round_id, **self.source.validation()})
+
+    def _resend_config(self) -> None:
+        """After a selector failure, give the (restarted) selector the scheduled strategy again."""
+        if self.resend_config is None or not self.selector_failed:
+            return
+        try:
+            ray.get(self.selector.reconfigure.remote(self.resend_config.model_dump()), timeout=CALL_TIMEOUT_S)
+            self.selector_failed = False
+        except (RayError, GetTimeoutError) as exc:
+            log.warning("reconfigure after a selector failure failed: %s", one_line(exc))
+
+    def _try_adopt(self, epoch: int, wait: bool) -> None:
+        pending = self.pending
+        if pending.payload is None:
+            remaining = self.config.schedule.round_timeout_s - (time.perf_counter() - pending.started)
+            start = time.perf_counter()
+            with self.phase("stall"):
+                ready, _ = ray.wait([pending.result], timeout=max(0.0, remaining) if wait else 0)
+            if wait:
+                stall = time.perf_counter() - start
+                pending.stall_s += stall
+                self.stats.stall_s += stall
+            if not ready:
+                self._check_timeout()
+                return
+        self.pending = None
+        try:
+            payload = self._payload(pending)
+        except RoundFailed as exc:
+            self.selector_failed = True
+            self._record(pending, "failed", reason=exc.reason)
+            return
+        except ActorDiedError as exc:
+            self._lose_selector(pending, one_line(exc))
+            return
+        except (RayError, GetTimeoutError) as exc:
+            self.selector_failed = True
+            self._record(pending, "failed", reason=one_line(exc))
+            return
+        busy_s = payload.get("busy_s") if isinstance(payload, dict) else None
+        if isinstance(busy_s, (int, float)) and math.isfinite(busy_s):
+            self.stats.selector_busy_s += float(busy_s)
+        try:
+            message = SubsetMessage.model_validate(payload, context={"request": pending.request})
+        except ValidationError as exc:
+            self._record(pending, "rejected", reason=one_line(exc), selector_s=_finite_or_none(busy_s))
+            return
+        self.subset = self._subset(pending.ground, message.indices, message.weights, message.round_id)
+        self._record(
+            pending, "adopted", adopted_epoch=epoch, staleness=epoch - pending.trigger_epoch,
+            selector_s=message.busy_s, select_s=message.select_s, grad_error=message.grad_error,
+            target=message.target, subset_size=self.subset.n_examples, n_padded=message.n_padded,
+        )
+
+    @staticmethod
+    def _payload(pending: PendingRound):
+        if pending.payload is not None:
+            return pending.payload
+        return ray.get(pending.result, timeout=CALL_TIMEOUT_S)
+
+    def _check_timeout(self) -> None:
+        pending = self.pending
+        timeout_s = self.config.schedule.round_timeout_s
+        if pending.payload is None and time.perf_counter() - pending.started >= timeout_s:
+            self.pending = None
+            # a selector that does not answer is hung: restart it so the next round has a fresh one
+            with contextlib.suppress(RayError):
+                ray.kill(self.selector, no_restart=False)
+            self.selector_failed = True
+            self._record(pending, "timeout", reason=f"no answer within {timeout_s:g} s; selector restarted")
+
+    def _lose_selector(self, pending: PendingRound, why: str) -> None:
+        """The selector is gone for good (its restarts are used up)."""
+        reason = f"selector lost for good ({why})"
+        self.selector_lost = reason
+        self._record(pending, "failed", reason=reason)
+        if self.config.schedule.on_selector_loss == "fail":
+            raise RunFailed(f"{reason}; the run stops (--on-selector-loss continue trains on the current subset)")
+        log.warning("%s: training goes on with the current subset (--on-selector-loss continue)", reason)
+
+    def finish(self) -> None:
+        """At the end: the round still out is unused, rounds never started are skipped."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._record(pending, "unused", reason="training ended before the subset was adopted")
+        self._skip_overdue(self.epoch_plan.total)
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Tell the selector to stop (its open rounds fail at once) and let a round still out finish, so that
+        releasing the actor leaves no call in flight; bounded by ``timeout_s``."""
+        refs = [self.selector.stop.remote()]
+        if self.pending is not None and self.pending.result is not None:
+            refs.append(self.pending.result)
+        with contextlib.suppress(RayError, RoundFailed):
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+
+    # records -----------------------------------------------------------------------------------
+    def _record(self, pending: PendingRound, status: str, **fields) -> None:
+        if status != "adopted":
+            log.warning("round %d %s: %s", pending.slot.round_id, status, fields.get("reason"))
+        self._append(RoundRecord(
+            round=pending.slot.round_id, strategy=pending.strategy, model_step=pending.request.model_step,
+            trigger_epoch=pending.trigger_epoch, due_epoch=pending.slot.due, status=status,
+            stall_s=pending.stall_s, summary_s=pending.summary_s, **fields,
+        ))
+
+    def _append(self, record: RoundRecord) -> None:
+        entry = record.model_dump()
+        self.stats.records.append(entry)
+        if self.on_record is not None:
+            self.on_record(entry)
+
+    def summary(self) -> dict:
+        """Counts and times of the rounds so far."""
+        records, stats = self.stats.records, self.stats
+        adopted = [r for r in records if r["status"] == "adopted"]
+        errors = [r["grad_error"] for r in adopted if r["grad_error"] is not None]
+        staleness = [r["staleness"] for r in adopted if r["staleness"] is not None]
+        return {
+            "rounds": len(adopted),
+            "rounds_rejected": sum(r["status"] in ("rejected", "failed", "timeout") for r in records),
+            "rounds_skipped": sum(r["status"] == "skipped" for r in records),
+            "late_adoptions": sum(r["adopted_epoch"] > r["due_epoch"] for r in adopted),
+            "staleness": float(np.mean(staleness)) if staleness else None,
+            "stall_s": stats.stall_s, "summary_s": stats.summary_s, "selector_busy_s": stats.selector_busy_s,
+            "overlap": (1.0 - stats.stall_s / stats.selector_busy_s) if stats.selector_busy_s > 0 else None,
+            "grad_error": float(np.mean(errors)) if errors else None,
+            "redundant": 1.0 - float(self.ever_used.float().mean()),
+            "strategy_changes": list(self.applied_changes),
+            "selector_lost": self.selector_lost,
+        }
+
+    # checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The selection state at a boundary. A round still out is waited for (its timeout bounds the wait)
+        so that a resumed run adopts the same answer at the same boundary as an uninterrupted one."""
+        pending = None
+        if self.pending is not None:
+            self._await_pending()
+        if self.pending is not None:
+            p = self.pending
+            pending = {"slot": p.slot.__dict__, "strategy": p.strategy, "request": p.request.model_dump(),
+                       "trigger_epoch": p.trigger_epoch, "summary_s": p.summary_s, "stall_s": p.stall_s,
+                       "payload": p.payload, "plan": self.plan.model_dump()}
+        subset = self.subset
+        return {
+            "subset": {"batches": [b.clone() for b in subset.batches], "weights": subset.weights.clone(),
+                       "fixed": subset.fixed, "round": subset.round},
+            "plan": self.plan.model_dump(), "next_slot": self.next_slot, "ever_used": self.ever_used.clone(),
+            "records": list(self.stats.records), "stall_s": self.stats.stall_s, "summary_s": self.stats.summary_s,
+            "selector_busy_s": self.stats.selector_busy_s, "applied_changes": list(self.applied_changes),
+            "resend_config": self.resend_config.model_dump() if self.resend_config is not None else None,
+            "selector_lost": self.selector_lost, "pending": pending,
+        }
+
+    def _await_pending(self) -> None:
+        p = self.pending
+        if p.payload is not None:
+            return
+        remaining = max(0.0, self.config.schedule.round_timeout_s - (time.perf_counter() - p.started))
+        ready, _ = ray.wait([p.result], timeout=remaining)
+        if not ready:
+            self._check_timeout()
+            return
+        try:
+            p.payload = ray.get(p.result, timeout=CALL_TIMEOUT_S)
+        except (RayError, GetTimeoutError, RoundFailed) as exc:
+            self.pending = None
+            self.selector_failed = True
+            self._record(p, "failed", reason=one_line(exc))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` saved; the selector is told the strategy in force."""
+        s = state["subset"]
+        self.subset = Subset(list(s["batches"]), s["weights"], s["fixed"], s["round"])
+        self.next_slot = state["next_slot"]
+        self.ever_used = state["ever_used"].clone()
+        self.stats = RoundStats(state["stall_s"], state["summary_s"], state["selector_busy_s"], list(state["records"]))
+        self.applied_changes = list(state["applied_changes"])
+        self.selector_lost = state["selector_lost"]
+        if state["resend_config"] is not None:
+            from protocol.config import StrategyChange
+
+            self.resend_config = StrategyChange.model_validate(
+                {"epoch": 1, "selector": state["resend_config"]}).selector
+            self.selector_failed = True
+            self._resend_config()
+        self.plan = StrategyPlan.model_validate(state["plan"])
+        self.ground = self._layout(self.plan)
+        p = state["pending"]
+        if p is not None:
+            plan = StrategyPlan.model_validate(p["plan"])
+            self.pending = PendingRound(
+                RoundSlot(**p["slot"]), p["strategy"], self._layout(plan), RoundRequest.model_validate(p["request"]),
+                None, p["trigger_epoch"], time.perf_counter(), p["summary_s"], p["stall_s"], p["payload"],
+            )
+
+
+def _finite_or_none(value):
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None

@@ -1,164 +1,188 @@
-"""Entry point: ``python -m trainer.run [flags]``.
+"""Entry point: ``python -m trainer.run [flags]`` or ``python -m trainer.run --resume DIR``.
 
-Joins a running Ray cluster (``ray start --head``) or starts a local one, places the selector and the
-trainer actors (on one GPU when there is one), shows progress, writes the run directory and prints a
-short final table. The only module that names both ``service`` and ``trainer``.
+Checks the flags, the run directory, the model and the data before Ray starts; joins a cluster started with
+``ray start`` (or named by ``RAY_ADDRESS``) or starts a private local Ray; places the selector and the trainer
+actors (on one GPU when there is one); shows progress; writes the run directory; prints a short final table.
+SIGINT and SIGTERM stop the run at the next epoch end with a checkpoint (a second Ctrl-C exits at once).
+
+Exit codes: 0 completed, 1 failed (one line on stderr says why), 2 bad input, 130 / 143 interrupted by
+SIGINT / SIGTERM (resumable with ``--resume``).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from tqdm import tqdm
 
-from protocol.config import RunConfig
-from trainer.cli import ConfigError, parse_config
+from protocol.config import PB_STRATEGIES, ROUND_STRATEGIES, RunConfig
+from protocol.errors import RunFailed, one_line
+from trainer.cli import ConfigError, parse_args, parse_config
+from trainer.launch import connect_ray, execute
 
-PROGRESS_TIMEOUT_S = 600.0  # the first progress call waits for the trainer to load its data
-POLL_S = 0.5
-
-
-def connect_ray(num_cpus: int | None = None) -> bool:
-    """Join the running cluster if there is one, else start a local Ray; True when started here."""
-    if ray.is_initialized():  # called from a program that is already connected
-        return False
-    try:
-        ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
-        return False
-    except ConnectionError:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level="ERROR")
-        return True
+EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
 
 
-def actor_options(config: RunConfig) -> dict:
-    """Both actors on one GPU (halves of one placement-group bundle) when there is one, else CPU only.
-
-    No actor holds a CPU for life (``num_cpus=0``): on a 2-core machine a held core would starve the other.
-    The placement group, if any, is under the key ``"placement_group"`` of the returned options.
-    """
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if config.train.device == "cpu" or gpus < 1:
-        return {"num_cpus": 0, "num_gpus": 0}
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    group = placement_group([{"GPU": 1}], strategy="STRICT_PACK")
-    ray.get(group.ready(), timeout=120)
-    strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0)
-    return {"num_cpus": 0, "num_gpus": 0.5, "scheduling_strategy": strategy, "placement_group": group}
-
+# --- the run directory --------------------------------------------------------------------------
 
 def run_dir(config: RunConfig) -> Path:
+    """The run directory, checked before anything starts: new or empty, creatable and writable."""
+    if config.out == "":
+        raise ConfigError("--out '': must name a directory")
     path = Path(config.out) if config.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.selector.strategy}"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {str(path)!r}: exists and is not a directory")
     if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"--out {str(path)!r}: exists and is not empty; choose a new run directory")
-    path.mkdir(parents=True, exist_ok=True)
+        raise ConfigError(f"--out {str(path)!r}: exists and is not empty; choose a new run directory "
+                          "(or continue it with --resume)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {str(path)!r}: cannot create or write there: {exc.strerror or exc}") from None
     return path
 
 
-def start_actors(config: RunConfig, options: dict):
-    from service.actor import SelectorActor
-    from trainer.actor import TrainerActor
-
-    selector = SelectorActor.options(**options).remote(config.selector.model_dump())
-    trainer = TrainerActor.options(**options).remote(config.model_dump(), selector)
-    return selector, trainer
-
-
-def execute(config: RunConfig, out: Path, show_progress: bool = True, options: dict | None = None) -> dict:
-    """Run one job on the connected Ray: write ``out`` (config, records, summary); return the summary."""
-    (out / "config.json").write_text(config.model_dump_json(indent=2))
-    options = dict(actor_options(config) if options is None else options)
-    group = options.pop("placement_group", None)
-    actors = []
+def resume_config(run: str) -> RunConfig:
+    """The config an interrupted run in ``run`` was started with; refuses a completed run."""
+    path = Path(run)
+    if not (path / "checkpoint.pt").is_file():
+        raise ConfigError(f"--resume {run}: no checkpoint.pt there; nothing to resume")
+    summary = path / "summary.json"
+    if summary.is_file():
+        try:
+            if json.loads(summary.read_text()).get("status", "completed") == "completed":
+                raise ConfigError(f"--resume {run}: that run already completed")
+        except ValueError:
+            pass  # an unreadable summary: resume and write it anew
     try:
-        actors = start_actors(config, options)
-        result = follow(actors[1], out, show_progress)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-        if group is not None:
-            remove_placement_group(group)
-    summary = dict(result["summary"], ray_address=ray.get_runtime_context().gcs_address)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        return RunConfig.model_validate_json((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {run}: cannot read its config.json: {one_line(exc)}") from None
 
 
-def follow(trainer, out: Path, show_progress: bool = True) -> dict:
-    """Wait for the run, streaming its records to ``out`` and a progress bar to the terminal."""
-    result_ref = trainer.run.remote()
-    seen_epochs = seen_rounds = 0
-    with open(out / "epochs.jsonl", "a") as epochs_file, open(out / "rounds.jsonl", "a") as rounds_file, \
-            tqdm(unit="epoch", desc="training", dynamic_ncols=True, file=sys.stderr,
-                 disable=not show_progress) as bar:
-        while True:
-            ready, _ = ray.wait([result_ref], timeout=POLL_S)
-            state = ray.get(trainer.progress.remote(seen_epochs, seen_rounds), timeout=PROGRESS_TIMEOUT_S)
-            seen_epochs += _append(epochs_file, state["epochs"])
-            seen_rounds += _append(rounds_file, state["rounds"])
-            bar.total = state["total"]
-            bar.update(state["epoch"] - bar.n)
-            bar.set_postfix(_postfix(state), refresh=False)
-            for record in state["rounds"]:
-                if record["status"] != "adopted":
-                    bar.write(f"round {record['round']} {record['status']}: {record['reason']}")
-            if ready:
-                return ray.get(result_ref, timeout=PROGRESS_TIMEOUT_S)
+# --- running --------------------------------------------------------------------------------------
 
+class Stopper:
+    """SIGINT / SIGTERM: the first asks the trainer to stop at the next epoch end, a second exits at once."""
 
-def _append(handle, records: list[dict]) -> int:
-    for record in records:
-        handle.write(json.dumps(record) + "\n")
-    handle.flush()
-    return len(records)
+    def __init__(self):
+        self.signal: int | None = None
+        self.trainer = None
+        self.previous = {}
 
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
 
-def _postfix(state: dict) -> dict:
-    postfix = {"loss": f"{state['loss']:.3f}" if state["loss"] is not None else "-"}
-    if state["val_acc"] is not None:
-        postfix["val_acc"] = f"{state['val_acc']:.1f}"
-    return postfix
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def attach(self, trainer) -> None:
+        """Forward stop requests to ``trainer``, including one made before it existed."""
+        self.trainer = trainer
+        if self.signal is not None:
+            trainer.request_stop.remote(f"stopped by {signal.Signals(self.signal).name}")
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping at the end of this epoch with a checkpoint (again to exit at once)",
+              file=sys.stderr, flush=True)
+        if self.trainer is not None:
+            self.trainer.request_stop.remote(f"stopped by {name}")
 
 
 def format_summary(summary: dict, out: Path) -> str:
     energy = f"{summary['energy_j']:.1f} J" if summary["energy_j"] is not None else f"n/a ({summary['energy_note']})"
     overlap = f"{summary['overlap']:.3f}" if summary["overlap"] is not None else "n/a"
     rows = [
+        ("status", summary["status"] + (f": {summary['reason']}" if summary.get("reason") else "")),
         ("strategy", f"{summary['strategy']} on {summary['dataset']} / {summary['model']}, budget {summary['budget']:g}"),
-        ("epochs", f"{summary['epochs_full']} full + {summary['epochs_subset']} subset"),
+        ("epochs", f"{summary['epochs_run']} of {summary['epochs_full']} full + {summary['epochs_subset']} subset"),
         ("test accuracy", f"{summary['acc']:.2f} %"),
         ("wall time", f"{summary['wall_s']:.1f} s (summaries {summary['summary_s']:.1f} s)"),
         ("stall time", f"{summary['stall_s']:.2f} s of {summary['selector_busy_s']:.2f} s selector work (overlap {overlap})"),
-        ("rounds", f"{summary['rounds']} adopted, {summary['rounds_rejected']} rejected or failed"),
+        ("rounds", f"{summary['rounds']} adopted ({summary['late_adoptions']} late), {summary['rounds_rejected']} "
+                   f"rejected or failed, {summary['rounds_skipped']} skipped"),
         ("energy", energy),
         ("ray", summary["ray_address"]),
-        ("run dir", str(out)),
+        ("run dir", f"{out} (model.pt: the trained weights)"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
+    """Everything that can be checked before Ray starts: flags, run directory, model, data and plan."""
+    from trainer.data import load_splits
+    from trainer.models import ModelError, check_model_name
+    from trainer.rounds import check_schedule
+
+    args = parse_args(argv)
+    resume = "resume" in args
+    if resume:
+        extra = sorted(k for k in args if k != "resume")
+        if extra:
+            raise ConfigError(f"--resume {args['resume']}: continues with the run's own config; drop the other "
+                              f"flags ({', '.join(extra)})")
+        config, out = resume_config(args["resume"]), Path(args["resume"])
+    else:
+        config = parse_config(args=args)
+    try:
+        check_model_name(config.model.name)
+        splits = load_splits(config.data, config.seed)
+    except (ModelError, ValueError, OSError) as exc:
+        raise ConfigError(one_line(exc)) from None
+    strategy = config.selector.strategy
+    errors, warnings = check_schedule(config, int(splits.train_y.shape[0]), pb=strategy in PB_STRATEGIES,
+                                      rounds=strategy in ROUND_STRATEGIES)
+    if errors:
+        raise ConfigError(errors[0])
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if not resume:
+        out = run_dir(config)
+    return config, out, resume, splits
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = parse_config(argv)
-        out = run_dir(config)
+        config, out, resume, splits = prepare(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     started = connect_ray()
     try:
-        summary = execute(config, out)
-        print(format_summary(summary, out))
-        return 0
+        with Stopper() as stopper:
+            summary = execute(config, out, resume=resume, stopper=stopper, splits=splits)
+            print(format_summary(summary, out))
+            if summary["status"] == "failed":
+                print(f"error: the run failed: {summary['reason']}", file=sys.stderr)
+                return EXIT_FAILED
+            if summary["status"] == "interrupted":
+                print(f"interrupted; continue with: python -m trainer.run --resume {out}", file=sys.stderr)
+                return EXIT_SIGTERM if stopper.signal == signal.SIGTERM else EXIT_SIGINT
+            return 0
+    except KeyboardInterrupt:
+        print(f"error: interrupted at once; the last checkpoint in {out} is kept (--resume {out})", file=sys.stderr)
+        return EXIT_SIGINT
+    except RunFailed as exc:
+        print(f"error: the run failed: {exc.reason}", file=sys.stderr)
+        return EXIT_FAILED
     except ray.exceptions.RayError as exc:
-        print(f"error: the run failed: {str(exc).strip().splitlines()[-1]}", file=sys.stderr)
-        return 1
+        print(f"error: the run failed: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if started:
             ray.shutdown()

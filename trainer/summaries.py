@@ -7,19 +7,26 @@ as ``[g_b (C), (g_b ⊗ h) flattened row-major (C*D)]``, the order of ``cat([bia
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from trainer.models import last_linear
 
+Fetch = Callable[[torch.Tensor], torch.Tensor]  # example ids (n,) -> inputs (n, ...) of those examples
+
+
+def as_fetch(inputs) -> Fetch:
+    """A tensor of inputs, or already a function of example ids, as a function of example ids."""
+    return inputs if callable(inputs) else (lambda ids: inputs[ids])
+
 
 class LastLayerTap:
-    """Captures the input of the model's last ``nn.Linear`` on every forward pass."""
+    """Captures the input of the model's classifier layer (its last ``nn.Linear`` unless named) on every forward."""
 
-    def __init__(self, model: nn.Module):
-        self.layer = last_linear(model)
+    def __init__(self, model: nn.Module, layer: nn.Linear | None = None):
+        self.layer = layer if layer is not None else last_linear(model)
         self.inputs: torch.Tensor | None = None
         self._handle = self.layer.register_forward_hook(self._hook)
 
@@ -64,29 +71,32 @@ def forward_tapped(model: nn.Module, tap: LastLayerTap, x: torch.Tensor) -> tupl
 @torch.no_grad()
 def batch_summaries(
     model: nn.Module,
-    x: torch.Tensor,
+    x,
     y: torch.Tensor,
     batches: list[torch.Tensor],
     chunk_rows: int,
     device: torch.device,
+    layer: nn.Linear | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(batch_ids, labels, rows)`` chunks of per-batch gradient summaries.
 
-    The model runs in eval mode (no dropout, running batch-norm statistics) on un-augmented data;
-    ``chunk_rows`` batches are forwarded together. Labels are the batch's majority class.
+    ``x`` is the inputs (n, ...) or a function of example ids returning them; ``y`` the (n,) labels. The model
+    runs in eval mode (no dropout, running batch-norm statistics) on un-augmented data; ``chunk_rows`` batches
+    are forwarded together. Labels are the batch's majority class.
     """
-    with _eval_tap(model) as tap:
+    fetch = as_fetch(x)
+    with _EvalTap(model, layer) as tap:
         for start in range(0, len(batches), chunk_rows):
             group = batches[start:start + chunk_rows]
             ids = torch.arange(start, start + len(group))
-            yield ids, _majority_labels(y, group), _group_rows(model, tap, x, y, group, device).cpu()
+            yield ids, _majority_labels(y, group), _group_rows(model, tap, fetch, y, group, device).cpu()
 
 
-def _group_rows(model, tap, x, y, group: list[torch.Tensor], device) -> torch.Tensor:
+def _group_rows(model, tap, fetch: Fetch, y, group: list[torch.Tensor], device) -> torch.Tensor:
     sizes = torch.tensor([len(b) for b in group])
     width = int(sizes.max())
     flat = torch.cat(group)
-    logits, features = forward_tapped(model, tap, x[flat].to(device, non_blocking=True))
+    logits, features = forward_tapped(model, tap, fetch(flat).to(device, non_blocking=True))
     errors = logit_errors(logits, y[flat].to(device))
     slot = torch.cat([torch.arange(len(b)) + i * width for i, b in enumerate(group)]).to(device)
     padded_e = errors.new_zeros(len(group) * width, errors.shape[1]).index_copy_(0, slot, errors)
@@ -102,43 +112,92 @@ def _majority_labels(y: torch.Tensor, group: list[torch.Tensor]) -> torch.Tensor
 
 @torch.no_grad()
 def example_summaries(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk_rows: int, device: torch.device
+    model: nn.Module, x, y: torch.Tensor, chunk_rows: int, device: torch.device, layer: nn.Linear | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(example_ids, labels, errors (n, C), features (n, D))`` chunks over the whole of ``x``.
+    """Yield ``(example_ids, labels, errors (n, C), features (n, D))`` chunks over all ``len(y)`` examples.
 
-    Per-example gradients stay factored (``errors ⊗ [1, features]``): C + D numbers per example instead
-    of C * (D + 1). Eval mode, no augmentation, no autograd.
+    ``x`` is the inputs or a function of example ids returning them. Per-example gradients stay factored
+    (``errors ⊗ [1, features]``): C + D numbers per example instead of C * (D + 1). Eval mode, no augmentation,
+    no autograd.
     """
-    with _eval_tap(model) as tap:
-        for start in range(0, x.shape[0], chunk_rows):
-            ids = torch.arange(start, min(start + chunk_rows, x.shape[0]))
-            logits, features = forward_tapped(model, tap, x[start:start + chunk_rows].to(device))
-            errors = logit_errors(logits, y[start:start + chunk_rows].to(device))
+    fetch, n = as_fetch(x), int(y.shape[0])
+    with _EvalTap(model, layer) as tap:
+        for start in range(0, n, chunk_rows):
+            ids = torch.arange(start, min(start + chunk_rows, n))
+            logits, features = forward_tapped(model, tap, fetch(ids).to(device))
+            errors = logit_errors(logits, y[ids].to(device))
             yield ids, y[ids].cpu(), errors.cpu(), features.float().cpu()
 
 
 @torch.no_grad()
-def validation_view(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device):
-    """The validation set as the last layer sees it: ``(logits (m, C), features (m, D))`` on the CPU."""
+def validation_view(model: nn.Module, x, batch_size: int, device: torch.device, n: int | None = None,
+                    layer: nn.Linear | None = None):
+    """The validation set as the last layer sees it: ``(logits (m, C), features (m, D))`` on the CPU.
+
+    ``x`` is the (m, ...) inputs, or a function of example ids returning them with ``n = m`` given.
+    """
+    fetch, n = as_fetch(x), (x.shape[0] if n is None else n)
     logits, features = [], []
-    with _eval_tap(model) as tap:
-        for start in range(0, x.shape[0], batch_size):
-            z, h = forward_tapped(model, tap, x[start:start + batch_size].to(device))
+    with _EvalTap(model, layer) as tap:
+        for start in range(0, n, batch_size):
+            z, h = forward_tapped(model, tap, fetch(torch.arange(start, min(start + batch_size, n))).to(device))
             logits.append(z.float().cpu())
             features.append(h.float().cpu())
     return torch.cat(logits), torch.cat(features)
 
 
-class _eval_tap:
-    """Context: the model in eval mode with a tap on its last layer; restores the mode afterwards."""
+class SummarySource:
+    """What a summary pass reads: the model (and its classifier layer), and the examples by id.
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    Parameters
+    ----------
+    model : nn.Module
+        The model being trained; summaries are computed from its current weights in eval mode.
+    train_inputs : tensor (n, ...) or callable
+        The training inputs without augmentation, or a function of example ids returning them.
+    train_labels : (n,) int64 tensor
+    device : torch.device
+        Where the model computes.
+    val_inputs, val_labels : optional
+        The validation set, for strategies that match its gradient.
+    layer : nn.Linear, optional
+        The classifier layer (default: the model's last ``nn.Linear``).
+    """
+
+    def __init__(self, model, train_inputs, train_labels, device, val_inputs=None, val_labels=None, layer=None,
+                 val_batch: int = 1024):
+        self.model, self.train_inputs, self.train_labels, self.device = model, train_inputs, train_labels, device
+        self.val_inputs, self.val_labels, self.layer, self.val_batch = val_inputs, val_labels, layer, val_batch
+
+    def batch_chunks(self, batches: list[torch.Tensor], chunk_rows: int) -> Iterator[dict]:
+        for ids, labels, rows in batch_summaries(self.model, self.train_inputs, self.train_labels, batches,
+                                                 chunk_rows, self.device, self.layer):
+            yield {"ids": ids.numpy(), "labels": labels.cpu().numpy(), "rows": rows.numpy()}
+
+    def example_chunks(self, chunk_rows: int) -> Iterator[dict]:
+        for ids, labels, errors, features in example_summaries(self.model, self.train_inputs, self.train_labels,
+                                                               chunk_rows, self.device, self.layer):
+            yield {"ids": ids.numpy(), "labels": labels.numpy(), "errors": errors.numpy(),
+                   "features": features.numpy()}
+
+    def validation(self) -> dict:
+        if self.val_labels is None or len(self.val_labels) == 0:
+            raise ValueError("the strategy matches the validation gradient, but no validation set was given")
+        logits, features = validation_view(self.model, self.val_inputs, self.val_batch, self.device,
+                                           n=int(self.val_labels.shape[0]), layer=self.layer)
+        return {"logits": logits.numpy(), "features": features.numpy(), "labels": self.val_labels.cpu().numpy()}
+
+
+class _EvalTap:
+    """Context: the model in eval mode with a tap on its classifier layer; restores the mode afterwards."""
+
+    def __init__(self, model: nn.Module, layer: nn.Linear | None = None):
+        self.model, self.layer = model, layer
 
     def __enter__(self) -> LastLayerTap:
         self.was_training = self.model.training
         self.model.eval()
-        self.tap = LastLayerTap(self.model)
+        self.tap = LastLayerTap(self.model, self.layer)
         return self.tap
 
     def __exit__(self, *exc) -> None:

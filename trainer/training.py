@@ -1,43 +1,18 @@
-"""The weighted training loop's pieces: epoch plan, fixed mini-batches, weighted loss, one epoch.
+"""The weighted training loop's pieces: fixed mini-batches, weighted loss, subsets, the learning-rate schedule.
 
 All plain functions on tensors; the trainer actor only schedules them.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data import augment_batch
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """``full`` epochs on all data (warm start or FULL) followed by ``subset`` epochs."""
-
-    full: int
-    subset: int
-
-    @property
-    def total(self) -> int:
-        return self.full + self.subset
-
-
-def plan_epochs(epochs: int, kappa: float, budget: float, rounds: bool) -> EpochPlan:
-    """Warm start of paper A.2.1: ``T_s = kappa*T`` subset epochs after ``T_f = T_s*k/n`` full ones.
-
-    ``kappa == 0`` means no warm start: all ``T`` epochs on subsets. Strategies without rounds (FULL)
-    train ``T`` full epochs. A warm start has at least one full epoch.
-    """
-    if not rounds:
-        return EpochPlan(full=epochs, subset=0)
-    if kappa == 0:
-        return EpochPlan(full=0, subset=epochs)
-    subset = max(1, round(kappa * epochs))
-    return EpochPlan(full=max(1, round(subset * budget)), subset=subset)
 
 
 def fixed_batches(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -51,14 +26,19 @@ def shuffled_batches(ids: torch.Tensor, batch_size: int, generator: torch.Genera
     return list(torch.split(ids[torch.randperm(ids.numel(), generator=generator)], batch_size))
 
 
-def weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, mean_weight: float) -> torch.Tensor:
-    """Per-example cross-entropy times ``weight / mean_weight``, averaged over the batch.
+def weighted_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  w: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on ``mean_i(w_i * CE(model(x)_i, y_i))``; returns the loss before the step.
 
-    ``mean_weight`` is the mean example weight of the whole subset, so the mean step size equals
-    unweighted training while relative weights inside and across batches are kept.
+    ``w`` (B,) are the subset's weights normalised to mean 1 over the subset (``Subset.mean_weight``). A
+    non-finite loss is returned without a step, so the model keeps its last finite state.
     """
-    losses = F.cross_entropy(logits, labels, reduction="none")
-    return (losses * (weights / mean_weight)).mean()
+    loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
+    if torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
 
 
 @dataclass
@@ -97,8 +77,8 @@ def subset_from_batches(batches: list[torch.Tensor], chosen, weights, n_train: i
 
 def subset_from_examples(ids, weights, n_train: int, round_id: int | None) -> Subset:
     example_w = torch.zeros(n_train)
-    ids = torch.as_tensor(ids, dtype=torch.long)
-    example_w[ids] = torch.as_tensor(weights, dtype=torch.float32)
+    ids = torch.tensor(np.asarray(ids), dtype=torch.long)  # a copy: message arrays are read-only
+    example_w[ids] = torch.tensor(np.asarray(weights), dtype=torch.float32)
     return Subset([ids], example_w, fixed=False, round=round_id)
 
 
@@ -106,33 +86,42 @@ def full_subset(n_train: int) -> Subset:
     return Subset([torch.arange(n_train)], torch.ones(n_train), fixed=False)
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float, total_steps: int):
-    """SGD with momentum and weight decay, cosine-annealed over the optimizer steps actually taken."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
-    return optimizer, schedule
+def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with momentum and weight decay (paper A.3.2)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def train_epoch(model, optimizer, schedule, x, y, subset: Subset, batch_size: int, augment: bool, generator,
-                stop=None) -> tuple[float, int]:
-    """One epoch over ``subset``; returns (mean loss, optimizer steps). ``stop()`` true ends it early."""
-    model.train()
-    mean_weight = subset.mean_weight
-    weights = subset.weights.to(x.device)
-    total, steps = 0.0, 0
-    for ids in subset.epoch_batches(batch_size, generator):
-        ids = ids.to(x.device)
-        inputs = augment_batch(x[ids], generator) if augment else x[ids]
-        loss = weighted_loss(model(inputs), y[ids], weights[ids], mean_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        total += float(loss.detach())
-        steps += 1
-        if stop is not None and stop():
-            break
-    return total / max(steps, 1), steps
+def cosine_lr(lr0: float, t: int, t_max: int) -> float:
+    """Cosine annealing: ``lr0 * (1 + cos(pi * t / t_max)) / 2`` for ``t = 0 .. t_max - 1``."""
+    return 0.5 * lr0 * (1.0 + math.cos(math.pi * min(t, t_max) / max(1, t_max)))
+
+
+class CosineSchedule:
+    """The learning rate of every step: annealed per epoch (the paper's) or per optimizer step.
+
+    ``per == "epoch"``: ``lr(e) = lr0 (1 + cos(pi e / E)) / 2`` for epoch ``e`` of ``E`` trained epochs, held
+    for the whole epoch. ``per == "step"``: the same curve over the run's ``total_steps`` optimizer steps.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr0: float, per: str, n_epochs: int, total_steps: int):
+        self.optimizer, self.lr0, self.per = optimizer, lr0, per
+        self.n_epochs, self.total_steps = n_epochs, total_steps
+
+    def _set(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def start_epoch(self, epoch: int, step: int) -> None:
+        self._set(cosine_lr(self.lr0, epoch if self.per == "epoch" else step,
+                            self.n_epochs if self.per == "epoch" else self.total_steps))
+
+    def after_step(self, step: int) -> None:
+        if self.per == "step":
+            self._set(cosine_lr(self.lr0, step, self.total_steps))
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
 
 @torch.no_grad()

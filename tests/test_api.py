@@ -1,0 +1,146 @@
+"""The own-loop client: a model and a dataset written here, a plain PyTorch loop, the real selector actor."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.api import AdaptiveSubset, ConfigError, DatasetError
+from trainer.models import ModelError
+
+
+class Blobs(torch.utils.data.Dataset):
+    """Four Gaussian blobs in 6-D; items are (tensor, int) like a user's dataset."""
+
+    def __init__(self, n: int = 400, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % 4
+        centres = torch.randn(4, 6, generator=g) * 3
+        self.x = centres[self.y] + torch.randn(n, 6, generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def train(subset, model, opt, seen=None):
+    for epoch, batches in subset:
+        for x, y, w in batches:
+            if seen is not None:
+                seen.setdefault(epoch, []).append(w)
+            loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+@pytest.mark.ray
+def test_own_loop_adopts_rounds_and_weights_have_mean_one(ray_address):
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    seen = {}
+    with AdaptiveSubset(model, Blobs(), strategy="gradmatch-pb", budget=0.2, epochs=10, select_every=2, kappa=0.5,
+                        batch_size=16, on_late="wait") as subset:
+        train(subset, model, opt, seen)
+        summary = subset.summary()
+        records = subset.records
+    assert [r["status"] for r in records] == ["adopted"] * 3, records
+    assert summary["rounds"] == 3 and summary["epochs_run"] == 6 and summary["steps"] == sum(map(len, seen.values()))
+    full, first_subset = torch.cat(seen[0]), torch.cat(seen[1])
+    assert full.numel() == 400 and torch.all(full == 1)  # a full epoch: every example, weight 1
+    assert first_subset.numel() <= 5 * 16 and first_subset.mean().item() == pytest.approx(1.0, rel=1e-5)
+    assert 0 <= records[0]["grad_error"] and summary["redundant"] == 0.0  # the full epoch trained on every example
+
+
+@pytest.mark.ray
+def test_state_dict_resumes_selection(ray_address):
+    def client(model):
+        return AdaptiveSubset(model, Blobs(), strategy="random", budget=0.25, epochs=8, select_every=2, kappa=0,
+                              batch_size=20, lead=0, seed=5)
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with client(model) as first:
+        for epoch, batches in first:
+            for x, y, w in batches:
+                pass
+            if epoch == 3:
+                state = first.state_dict()
+                break
+        subset_at_3 = first.subset
+    with client(Net()) as second:
+        second.load_state_dict(state)
+        assert second.epoch == 4 and second.step == state["step"]
+        assert torch.equal(second.rounds.subset.weights, subset_at_3.weights)
+        train(second, second.model, torch.optim.SGD(second.model.parameters(), lr=0.05))
+        records = second.records
+    assert [r["due_epoch"] for r in records] == [2, 4, 6] and all(r["status"] == "adopted" for r in records)
+    del opt
+
+
+class NoHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class SoftmaxOut(Net):
+    def forward(self, x):
+        return torch.softmax(super().forward(x), dim=1)
+
+
+class Pairs(Blobs):
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+@pytest.mark.parametrize("make, error, words", [
+    (lambda: (NoHead(), Blobs()), ModelError, ["NoHead", "out_features == 4", "last_layer="]),
+    (lambda: (SoftmaxOut(), Blobs()), ModelError, ["SoftmaxOut", "not the output of its classifier layer"]),
+    (lambda: (Net(), Pairs()), DatasetError, ["train_set[0]", "(input, int label)"]),
+    (lambda: (Net(), torch.utils.data.TensorDataset(torch.zeros(0, 6), torch.zeros(0, dtype=torch.long))),
+     DatasetError, ["train_set", "empty"]),
+])
+def test_bad_models_and_datasets_fail_before_ray(make, error, words):
+    model, data = make()
+    with pytest.raises(error) as info:
+        AdaptiveSubset(model, data, n_classes=4 if not isinstance(data, Pairs) else None)
+    message = str(info.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_labels_and_summary_set_are_checked():
+    data = Blobs()
+    with pytest.raises(DatasetError, match=r"labels in \[0, 3\], must be in \[0, 2\)"):
+        AdaptiveSubset(Net(), data, n_classes=2)
+    with pytest.raises(DatasetError, match="summary_set has 10 examples, must have as many as train_set"):
+        AdaptiveSubset(Net(), data, summary_set=Blobs(10))
+
+
+@pytest.mark.parametrize("options, expected", [
+    ({"budget": 1.5}, "budget 1.5: Input should be less than or equal to 1"),
+    ({"strategy": "nope"}, "strategy 'nope': must be one of"),
+    ({"strategy": "random", "lam": 0.1}, "lam: not an option of strategy 'random'"),
+    ({"lr": float("nan")}, "lr nan: Input should be a finite number"),
+])
+def test_invalid_options_are_one_line_config_errors(options, expected):
+    with pytest.raises(ConfigError) as info:
+        AdaptiveSubset(Net(), Blobs(), **options)
+    assert expected in str(info.value) and "\n" not in str(info.value)

@@ -1,0 +1,166 @@
+"""Runs that never lose work: private Rays, checkpoints, --resume, clean stops, non-finite values, write failures.
+
+Every run here is the real CLI in a subprocess, as a user starts it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.launch import RecordFile
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 420
+SMALL = ["--dataset", "digits", "--model", "mlp", "--threads", "1"]
+# long enough (mnist5k, LeNet) that a signal sent at start lands before the end, synchronous rounds (lead 0)
+# so that adoption does not depend on timing
+SYNC = ["--dataset", "mnist5k", "--model", "lenet", "--epochs", "24", "--select-every", "3", "--lead", "0",
+        "--budget", "0.1", "--threads", "1", "--seed", "3", "--checkpoint-every", "2"]
+
+
+def cli(*args, address=None, **popen):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    if address:
+        env["RAY_ADDRESS"] = address
+    return subprocess.Popen([sys.executable, "-m", "trainer.run", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def finish(process) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=TIMEOUT_S)
+    return process.returncode, out, err
+
+
+def wait_for(path: Path, timeout_s: float = 120) -> None:
+    end = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_runs_side_by_side_each_start_their_own_ray(tmp_path):
+    runs = [cli(*SMALL, "--epochs", "6", "--select-every", "2", "--out", str(tmp_path / name)) for name in "ab"]
+    results = [finish(p) for p in runs]
+    assert [code for code, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    addresses = {summary(tmp_path / name)["ray_address"] for name in "ab"}
+    assert len(addresses) == 2  # each on a private Ray, neither joined the other's
+
+
+def test_sigint_then_resume_equals_an_uninterrupted_run(ray_address, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    reference = cli(*SYNC, "--out", str(whole), address=ray_address)
+    interrupted = cli(*SYNC, "--out", str(cut), address=ray_address)
+    wait_for(cut / "config.json")
+    interrupted.send_signal(signal.SIGINT)
+    code, _, err = finish(interrupted)
+    assert code == 130, err[-3000:]
+    assert "Traceback" not in err and "--resume" in err
+    first = summary(cut)
+    assert first["status"] == "interrupted" and first["epochs_run"] < 24 and (cut / "checkpoint.pt").exists()
+    code, _, err = finish(cli("--resume", str(cut), address=ray_address))
+    assert code == 0, err[-3000:]
+    assert finish(reference)[0] == 0
+    done, expected = summary(cut), summary(whole)
+    assert done["status"] == "completed" and done["epochs_run"] == expected["epochs_run"] == 24
+    assert done["acc"] == expected["acc"]
+    keys = ("round", "status", "subset_size", "grad_error")
+    assert [{k: r[k] for k in keys} for r in lines(cut / "rounds.jsonl")] == \
+        [{k: r[k] for k in keys} for r in lines(whole / "rounds.jsonl")]
+    assert [e["loss"] for e in lines(cut / "epochs.jsonl")] == [e["loss"] for e in lines(whole / "epochs.jsonl")]
+
+
+def test_sigkill_then_resume_finishes_and_model_pt_reproduces_the_accuracy(ray_address, tmp_path):
+    out = tmp_path / "run"
+    process = cli(*SYNC, "--out", str(out), address=ray_address)
+    wait_for(out / "checkpoint.pt")
+    process.kill()
+    process.wait(timeout=60)
+    assert not (out / "summary.json").exists()
+    code, stdout, err = finish(cli("--resume", str(out), address=ray_address))
+    assert code == 0, err[-3000:]
+    result = summary(out)
+    assert result["status"] == "completed" and result["epochs_run"] == 24
+    # the trained model, loaded as a user would, gives the reported test accuracy
+    from protocol.config import RunConfig
+    from trainer.data import load_splits
+    from trainer.models import build_model
+    from trainer.training import evaluate
+
+    config = RunConfig.model_validate_json((out / "config.json").read_text())
+    splits = load_splits(config.data, config.seed)
+    model = build_model(config.model.name, splits.in_shape, splits.n_classes)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    assert evaluate(model, splits.test_x, splits.test_y) == result["acc"]
+    assert "--resume" not in stdout and "model.pt" in stdout
+
+
+def test_a_diverging_run_fails_clearly(ray_address, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = finish(cli(*SMALL, "--epochs", "6", "--select-every", "2", "--lr", "1e6", "--out", str(out),
+                              address=ray_address))
+    assert code == 1, err[-3000:]
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "training loss became" in line[0] and "--lr" in line[0], err[-2000:]
+    result = summary(out)
+    assert result["status"] == "failed" and "training loss became" in result["reason"]
+    text = (out / "epochs.jsonl").read_text() + (out / "summary.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+
+
+def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
+    from trainer.run import main
+
+    assert main(["--resume", str(tmp_path)]) == 2
+    assert "no checkpoint.pt there" in capsys.readouterr().err
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "summary.json").write_text('{"status": "completed"}')
+    assert main(["--resume", str(tmp_path)]) == 2
+    assert "already completed" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path), "--epochs", "3"]) == 2
+    assert "drop the other flags" in capsys.readouterr().err
+
+
+def test_a_full_disk_leaves_whole_records_and_one_line(tmp_path):
+    from protocol.errors import RunFailed
+
+    records = RecordFile(Path("/dev/full"))
+    with pytest.raises(RunFailed, match="cannot write /dev/full: No space left on device"):
+        records.append([{"epoch": 0, "loss": 1.0}])
+    records.close()
+    path = tmp_path / "epochs.jsonl"
+    good = RecordFile(path)
+    good.append([{"epoch": 0}, {"epoch": 1}])
+    good.close()
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [{"epoch": 0}, {"epoch": 1}]
+
+
+def test_run_directory_removed_mid_run_is_one_line(ray_address, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    process = cli(*SMALL, "--epochs", "60", "--select-every", "5", "--checkpoint-every", "1", "--kappa", "0",
+                  "--budget", "0.5", "--out", str(out), address=ray_address)
+    wait_for(out / "checkpoint.pt")
+    shutil.rmtree(out)
+    code, _, err = finish(process)
+    assert code == 1, err[-3000:]
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "cannot write" in errors[0] and str(out) in errors[0], err[-2000:]
+    assert "Traceback" not in err

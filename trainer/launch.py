@@ -1,0 +1,208 @@
+"""Connecting to Ray, placing the actors and running one job; used by ``trainer.run``, ``trainer.api``,
+the experiment runner and the benchmarks.
+
+A run joins a cluster only when one was started with ``ray start`` (its address is in Ray's bootstrap file)
+or ``RAY_ADDRESS`` names one; otherwise it starts a private local Ray that no other program joins. That is
+how ``ray.init()`` without an address decides; ``address="auto"`` would also join another program's private
+local Ray and die with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from protocol.config import RunConfig
+from protocol.errors import RunFailed
+
+PROGRESS_TIMEOUT_S = 600.0  # the first progress call waits for the trainer to build its model
+POLL_S = 0.5
+LOCAL_OPTIONS = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+
+
+def cluster_address() -> str | None:
+    """The address of the cluster to join: ``RAY_ADDRESS``, else the one the last ``ray start`` recorded."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address:
+        return address
+    try:
+        from ray._private.services import find_bootstrap_address
+
+        return find_bootstrap_address(None)
+    except (ImportError, OSError):  # a Ray without the helper, or an unreadable bootstrap file: no cluster
+        return None
+
+
+def connect_ray(num_cpus: int | None = None) -> bool:
+    """Join the cluster if one was started with ``ray start``, else start a private local Ray.
+
+    Returns True when the Ray was started here (the caller shuts it down).
+    """
+    if ray.is_initialized():  # called from a program that is already connected
+        return False
+    address = cluster_address()
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        return False
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **LOCAL_OPTIONS)
+    return True
+
+
+def actor_options(device: str) -> dict:
+    """Both actors on one GPU (halves of one placement-group bundle) when there is one, else CPU only.
+
+    No actor holds a CPU for life (``num_cpus=0``): on a 2-core machine a held core would starve the other.
+    The placement group, if any, is under the key ``"placement_group"`` of the returned options.
+    """
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "cpu" or gpus < 1:
+        return {"num_cpus": 0, "num_gpus": 0}
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group([{"GPU": 1}], strategy="STRICT_PACK")
+    ray.get(group.ready(), timeout=120)
+    strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0)
+    return {"num_cpus": 0, "num_gpus": 0.5, "scheduling_strategy": strategy, "placement_group": group}
+
+
+def start_selector(selector_config: dict, options: dict | None = None):
+    """A selector actor for ``selector_config`` (a ``SelectorConfig`` dump), placed by ``options``."""
+    from service.actor import SelectorActor
+
+    return SelectorActor.options(**(options or {"num_cpus": 0, "num_gpus": 0})).remote(selector_config)
+
+
+def release(*actors, group=None) -> None:
+    """Stop actors (their open rounds fail at once) and free their placement group; never raises."""
+    from ray.util.placement_group import remove_placement_group
+
+    for actor in actors:
+        if actor is None:
+            continue
+        try:
+            ray.kill(actor)
+        except Exception:  # already gone
+            pass
+    if group is not None:
+        try:
+            remove_placement_group(group)
+        except Exception:
+            pass
+
+
+# --- one run ------------------------------------------------------------------------------------
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunFailed(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+class RecordFile:
+    """A JSONL file that only ever holds whole lines: each record is one ``os.write``; a short write is undone."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise RunFailed(f"cannot write {path}: {exc.strerror or exc}") from None
+        self.size = 0
+
+    def append(self, records: list[dict]) -> int:
+        for record in records:
+            data = (json.dumps(record) + "\n").encode()
+            try:
+                written = os.write(self.fd, data)
+                if written != len(data):
+                    raise OSError(28, "No space left on device")
+            except OSError as exc:
+                try:
+                    os.ftruncate(self.fd, self.size)
+                except OSError:
+                    pass
+                raise RunFailed(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            self.size += written
+        return len(records)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def start_actors(config: RunConfig, options: dict, splits, out: Path | None, resume: bool):
+    from trainer.actor import TrainerActor
+
+    selector = start_selector(config.selector.model_dump(), options)
+    trainer = TrainerActor.options(**options).remote(config.model_dump(), selector, splits,
+                                                     str(out) if out else None, resume)
+    return selector, trainer
+
+
+def execute(config: RunConfig, out: Path, show_progress: bool = True, options: dict | None = None,
+            resume: bool = False, stopper=None, splits=None) -> dict:
+    """Run one job on the connected Ray: write ``out`` (config, records, checkpoints, model, summary).
+
+    Returns the summary; its ``status`` says whether the run completed, was interrupted or failed.
+    """
+    if not resume:
+        write_json(out / "config.json", config.model_dump(mode="json"))
+    options = dict(actor_options(config.train.device) if options is None else options)
+    group = options.pop("placement_group", None)
+    actors = ()
+    try:
+        actors = start_actors(config, options, splits, out, resume)
+        if stopper is not None:
+            stopper.attach(actors[1])
+        result = follow(actors[1], out, show_progress)
+        summary = dict(result["summary"], ray_address=ray.get_runtime_context().gcs_address)
+    finally:
+        release(*actors, group=group)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def follow(trainer, out: Path, show_progress: bool = True) -> dict:
+    """Wait for the run, streaming its records to ``out`` and a progress bar to the terminal."""
+    result_ref = trainer.run.remote()
+    seen_epochs = seen_rounds = 0
+    files = RecordFile(out / "epochs.jsonl"), RecordFile(out / "rounds.jsonl")
+    try:
+        with tqdm(unit="epoch", desc="training", dynamic_ncols=True, file=sys.stderr, disable=not show_progress) as bar:
+            while True:
+                ready, _ = ray.wait([result_ref], timeout=POLL_S)
+                state = ray.get(trainer.progress.remote(seen_epochs, seen_rounds), timeout=PROGRESS_TIMEOUT_S)
+                try:
+                    seen_epochs += files[0].append(state["epochs"])
+                    seen_rounds += files[1].append(state["rounds"])
+                except RunFailed:
+                    trainer.request_stop.remote("a record could not be written")
+                    raise
+                bar.total = state["total"]
+                bar.update(state["epoch"] - bar.n)
+                bar.set_postfix(_postfix(state), refresh=False)
+                for record in state["rounds"]:
+                    if record["status"] != "adopted":
+                        bar.write(f"round {record['round']} {record['status']}: {record['reason']}")
+                if ready:
+                    return ray.get(result_ref, timeout=PROGRESS_TIMEOUT_S)
+    finally:
+        for handle in files:
+            handle.close()
+
+
+def _postfix(state: dict) -> dict:
+    postfix = {"loss": f"{state['loss']:.3f}" if state["loss"] is not None else "-"}
+    if state["val_acc"] is not None:
+        postfix["val_acc"] = f"{state['val_acc']:.1f}"
+    return postfix
