@@ -1,13 +1,15 @@
 """Does selection overlap training? FULL, RANDOM and GRAD-MATCH-PB-WARM, synchronous and asynchronous,
 measured side by side in one run on one machine (same data, model, epochs, budget and seeds).
 
-    python bench/overlap.py [--epochs 200] [--seeds 0 1 2] [--dataset mnist5k] [--model lenet]
+    python bench/overlap.py [--budgets 0.01 0.05 0.1] [--epochs 200] [--seeds 0 1 2] [--summary-workers W]
 
 Prints each configuration's wall time, then overhead = wall_s / wall_s(RANDOM) for both GRAD-MATCH modes,
-speedup vs FULL, stall time, selector busy time and overlap = 1 - stall / busy, and ends with one line:
-``overhead_async=X overhead_sync=Y overlap=Z speedup_vs_full=W acc_async=A acc_sync=B``.
-Claim: overhead_async <= 1.10, overlap >= 0.95, speedup_vs_full >= 8.5, and the asynchronous accuracy
-within one standard deviation (over seeds) of the synchronous one.
+speedup vs FULL, stall time, selector busy time and overlap = 1 - stall / busy, and ends with one line per
+budget: ``budget=B overhead_async=X overhead_sync=Y overlap=Z speedup_vs_full=W acc_async=A acc_sync=B``.
+Claim: overhead_async <= 1.05 at every budget, and the asynchronous accuracy within one standard deviation
+(over seeds) of the synchronous one. ``--summary-workers W`` makes GRAD-MATCH's summary passes on W Ray
+actors from a model snapshot (the trainer keeps training); RANDOM's measure-only summary pass is left out of
+its wall time either way.
 """
 
 from __future__ import annotations
@@ -34,29 +36,34 @@ MODES = {
 }
 
 
-def config(mode: str, args, seed: int) -> RunConfig:
+def config(mode: str, args, seed: int, budget: float) -> RunConfig:
+    schedule = {"budget": budget, "select_every": args.select_every, **MODES[mode].get("schedule", {})}
+    if mode.startswith("gm_"):
+        schedule["summary_workers"] = args.summary_workers
     tree = {
         "seed": seed,
         "data": {"dataset": args.dataset},
         "model": {"name": args.model},
-        "train": {"epochs": args.epochs},
-        "schedule": {"budget": 0.1, "select_every": args.select_every, **MODES[mode].get("schedule", {})},
+        "train": {"epochs": args.epochs, "threads": args.threads},
+        "schedule": schedule,
         "selector": MODES[mode]["selector"],
     }
     return RunConfig.model_validate(tree)
 
 
-def measure(args) -> dict[str, list[dict]]:
+def measure(args, budget: float, full: list[dict] | None) -> dict[str, list[dict]]:
     """Every mode for every seed, interleaved so that drifts of the machine hit all modes alike."""
     results = {mode: [] for mode in MODES}
+    if full is not None:
+        results["full"] = full
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for mode in MODES:
-                if mode == "full" and seed != args.seeds[0] and not args.full_every_seed:
+                if mode == "full" and (full is not None or (seed != args.seeds[0] and not args.full_every_seed)):
                     continue
                 out = Path(tmp) / f"{mode}-{seed}"
                 out.mkdir()
-                summary = execute(config(mode, args, seed), out, show_progress=False)
+                summary = execute(config(mode, args, seed, budget), out, show_progress=False)
                 results[mode].append(summary)
                 print(f"  {mode:<9} seed {seed}: wall {summary['wall_s']:7.2f} s  acc {summary['acc']:6.2f}  "
                       f"stall {summary['stall_s']:.3f} s  busy {summary['selector_busy_s']:.3f} s  "
@@ -68,7 +75,7 @@ def mean(runs: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in runs)
 
 
-def report(results: dict[str, list[dict]]) -> str:
+def report(results: dict[str, list[dict]], budget: float) -> tuple[str, str]:
     wall = {mode: mean(runs, "wall_s") for mode, runs in results.items()}
     stall = mean(results["gm_async"], "stall_s")
     busy = mean(results["gm_async"], "selector_busy_s")
@@ -89,18 +96,21 @@ def report(results: dict[str, list[dict]]) -> str:
                      f"{mean(runs, 'selector_busy_s'):8.3f}{mean(runs, 'summary_s'):8.3f}")
     lines.append(f"sync stall {mean(results['gm_sync'], 'stall_s'):.3f} s; async stall {stall:.3f} s of {busy:.3f} s "
                  f"selector work; acc std over seeds (sync) {std_sync:.2f}")
-    checks = [
-        figures["overhead_async"] <= 1.10, figures["overlap"] >= 0.95, figures["speedup_vs_full"] >= 8.5,
-        abs(figures["acc_async"] - figures["acc_sync"]) <= std_sync,
-    ]
-    lines.append("claim (overhead_async <= 1.10, overlap >= 0.95, speedup_vs_full >= 8.5, |acc_async - acc_sync| "
-                 f"<= std): {' '.join('PASS' if c else 'FAIL' for c in checks)}")
-    lines.append(" ".join(f"{k}={v:.3f}" if "acc" not in k else f"{k}={v:.2f}" for k, v in figures.items()))
-    return "\n".join(lines)
+    checks = [figures["overhead_async"] <= 1.05, abs(figures["acc_async"] - figures["acc_sync"]) <= std_sync]
+    lines.append(f"claim at budget {budget:g} (overhead_async <= 1.05, |acc_async - acc_sync| <= std): "
+                 f"{' '.join('PASS' if c else 'FAIL' for c in checks)}")
+    last = f"budget={budget:g} " + " ".join(f"{k}={v:.3f}" if "acc" not in k else f"{k}={v:.2f}"
+                                            for k, v in figures.items())
+    return "\n".join(lines), last
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.01, 0.05, 0.1],
+                        help="subset budgets (default: 0.01 0.05 0.1)")
+    parser.add_argument("--summary-workers", type=int, default=0,
+                        help="summary workers of the GRAD-MATCH runs (default: 0, the trainer makes the passes)")
+    parser.add_argument("--threads", type=int, default=None, help="trainer threads (default: all cores)")
     parser.add_argument("--epochs", type=int, default=200, help="epoch budget T (default: 200)")
     parser.add_argument("--select-every", type=int, default=20, help="R (default: 20)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
@@ -109,12 +119,19 @@ def main() -> int:
     parser.add_argument("--full-every-seed", action="store_true", help="run FULL for every seed (default: first)")
     args = parser.parse_args()
     started = connect_ray()
+    lasts, full = [], None
     try:
-        results = measure(args)
+        for budget in args.budgets:
+            print(f"budget {budget:g}", flush=True)
+            results = measure(args, budget, full)
+            full = results["full"]  # FULL does not depend on the budget: measured once
+            table, last = report(results, budget)
+            print(table, flush=True)
+            lasts.append(last)
     finally:
         if started:
             ray.shutdown()
-    print(report(results))
+    print("\n".join(lasts))
     return 0
 
 

@@ -26,8 +26,9 @@ model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 train, test = Digits(slice(0, 1500)), Digits(slice(1500, None))
 
+# epochs of 300 examples take milliseconds here, so a late subset is waited for (on_late="wait")
 with AdaptiveSubset(model, train, strategy="gradmatch-pb", budget=0.2, epochs=30, select_every=5, kappa=0.5,
-                    batch_size=32) as subset:
+                    batch_size=32, on_late="wait") as subset:
     for epoch, batches in subset:
         for x, y, w in batches:  # w: the subset's weights, mean 1
             loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()

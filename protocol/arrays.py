@@ -13,6 +13,9 @@ import numpy as np
 from pydantic import BeforeValidator, PlainSerializer
 
 
+_INT64_END = 2.0**63  # int64 holds [-2**63, 2**63)
+
+
 def _coerce(value, dtype, ndim: int) -> np.ndarray:
     try:
         array = np.asarray(value)
@@ -20,13 +23,24 @@ def _coerce(value, dtype, ndim: int) -> np.ndarray:
         raise ValueError(f"cannot be read as a {ndim}-D {np.dtype(dtype).name} array: {exc}") from exc
     if array.ndim != ndim:
         raise ValueError(f"must be a {ndim}-D array, got shape {array.shape}")
+    if array.size == 0:  # no values: any dtype will do (an empty list reads as float64)
+        return np.zeros(array.shape, dtype)
+    kind = array.dtype.kind  # b: bool, i/u: (un)signed integer, f: floating, c: complex, anything else: not numbers
     if np.issubdtype(np.dtype(dtype), np.integer):
-        if array.size and not np.issubdtype(array.dtype, np.integer):
-            if not np.issubdtype(array.dtype, np.floating) or not np.all(np.mod(array, 1) == 0):
-                raise ValueError(f"must hold integers, got dtype {array.dtype}")
-    elif array.size and not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ValueError(f"must hold numbers, got dtype {array.dtype}")
-    return np.ascontiguousarray(array, dtype=dtype)
+        if kind not in "iuf" or (kind == "f" and not (np.all(np.isfinite(array)) and np.all(np.mod(array, 1) == 0))):
+            raise ValueError(f"must hold integers, got dtype {array.dtype}")
+        # A cast would wrap these around silently (2**63 becomes -2**63).
+        if (kind == "u" and array.max() > np.iinfo(np.int64).max) or (
+                kind == "f" and (array.min() < -_INT64_END or array.max() >= _INT64_END)):
+            raise ValueError(f"must hold int64 values, got range [{array.min()}, {array.max()}]")
+    elif kind not in "biuf":  # complex would lose its imaginary part
+        raise ValueError(f"must hold real numbers, got dtype {array.dtype}")
+    with np.errstate(over="ignore"):
+        result = np.ascontiguousarray(array, dtype=dtype)
+    if kind == "f" and result.dtype.kind == "f" and np.any(np.isinf(result) & np.isfinite(array)):
+        raise ValueError(f"must hold values within the {result.dtype.name} range, got range "
+                         f"[{array.min()}, {array.max()}]")
+    return result
 
 
 def _array_type(dtype, ndim: int):

@@ -129,6 +129,10 @@ class ScheduleConfig(Strict):
         "fail", description="when the selector is gone for good: end the run with an error, or keep training "
         "on the current subset"
     )
+    summary_workers: int = Field(
+        0, ge=0, description="Ray actors that make the summary passes from a model snapshot (0: the trainer does)"
+    )
+    summary_threads: int = Field(1, ge=1, description="torch CPU threads of each summary worker")
     chunk_examples: int = Field(
         1024, ge=1, description="examples per streamed gradient chunk (and per forward pass of a summary pass)"
     )
@@ -144,12 +148,42 @@ class ScheduleConfig(Strict):
 
 
 class SelectorBase(Strict):
+    threads: int = Field(1, ge=1, description="torch and BLAS threads of the selector (it shares cores with the trainer)")
     delay_s: float = Field(
         0.0, ge=0, description="extra seconds before each answer (to study late subsets)"
     )
     fault: Literal[
         "none", "wrong_round", "index_out_of_range", "negative_weight", "duplicate_index", "crash"
     ] = Field("none", description="deliberately answer badly (to exercise the trainer's fail-safe)")
+    shards: int = Field(
+        1, ge=1, description="selector actors that share the selection by class, each owning a set of classes "
+        "(1: one selector; docs/scaling.md); fixed when the selector starts"
+    )
+    shard_cpus: float = Field(
+        0.5, gt=0, description="CPUs each shard reserves in its placement-group bundle; a shard computes with "
+        "max(1, floor(shard_cpus)) torch and BLAS threads"
+    )
+    shard_gpus: float = Field(0.0, ge=0, description="GPUs each shard reserves (0: shards compute on the CPU)")
+    shard_placement: Literal["SPREAD", "STRICT_SPREAD", "PACK", "STRICT_PACK"] = Field(
+        "SPREAD", description="placement-group strategy of the shards' bundles"
+    )
+    shard_resources: tuple[str, ...] = Field(
+        (), description="custom node resources, one per shard: shard i reserves one unit of shard_resources[i], "
+        "which pins it to the nodes started with that resource (default: none, placed by shard_placement)"
+    )
+
+    @model_validator(mode="after")
+    def _one_resource_per_shard(self) -> "SelectorBase":
+        if self.shard_resources and len(self.shard_resources) != self.shards:
+            raise ValueError(
+                f"shard_resources has {len(self.shard_resources)} entries, must have one per shard "
+                f"(shards == {self.shards}) or none"
+            )
+        reserved = [name for name in self.shard_resources if not name.strip() or name in ("CPU", "GPU", "memory")]
+        if reserved:
+            raise ValueError(f"shard_resources == {list(self.shard_resources)}, must name custom node resources "
+                             f"(not empty, CPU, GPU or memory): {reserved}")
+        return self
 
 
 class FullSelector(SelectorBase):

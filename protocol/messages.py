@@ -35,6 +35,9 @@ class StrategyPlan(Strict):
         "none", description="batch: mean last-layer gradient rows per mini-batch; example: per-example factors"
     )
     needs_validation: bool = Field(False, description="validation logits, features and labels each round")
+    measure_only: bool = Field(
+        False, description="the summaries only measure grad_error (RANDOM): their time is left out of wall_s"
+    )
     time_budget_s: float | None = Field(None, description="stop training after this much wall time")
 
 
@@ -65,6 +68,19 @@ class RoundRequest(ArrayMessage):
         return self
 
 
+def _unique(name: str, values: np.ndarray) -> np.ndarray:
+    unique, counts = np.unique(values, return_counts=True)
+    if np.any(counts > 1):
+        raise ValueError(f"{name} must be unique; repeated: {unique[counts > 1][:5].tolist()}")
+    return values
+
+
+def _non_negative(name: str, values: np.ndarray) -> np.ndarray:
+    if values.size and values.min() < 0:
+        raise ValueError(f"{name} must be >= 0, got min {values.min()}")
+    return values
+
+
 def _check_rows(name: str, array: np.ndarray | None, n: int) -> None:
     if array is None:
         return
@@ -80,7 +96,8 @@ class GradientChunk(ArrayMessage):
 
     Mini-batches carry ``rows`` (n, C + C*D): each batch's mean last-layer gradient. Examples carry the
     factors of theirs, ``errors`` (n, C) = softmax(z) - onehot(y) and ``features`` (n, D), the input of
-    the last layer: the gradient is ``errors ⊗ [1, features]``.
+    the last layer: the gradient is ``errors ⊗ [1, features]``. Validated with the round's request as context
+    (``context={"request": request}``), the chunk must also belong to that round and its ground set.
     """
 
     round_id: int = Field(ge=0)
@@ -91,15 +108,35 @@ class GradientChunk(ArrayMessage):
     errors: Float32Matrix | None = None
     features: Float32Matrix | None = None
 
+    @field_validator("ids")
+    @classmethod
+    def _ids_valid(cls, ids: np.ndarray) -> np.ndarray:
+        return _unique("ids", _non_negative("ids", ids))
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_valid(cls, labels: np.ndarray) -> np.ndarray:
+        return _non_negative("labels", labels)
+
     @model_validator(mode="after")
-    def _aligned(self) -> "GradientChunk":
+    def _aligned(self, info: ValidationInfo) -> "GradientChunk":
         n = self.ids.shape[0]
         if self.labels.shape[0] != n:
             raise ValueError(f"labels has {self.labels.shape[0]} entries, must equal ids ({n})")
-        if (self.rows is None) == (self.errors is None) or (self.errors is None) != (self.features is None):
-            raise ValueError("a chunk carries either rows, or errors and features")
-        for name in ("rows", "errors", "features"):
+        given = [name for name in ("rows", "errors", "features") if getattr(self, name) is not None]
+        if given not in (["rows"], ["errors", "features"]):
+            what = " and ".join(given) + " given" if given else "rows, errors and features all missing"
+            raise ValueError(f"{what}: a chunk carries either rows, or errors and features")
+        for name in given:
             _check_rows(name, getattr(self, name), n)
+        request = (info.context or {}).get("request")
+        if request is not None:
+            if self.round_id != request.round_id:
+                raise ValueError(f"round_id == {self.round_id}, must be {request.round_id} as asked")
+            if self.chunk_index >= request.n_chunks:
+                raise ValueError(f"chunk_index == {self.chunk_index}, must be < n_chunks ({request.n_chunks})")
+            if n and self.ids.max() >= request.n_ground:
+                raise ValueError(f"ids must be in [0, {request.n_ground}), got max {self.ids.max()}")
         return self
 
 
@@ -131,7 +168,7 @@ class SubsetMessage(ArrayMessage):
     strategy: str
     indices: Int64Vector
     weights: Float64Vector
-    grad_error: float | None = Field(None, description="||sum w_i g_i - target|| / ||target||")
+    grad_error: float | None = Field(None, ge=0, description="||sum w_i g_i - target|| / ||target||")
     n_padded: int = Field(0, ge=0, description="elements added at random because the solver stopped early")
     target: Literal["train", "val"] | None = Field(None, description="the gradient that was matched")
     select_s: float = Field(ge=0, description="seconds the strategy computed")
@@ -139,11 +176,8 @@ class SubsetMessage(ArrayMessage):
 
     @field_validator("indices")
     @classmethod
-    def _unique(cls, indices: np.ndarray) -> np.ndarray:
-        values, counts = np.unique(indices, return_counts=True)
-        if np.any(counts > 1):
-            raise ValueError(f"indices must be unique; repeated: {values[counts > 1][:5].tolist()}")
-        return indices
+    def _indices_unique(cls, indices: np.ndarray) -> np.ndarray:
+        return _unique("indices", indices)
 
     @field_validator("weights")
     @classmethod
@@ -186,7 +220,7 @@ def _check_against(message: SubsetMessage, request: RoundRequest) -> None:
         )
     if message.indices.size > request.n_select:
         raise ValueError(
-            f"size == {message.indices.size}, must be <= the budget of {request.n_select} "
+            f"indices has size {message.indices.size}, must be <= the budget of {request.n_select} "
             f"({request.ground} elements)"
         )
     if message.indices.size == 0:

@@ -34,7 +34,12 @@ class RoundRecord(Strict):
     reason: str | None = None
     staleness: int | None = Field(None, description="epochs between the snapshot and adoption")
     stall_s: float = 0.0
-    summary_s: float = Field(0.0, description="seconds of the trainer's summary pass")
+    summary_s: float = Field(0.0, description="seconds the trainer spent on the round's summaries")
+    summary_where: Literal["trainer", "workers", "none"] = Field(
+        "trainer", description="who made the summary pass: the trainer itself, or summary workers from a snapshot"
+    )
+    worker_s: float | None = Field(None, description="seconds of the slowest summary worker")
+    worker_nodes: list[str] | None = Field(None, description="Ray node ids of the workers that made the chunks")
     selector_s: float | None = Field(None, description="seconds the selector worked on the round")
     select_s: float | None = Field(None, description="seconds of the strategy itself")
     grad_error: float | None = None

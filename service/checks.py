@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -22,11 +23,24 @@ def as_matrix(x, name: str, min_cols: int = 0) -> np.ndarray:
     return arr
 
 
-def positive_int(value, name: str) -> int:
-    """``value`` as an int >= 1 (bools refused)."""
+def positive_int(value, name: str, at_most: int | None = None, limit: str = "") -> int:
+    """``value`` as an int >= 1 (bools refused) and, when ``at_most`` is given, ``<= at_most``.
+
+    ``limit`` names the upper bound in the message (``budget == 21, must be <= n_candidates == 20``).
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if at_most is not None and value > at_most:
+        raise ValueError(f"{name} == {value}, must be <= {limit or 'the limit'} == {at_most}")
     return int(value)
+
+
+def nonnegative_float(value, name: str) -> float:
+    """``value`` as a finite float >= 0 (bools refused)."""
+    valid = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    if not valid or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

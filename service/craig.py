@@ -148,7 +148,7 @@ def facility_location_greedy(similarity: np.ndarray, budget: int) -> tuple[np.nd
         integer ``>= 1``.
     """
     sim = _as_similarity(similarity)
-    k = min(_check_budget(budget), sim.shape[0])
+    k = min(positive_int(budget, "budget"), sim.shape[0])
     cols = np.asfortranarray(sim)  # column j, the coverage candidate j offers, is contiguous
     cover = np.zeros(sim.shape[0])
     heap = [(-_gain(cols[:, j], cover), j, 0) for j in range(sim.shape[0])]
@@ -222,7 +222,7 @@ def select_craig(gram: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]
     """
     g = _as_square(gram, "gram")
     n = g.shape[0]
-    if _check_budget(budget) >= n:
+    if positive_int(budget, "budget") >= n:
         return np.arange(n, dtype=np.int64), np.ones(n)
     sim = similarity_from_gram(g)
     indices, _ = facility_location_greedy(sim, budget)
@@ -270,7 +270,3 @@ def _as_indices(indices, n: int) -> np.ndarray:
     if np.unique(idx).size != idx.size:
         raise ValueError("indices must be distinct, got repeated entries")
     return idx.astype(np.int64)
-
-
-def _check_budget(budget) -> int:
-    return positive_int(budget, "budget")

@@ -6,27 +6,28 @@ weighted sum matches a target gradient ``b``. With the regulariser of Algorithm 
     minimise  E_lam(S, w) = ||sum_{i in S} w_i A_i - b||^2 + lam ||w||^2
     subject to  |S| <= budget,  w >= 0  (w free when ``positive=False``)
 
-The greedy solver adds, one at a time, the candidate whose gradient correlates most with the residual
-``r = b - A_S^T w`` (``c = A r``) and re-solves the weights exactly on the support.
+:func:`_pursue` is the greedy loop, read top to bottom as scikit-learn's ``_gram_omp``: correlate the
+candidates with the residual (``c = A b - G_S^T w``), pick the largest, grow a Cholesky factor of
+``G_SS + lam I`` by one row, update the weights; under ``positive``, atoms the non-negative solve drives to
+zero leave the support and are never picked again.
 
-Where things are computed:
-
-- The large products (``A A^T``, ``A b``, ``A r``, products with chosen rows) run where ``A`` lives, in
-  its dtype: float32/float64 arrays on the CPU (numpy arrays, or CPU tensors viewed as numpy without a
-  copy) through numpy/BLAS, every other tensor (CUDA, half precision) through torch on its device.
-- The small linear algebra (a Cholesky factor of ``G_SS + lam I`` grown by one row per pick, the
-  weights, the non-negative solve, the final re-solve) is float64 numpy on the CPU, so it is the same
-  on every device.
+Where things are computed: the large products (``A A^T``, ``A b``, correlations, products with chosen rows)
+run where ``A`` lives, in its dtype (:mod:`service.arrays`); the small linear algebra (the factor, the
+weights, the non-negative solve, the final re-solve) is float64 numpy on the CPU, the same on every device.
 
 Correlations come from one of two methods, chosen by :func:`choose_method`:
 
 ``"gram"``
-    ``G = A A^T`` once (a SYRK on the CPU, about ``n^2 d / 2`` multiply-adds) and ``A b``; each pick
-    then costs ``c = A b - G_S^T w`` with the chosen rows of ``G`` kept in one contiguous
-    ``(budget, n)`` buffer.
+    ``G = A A^T`` once (a SYRK on the CPU); each pick then costs ``c = A b - G_S^T w`` with the chosen rows
+    of ``G`` in one contiguous buffer. :func:`omp_gram` runs this method on a Gram matrix given by the caller.
 ``"rows"``
-    ``c = A (b - A_S^T w)`` every pick (about ``n d`` multiply-adds at matrix-vector speed), no ``n x n``
-    memory.
+    ``c = A (b - A_S^T w)`` every pick (one pass over ``A``), no ``n x n`` memory.
+
+Precision: products in ``A``'s dtype are trusted to ``PRECISION_RTOL * eps(dtype)`` relative. A candidate
+is numerically dependent on the chosen atoms when its Cholesky pivot (its squared distance from their span)
+is within the rounding error of the products it is computed from; that error grows with the conditioning of
+the support (see :meth:`_Cholesky.append`). Dependent candidates are banned with a ``RuntimeWarning``. A
+correlation within its rounding error counts as zero.
 """
 
 from __future__ import annotations
@@ -40,24 +41,30 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import scipy.optimize
-import torch
 from scipy.linalg import blas, lapack
 
-try:
-    from threadpoolctl import ThreadpoolController
-except ImportError:  # without it BLAS keeps its own thread count
-    ThreadpoolController = None
+from service import arrays
+from service.checks import nonnegative_float, positive_int
 
 ROWS_SLOWDOWN = 8.0
-"""Cost of one multiply-add in a matrix-vector product relative to one in a large matrix product.
+"""Cost of one multiply-add in a matrix-vector product over an operand streamed from memory, relative to one
+in a large matrix product (memory bandwidth against arithmetic; 8 to 16 on CPUs). Used by :func:`choose_method`."""
 
-Matrix-vector products are limited by memory bandwidth, matrix products by arithmetic; on CPUs the
-ratio is about 8 to 16. Used by :func:`choose_method`.
-"""
+CACHED_SLOWDOWN = 2.5
+"""The same ratio for an operand of at most ``CACHE_BYTES``, read from the last-level cache (measured 2.2 to 2.5
+on the 2-core test machine, single-threaded, float32)."""
 
-PIVOT_RTOL = 64.0
-"""A new Cholesky pivot at or below ``PIVOT_RTOL * eps(dtype of A) * (G_ee + lam)`` marks the candidate
-as linearly dependent on the chosen ones at the precision of ``A``; it is banned with a warning."""
+CACHE_BYTES = 16 << 20
+"""Operands up to this size are assumed to stay in the last-level cache from one pick to the next."""
+
+PARALLEL_PICK_ELEMENTS = 1 << 20
+"""Per-pick products of at least this many elements (``n * dim`` for rows, ``n * budget`` for gram) run on the
+caller's BLAS threads; smaller ones on one thread (:func:`_loop_threads`)."""
+
+PRECISION_RTOL = 64.0
+MAX_PRECISION = 1e-3
+"""Products in A's dtype are trusted to ``min(PRECISION_RTOL * eps(dtype), MAX_PRECISION)`` relative (the cap
+keeps half-precision data usable: its loop is approximate, the final re-solve is exact in float64)."""
 
 KKT_RTOL = 1e-9
 """Relative tolerance on the gradient of atoms dropped by the warm-started non-negative solve."""
@@ -69,30 +76,31 @@ changes no weight by more than ``REFINE_RTOL`` times the largest weight."""
 
 METHODS = ("auto", "gram", "rows")
 STOP_REASONS = ("budget", "tolerance", "no_positive_correlation", "exhausted")
-_NUMPY_FLOATS = (np.float32, np.float64)
 
 
 @dataclass(frozen=True)
 class OMPResult:
-    """Outcome of :func:`orthogonal_matching_pursuit`.
+    """Outcome of :func:`orthogonal_matching_pursuit` and :func:`omp_gram`.
 
     Attributes
     ----------
     indices : ndarray of int64, shape (n_selected,)
-        Chosen rows of ``A`` in order of selection, no repeats, ``n_selected <= budget``.
+        Chosen candidates in order of selection, no repeats, ``n_selected <= budget``.
     weights : ndarray of float64, shape (n_selected,)
         Exact ridge (non-negative when ``positive``) least-squares weights on ``indices``.
     error : float
-        Relative matching error ``||A[indices]^T weights - b|| / ||b||`` computed in float64
-        (1.0 for an empty selection of a non-zero target, 0.0 for a zero target).
+        Relative matching error ``||A[indices]^T weights - b|| / ||b||`` in float64 (1.0 for an empty
+        selection of a non-zero target, 0.0 for a zero target).
     n_iter : int
-        Number of candidates picked, including those banned later.
+        Number of candidates picked, including those that left the support or were banned.
     method : str
         ``"gram"`` or ``"rows"``: how correlations were computed.
     stop_reason : str
-        ``"budget"`` (budget atoms with positive weight), ``"tolerance"`` (``E_lam < eps``),
-        ``"no_positive_correlation"`` (no eligible candidate correlates with the residual: ``c > 0``
-        when ``positive``, ``|c| > 0`` otherwise) or ``"exhausted"`` (every candidate chosen or banned).
+        ``"budget"`` (budget atoms with positive weight), ``"tolerance"`` (``E_lam < eps``, or no candidate
+        correlates beyond rounding and ``E_lam`` is within its rounding error: matched to working precision),
+        ``"no_positive_correlation"`` (no eligible candidate correlates with the residual beyond rounding:
+        ``c > 0`` when ``positive``, ``|c| > 0`` otherwise) or ``"exhausted"`` (every candidate chosen or
+        banned).
     """
 
     indices: np.ndarray
@@ -149,40 +157,94 @@ def orthogonal_matching_pursuit(
     Warns
     -----
     RuntimeWarning
-        The target is zero (the result is empty), or candidates were banned because they were
-        linearly dependent on the chosen ones (possible only when ``lam`` is tiny).
+        The target is zero (the result is empty); candidates were banned as linearly dependent on the chosen
+        ones; or the run ended early because the remaining candidates correlate with the residual only within
+        rounding (dependent on the chosen ones; possible only when ``lam`` is tiny).
     """
     A_x, b_x = _as_problem(A, b)
     n, dim = A_x.shape
-    _check_budget(budget, n)
-    lam, eps = _check_nonnegative("lam", lam), _check_nonnegative("eps", eps)
-    chosen = _resolve_method(method, n, dim, budget, _itemsize(A_x), gram_max_bytes)
-    b64 = _host64(b_x)
+    budget = positive_int(budget, "budget", at_most=n, limit="n_candidates")
+    lam, eps = nonnegative_float(lam, "lam"), nonnegative_float(eps, "eps")
+    method = _resolve_method(method, n, dim, budget, arrays.itemsize(A_x), gram_max_bytes)
+    b64 = arrays.host64(b_x)
     b_sq = float(b64 @ b64)
     if b_sq == 0.0:
-        warnings.warn("target is zero; nothing to match", RuntimeWarning, stacklevel=2)
-        return _result(np.empty(0, np.int64), np.empty(0), 0.0, 0, chosen, "tolerance")
-    correlator = (_GramCorrelations if chosen == "gram" else _RowCorrelations)(A_x, b_x, budget)
-    factor = _RidgeCholesky(budget, lam, _pivot_rtol(A_x))
-    with _single_threaded_blas():
-        run = _pursue(correlator, factor, b_sq, budget, eps, positive)
-        indices, weights, error = _refit(A_x, b64, run.support, factor, positive)
-    if run.dependent:
-        _warn_dependent(run.dependent, factor.rtol)
-    return _result(indices, weights, error, run.n_iter, chosen, run.stop_reason)
+        return _zero_target(method)
+    if method == "gram":
+        products = _GramProducts(A_x @ A_x.T, A_x @ b_x, budget)  # (n, n) and (n,), all BLAS threads
+    else:
+        products = _RowProducts(A_x, b_x, budget)
+    with _loop_threads(n * (budget if method == "gram" else dim)):
+        run = _pursue(products, b_sq, budget, lam, eps, positive, _precision(A_x))
+        indices, weights, error = _refit(A_x, b64, run, positive)
+    _warn_early_end(run)
+    return _result(indices, weights, error, run.n_iter, method, run.stop_reason)
+
+
+def omp_gram(gram, correlation, target_sq_norm, budget, lam=0.5, eps=1e-10, positive=True) -> OMPResult:
+    """Algorithm 2 on a precomputed Gram matrix: the ``"gram"`` method of :func:`orthogonal_matching_pursuit`.
+
+    For candidate rows ``A`` and target ``b``, pass ``gram = A A^T``, ``correlation = A b`` and
+    ``target_sq_norm = ||b||^2``; the support and weights are those of
+    ``orthogonal_matching_pursuit(A, b, budget, lam, eps, positive, method="gram")``. Partial Gram matrices of
+    column blocks of ``A`` (class shards) add up to the whole one.
+
+    Parameters
+    ----------
+    gram : ndarray or Tensor, shape (n_candidates, n_candidates)
+        Symmetric positive semi-definite ``A A^T`` (not checked), used in place, in its dtype and device.
+    correlation : ndarray or Tensor, shape (n_candidates,)
+        ``A b``.
+    target_sq_norm : float
+        ``||b||^2``, ``>= 0``.
+    budget, lam, eps, positive
+        As in :func:`orthogonal_matching_pursuit`.
+
+    Returns
+    -------
+    OMPResult
+        As :func:`orthogonal_matching_pursuit`, with ``method == "gram"``. The weights are the exact optimum
+        for the given ``gram`` and ``correlation`` (float64 solve); ``error`` comes from them,
+        ``sqrt(max(0, ||b||^2 - 2 w.p_S + w^T G_SS w) / ||b||^2)``, a difference of nearly equal energies
+        resolved only to about ``sqrt(cond(G_SS) * eps(dtype))``.
+
+    Raises
+    ------
+    ValueError
+        ``gram`` not square, ``correlation`` of the wrong shape, NaN or Inf in either, or a bad
+        ``target_sq_norm``, ``budget``, ``lam`` or ``eps``.
+
+    Warns
+    -----
+    RuntimeWarning
+        As :func:`orthogonal_matching_pursuit`.
+    """
+    gram_x, p_x = _as_gram_problem(gram, correlation)
+    n = gram_x.shape[0]
+    b_sq = nonnegative_float(target_sq_norm, "target_sq_norm")
+    budget = positive_int(budget, "budget", at_most=n, limit="n_candidates")
+    lam, eps = nonnegative_float(lam, "lam"), nonnegative_float(eps, "eps")
+    if b_sq == 0.0:
+        return _zero_target("gram")
+    with _loop_threads(n * budget):
+        run = _pursue(_GramProducts(gram_x, p_x, budget), b_sq, budget, lam, eps, positive, _precision(gram_x))
+    factor = run.factor
+    factor.refresh()
+    residual_sq = b_sq - factor.explained - lam * float(factor.weights @ factor.weights)
+    _warn_early_end(run)
+    error = math.sqrt(max(residual_sq, 0.0) / b_sq)
+    return _result(run.support, factor.weights, error, run.n_iter, "gram", run.stop_reason)
 
 
 def choose_method(n_candidates, dim, budget, itemsize, gram_max_bytes=1 << 30) -> str:
     """Pick the cheaper way to compute correlations.
 
-    Cost model, in multiply-adds at matrix-product speed:
+    Cost model, in multiply-adds at matrix-product speed (``s(x)`` is ``CACHED_SLOWDOWN`` for an operand of
+    ``x <= CACHE_BYTES`` bytes, ``ROWS_SLOWDOWN`` otherwise):
 
-    - ``"gram"``: ``n^2 d / 2`` (one symmetric product ``A A^T``); allowed only when the ``n x n``
-      matrix fits, ``n^2 * itemsize <= gram_max_bytes``.
-    - ``"rows"``: ``ROWS_SLOWDOWN * budget * n * d`` (one matrix-vector pass over ``A`` per pick).
-
-    So ``"gram"`` wins when ``n <= 2 * ROWS_SLOWDOWN * budget`` and the Gram matrix fits. The per-pick
-    work on chosen rows (``O(budget n)`` for gram, ``O(budget d)`` for rows) is left out.
+    - ``"gram"``: ``n^2 d / 2`` (one symmetric product ``A A^T``) plus ``s(budget n) n budget^2 / 2`` (one
+      product with the chosen rows of ``G`` per pick); allowed only when ``n^2 * itemsize <= gram_max_bytes``.
+    - ``"rows"``: ``s(n d) budget d (n + budget)`` (one pass over ``A`` and one over the chosen rows per pick).
 
     Parameters
     ----------
@@ -198,410 +260,80 @@ def choose_method(n_candidates, dim, budget, itemsize, gram_max_bytes=1 << 30) -
     str
         ``"gram"`` or ``"rows"``.
     """
-    if n_candidates * n_candidates * itemsize > gram_max_bytes:
+    n, d, k = n_candidates, dim, budget
+    if n * n * itemsize > gram_max_bytes:
         return "rows"
-    gram_cost = n_candidates * n_candidates * dim / 2
-    rows_cost = ROWS_SLOWDOWN * budget * n_candidates * dim
+    gram_cost = n * n * d / 2 + _slowdown(k * n * itemsize) * n * k * k / 2
+    rows_cost = _slowdown(n * d * itemsize) * k * d * (n + k)
     return "gram" if gram_cost <= rows_cost else "rows"
 
 
-# ---------------------------------------------------------------------------------------------------
-# Arrays: numpy on the CPU, torch elsewhere
+def _slowdown(operand_bytes: int) -> float:
+    return CACHED_SLOWDOWN if operand_bytes <= CACHE_BYTES else ROWS_SLOWDOWN
 
 
-def _host64(x) -> np.ndarray:
-    """A float64 numpy copy of ``x`` on the CPU."""
-    if isinstance(x, np.ndarray):
-        return np.array(x, dtype=np.float64)
-    return x.to(device="cpu", dtype=torch.float64).numpy()
+def _loop_threads(pick_elements: int):
+    """BLAS threads for the pick loop: one, unless each pick's large product has ``PARALLEL_PICK_ELEMENTS``.
 
-
-def _like(w64: np.ndarray, ref):
-    """``w64`` in the array type, device and dtype of ``ref``."""
-    if isinstance(ref, np.ndarray):
-        return w64.astype(ref.dtype)
-    return torch.from_numpy(w64).to(device=ref.device, dtype=ref.dtype)
-
-
-def _empty(shape: tuple, ref):
-    if isinstance(ref, np.ndarray):
-        return np.empty(shape, dtype=ref.dtype)
-    return torch.empty(shape, dtype=ref.dtype, device=ref.device)
-
-
-def _zeros(shape: tuple, ref):
-    if isinstance(ref, np.ndarray):
-        return np.zeros(shape, dtype=ref.dtype)
-    return torch.zeros(shape, dtype=ref.dtype, device=ref.device)
-
-
-def _take_rows(x, index: np.ndarray):
-    """``x[index]`` (a copy) for an int64 numpy ``index``."""
-    if isinstance(x, np.ndarray):
-        return x[index]
-    return x[torch.from_numpy(index).to(x.device)]
-
-
-def _itemsize(x) -> int:
-    return x.itemsize if isinstance(x, np.ndarray) else x.element_size()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Validation at the public edge
-
-
-def _as_problem(A, b):
-    """``A`` (n, d) and ``b`` (d,) as arrays of one kind, device and dtype, validated.
-
-    float32/float64 data on the CPU become numpy arrays (tensors through ``Tensor.numpy()``, no copy);
-    other tensors stay tensors on their device.
+    Small calls gain nothing from threads and may wait for idle workers to wake (which on a busy machine costs
+    more than the call); large ones run on the threads the caller gave BLAS.
     """
-    A_x = _as_array(A, "A")
-    if A_x.ndim != 2:
-        raise ValueError(f"A must be 2-D (n_candidates, dim), got shape {tuple(A_x.shape)}")
-    b_x = _as_array(b, "b")
-    if b_x.ndim != 1 or b_x.shape[0] != A_x.shape[1]:
-        raise ValueError(
-            f"b must have shape (dim,) = ({A_x.shape[1]},) to match A of shape {tuple(A_x.shape)}, "
-            f"got shape {tuple(b_x.shape)}"
-        )
-    _check_finite(A_x, "A")
-    _check_finite(b_x, "b")
-    return A_x, _match(b_x, A_x)
-
-
-def _as_array(x, name: str):
-    if isinstance(x, torch.Tensor):
-        t = x.detach()
-        if t.is_complex():
-            raise ValueError(f"{name} must be real, got dtype {t.dtype}")
-        t = (t if t.is_floating_point() else t.to(torch.get_default_dtype())).contiguous()
-        if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
-            return t.numpy()
-        return t
-    arr = np.asarray(x)
-    if arr.dtype.kind not in "fiub":
-        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
-    dtype = arr.dtype if arr.dtype.kind == "f" else np.dtype(np.float64)
-    return np.ascontiguousarray(arr, dtype=dtype.newbyteorder("="))
-
-
-def _match(b_x, A_x):
-    """``b`` as the same kind of array as ``A``, on its device, in its dtype."""
-    if isinstance(A_x, np.ndarray):
-        b_np = b_x if isinstance(b_x, np.ndarray) else b_x.to("cpu").numpy()
-        return np.ascontiguousarray(b_np, dtype=A_x.dtype)
-    b_t = b_x if isinstance(b_x, torch.Tensor) else torch.from_numpy(b_x)
-    return b_t.to(device=A_x.device, dtype=A_x.dtype).contiguous()
-
-
-def _check_finite(x, name: str) -> None:
-    """Raise when ``x`` holds NaN or Inf; a single reduction when it does not."""
-    n_bad = _count_nonfinite(x)
-    if n_bad:
-        raise ValueError(f"{name} contains {n_bad} non-finite values; gradients must be finite")
-
-
-def _count_nonfinite(x) -> int:
-    # NaN and Inf survive any sum; an overflowing sum of finite values falls through to the count.
-    if isinstance(x, np.ndarray):
-        flat = x.reshape(-1)
-        quick = flat @ flat if x.dtype.type in _NUMPY_FLOATS else flat.sum()
-        return 0 if np.isfinite(quick) else int(flat.size - np.count_nonzero(np.isfinite(flat)))
-    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
-        return 0
-    return int(x.numel() - torch.isfinite(x).sum())
-
-
-def _check_budget(budget, n: int) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
-        raise ValueError(f"budget must be an integer >= 1, got {budget!r}")
-    if budget > n:
-        raise ValueError(
-            f"budget == {budget} exceeds n_candidates == {n}; budget must be <= the number of rows of A"
-        )
-
-
-def _check_nonnegative(name: str, value) -> float:
-    valid = not isinstance(value, bool) and isinstance(value, numbers.Real)
-    if not valid or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _resolve_method(method, n: int, dim: int, budget: int, itemsize: int, gram_max_bytes) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-    valid = not isinstance(gram_max_bytes, bool) and isinstance(gram_max_bytes, numbers.Integral)
-    if not valid or gram_max_bytes < 0:
-        raise ValueError(f"gram_max_bytes must be an integer >= 0, got {gram_max_bytes!r}")
-    if method == "auto":
-        return choose_method(n, dim, budget, itemsize, gram_max_bytes)
-    if method == "gram" and n * n * itemsize > gram_max_bytes:
-        raise ValueError(
-            f"method='gram' needs n_candidates**2 * itemsize == {n * n * itemsize} bytes, more than "
-            f"gram_max_bytes == {gram_max_bytes}; use method='rows' or raise gram_max_bytes"
-        )
-    return method
-
-
-def _pivot_rtol(A_x) -> float:
-    eps = np.finfo(A_x.dtype).eps if isinstance(A_x, np.ndarray) else torch.finfo(A_x.dtype).eps
-    return min(PIVOT_RTOL * float(eps), 1e-3)
-
-
-def _warn_dependent(dependent: list, rtol: float) -> None:
-    shown = ", ".join(map(str, dependent[:10])) + (", ..." if len(dependent) > 10 else "")
-    warnings.warn(
-        f"{len(dependent)} candidate(s) were linearly dependent on the chosen ones (Cholesky pivot "
-        f"<= {rtol:.1e} * (G_ee + lam)) and were banned: [{shown}]",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def _result(indices, weights, error, n_iter, method, stop_reason) -> OMPResult:
-    indices = np.asarray(indices, dtype=np.int64)
-    weights = np.asarray(weights, dtype=np.float64)
-    indices.flags.writeable = False
-    weights.flags.writeable = False
-    return OMPResult(indices, weights, float(error), int(n_iter), method, stop_reason)
+    return contextlib.nullcontext() if pick_elements >= PARALLEL_PICK_ELEMENTS else arrays.single_threaded_blas()
 
 
 # ---------------------------------------------------------------------------------------------------
-# Correlations, where A lives
-
-
-_controller = None
-
-
-def _single_threaded_blas():
-    """Context for the pick loop: CPU BLAS on one thread.
-
-    The loop makes hundreds of BLAS calls, each small or memory-bound; with a thread pool each call may
-    wait for an idle worker to wake, which on a busy or virtualised machine costs more than the call.
-    """
-    global _controller
-    if ThreadpoolController is None:
-        return contextlib.nullcontext()
-    if _controller is None:
-        _controller = ThreadpoolController()
-    return _controller.limit(limits=1, user_api="blas")
-
-
-def _gram_matrix(A_x):
-    """``G = A A^T``, shape (n, n), in A's dtype on A's device.
-
-    numpy computes ``A @ A.T`` of one buffer with a BLAS SYRK (half the multiply-adds of a general
-    product) and mirrors the triangle; torch uses one matrix product.
-    """
-    return A_x @ A_x.T
-
-
-def _compact_rows(rows, keep: np.ndarray) -> int:
-    """Move ``rows[keep]`` to the front of ``rows`` in place; rows before the first gap stay put."""
-    first = int(np.argmax(keep != np.arange(keep.size))) if keep.size else 0
-    if keep.size and keep[first] != first:
-        rows[first: keep.size] = _take_rows(rows, keep[first:])
-    return keep.size
-
-
-class _GramCorrelations:
-    """Correlations ``c = A b - G_S^T w`` from a precomputed Gram matrix ``G = A A^T``."""
-
-    def __init__(self, A_x, b_x, budget: int):
-        self.A = A_x
-        self._gram = _gram_matrix(A_x)  # (n, n)
-        self._Ab = A_x @ b_x  # (n,)
-        self._rows = _empty((budget, A_x.shape[0]), A_x)  # G[S, :], contiguous
-        self.size = 0
-
-    def target(self) -> np.ndarray:
-        """``p = A b``, float64 on the CPU, shape (n,)."""
-        return _host64(self._Ab)
-
-    def correlations(self, w):
-        """``c = A b - G_S^T w``, shape (n,); ``w`` (size,) in A's array type and dtype."""
-        if self.size == 0:
-            return self._Ab
-        return self._Ab - w @ self._rows[: self.size]
-
-    def append(self, e: int) -> np.ndarray:
-        """Add candidate ``e``; return ``G[S + [e], e]`` as float64, shape (size + 1,)."""
-        self._rows[self.size] = self._gram[e]
-        self.size += 1
-        return _host64(self._rows[: self.size, e])
-
-    def pop(self) -> None:
-        """Undo the last :meth:`append`."""
-        self.size -= 1
-
-    def restrict(self, keep: np.ndarray) -> None:
-        """Keep only the support positions ``keep`` (increasing), in order."""
-        self.size = _compact_rows(self._rows, keep)
-
-
-class _RowCorrelations:
-    """Correlations ``c = A (b - A_S^T w)``, one pass over the rows of ``A`` per pick."""
-
-    def __init__(self, A_x, b_x, budget: int):
-        self.A, self._b = A_x, b_x
-        self._rows = _empty((budget, A_x.shape[1]), A_x)  # A[S, :], contiguous
-        self.size = 0
-
-    def target(self) -> np.ndarray:
-        """``p = A b``, float64 on the CPU, shape (n,)."""
-        return _host64(self.A @ self._b)
-
-    def correlations(self, w):
-        """``c = A r`` with ``r = b - A_S^T w``, shape (n,)."""
-        if self.size == 0:
-            return self.A @ self._b
-        return self.A @ (self._b - w @ self._rows[: self.size])
-
-    def append(self, e: int) -> np.ndarray:
-        """Add candidate ``e``; return ``A[S + [e]] A[e]`` as float64, shape (size + 1,)."""
-        self._rows[self.size] = self.A[e]
-        self.size += 1
-        return _host64(self._rows[: self.size] @ self._rows[self.size - 1])
-
-    def pop(self) -> None:
-        """Undo the last :meth:`append`."""
-        self.size -= 1
-
-    def restrict(self, keep: np.ndarray) -> None:
-        """Keep only the support positions ``keep`` (increasing), in order."""
-        self.size = _compact_rows(self._rows, keep)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Small float64 factor on the CPU
-
-
-class _RidgeCholesky:
-    """Cholesky factor ``L`` of ``Q = G_SS + lam I``, grown one row per pick, and ``z = L^{-1} p_S``.
-
-    With ``p = A b`` the ridge weights are ``w = L^{-T} z`` and, at those weights,
-    ``E_lam = ||b||^2 - ||z||^2``. ``L`` is stored row after row (LAPACK upper-packed ``L^T``), so a
-    new row is appended to one array and each triangular solve is one BLAS call, O(size^2).
-    """
-
-    def __init__(self, budget: int, lam: float, rtol: float):
-        self.lam, self.rtol, self.size = lam, rtol, 0
-        self._packed = np.zeros(budget * (budget + 1) // 2)
-        self._gram = np.zeros((budget, budget))  # G_SS without lam
-        self._p = np.zeros(budget)
-        self._z = np.zeros(budget)
-
-    def try_append(self, g: np.ndarray, p_e: float) -> bool:
-        """Add an atom with ``g = G[S + [e], e]`` (size + 1,); False if it is numerically dependent."""
-        s, lam = self.size, self.lam
-        row = blas.dtpsv(s, self._packed, g[:s], trans=1) if s else g[:0]  # L^{-1} g_S
-        pivot = g[s] + lam - row @ row
-        if not pivot > self.rtol * (g[s] + lam):
-            return False
-        d = math.sqrt(pivot)
-        start = s * (s + 1) // 2
-        self._packed[start: start + s] = row
-        self._packed[start + s] = d
-        self._gram[s, : s + 1] = g
-        self._gram[:s, s] = g[:s]
-        self._p[s] = p_e
-        self._z[s] = (p_e - row @ self._z[:s]) / d
-        self.size = s + 1
-        return True
-
-    def weights(self) -> np.ndarray:
-        """Unconstrained ridge weights on the support, shape (size,)."""
-        if self.size == 0:
-            return np.empty(0)
-        return blas.dtpsv(self.size, self._packed, self._z[: self.size], trans=0)
-
-    def solve(self, v: np.ndarray) -> np.ndarray:
-        """``Q^{-1} v`` for ``v`` of shape (size,)."""
-        inner = blas.dtpsv(self.size, self._packed, v, trans=1)
-        return blas.dtpsv(self.size, self._packed, inner, trans=0, overwrite_x=1)
-
-    def explained(self) -> float:
-        """``||z||^2 = p_S^T Q^{-1} p_S``, so that ``E_lam = ||b||^2 - explained``."""
-        z = self._z[: self.size]
-        return float(z @ z)
-
-    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of ``G_SS`` (size, size) and ``p_S`` (size,)."""
-        return self._gram[: self.size, : self.size].copy(), self._p[: self.size].copy()
-
-    def nonnegative_weights(self) -> np.ndarray:
-        """Exact non-negative optimum on the support, shape (size,).
-
-        ``w^T Q w / 2 - p^T w = ||L^T w - z||^2 / 2 + const``, so ``nnls(L^T, z)`` minimises E_lam
-        over ``w >= 0``.
-        """
-        s = self.size
-        upper, _ = lapack.dtpttr(s, self._packed[: s * (s + 1) // 2])  # L^T, (s, s)
-        return scipy.optimize.nnls(np.triu(upper), self._z[:s])[0]
-
-    def restrict(self, keep: np.ndarray) -> None:
-        """Refactor for the support positions ``keep`` (increasing)."""
-        self.load(self._gram[np.ix_(keep, keep)], self._p[keep])
-
-    def load(self, gram: np.ndarray, p: np.ndarray) -> None:
-        """Factor a support from scratch: ``gram`` = G_SS (k, k), ``p`` = p_S (k,)."""
-        k = self.size = p.size
-        if k == 0:
-            return
-        q = gram + self.lam * np.eye(k)
-        upper, info = lapack.dpotrf(q.T, lower=0, clean=0)  # q is symmetric: q.T is its F-order view
-        if info != 0:
-            raise np.linalg.LinAlgError(f"G_SS + lam I is not positive definite (potrf info {info})")
-        packed, _ = lapack.dtrttp(upper)  # column-major upper = L row by row
-        self._packed[: packed.size] = packed
-        self._gram[:k, :k] = gram
-        self._p[:k] = p
-        self._z[:k] = blas.dtpsv(k, self._packed, p, trans=1)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The greedy loop (Algorithm 2)
+# The pursuit (Algorithm 2)
 
 
 @dataclass
 class _Run:
-    support: list
+    support: list  # chosen candidates, in order of selection
+    factor: _Cholesky  # of the support; its weights are the loop's solution
     n_iter: int
     stop_reason: str
-    dependent: list
+    dependent: list  # candidates banned as numerically dependent on the chosen ones
+    rounding: bool  # ended because the remaining correlations are within rounding (dependent candidates)
 
 
-def _pursue(correlator, factor: _RidgeCholesky, b_sq: float, budget: int, eps: float,
-            positive: bool) -> _Run:
-    """Greedy selection; the support comes back as rows of ``A`` in order of selection."""
-    p = correlator.target()
-    n = p.size
-    penalty = _zeros((n,), correlator.A)  # -inf on chosen and banned candidates
-    support, dependent = [], []
-    n_blocked, n_iter, energy = 0, 0, b_sq
-    w, c = np.empty(0), None
+def _pursue(products, b_sq: float, budget: int, lam: float, eps: float, positive: bool,
+            precision: float) -> _Run:
+    """Greedy selection with a Cholesky factor grown one atom per pick.
+
+    ``products`` computes correlations and the chosen atoms' Gram entries where ``A`` lives (``_GramProducts``
+    or ``_RowProducts``); ``precision`` is the relative accuracy of those products.
+    """
+    p, norms = products.target, products.norms  # A b and ||A_i||, float64 (n,)
+    n, b_norm = p.size, math.sqrt(b_sq)
+    factor = _Cholesky(budget, lam, precision)
+    penalty = arrays.zeros((n,), products.target_x)  # -inf on chosen and banned candidates
+    support, dependent, n_iter, c = [], [], 0, None
     while True:
-        reason = _stop_reason(len(support), budget, energy, eps, n_blocked, n)
+        reason = _stop_reason(len(support), budget, b_sq - factor.explained, eps, n_iter, n)
         if reason:
             break
         if c is None:
-            c = correlator.correlations(_like(w, correlator.A))
-        e, score = _best_candidate(c, penalty, positive)
-        if not score > 0:
+            c = products.correlations(factor.weights)  # (n,) in A's dtype
+        # a correlation is significant beyond level * ||A_e||, the rounding error of c_e = A_e . r
+        level = precision * (b_norm + np.abs(factor.weights) @ factor.roots[: factor.size])
+        e = _pick(c, penalty, positive, level, norms)
+        if e < 0:
             reason = "no_positive_correlation"
             break
-        n_iter, n_blocked = n_iter + 1, n_blocked + 1
+        n_iter += 1
         penalty[e] = -math.inf
-        if not factor.try_append(correlator.append(e), p[e]):
-            correlator.pop()
+        previous = factor.weights
+        if not factor.append(products.append(e), p[e]):
+            products.pop()
             dependent.append(e)
             continue  # the weights did not change, so neither did c
         support.append(e)
-        w, support = _solve_support(factor, correlator, support, w, positive)
-        energy, c = b_sq - factor.explained(), None
-    return _Run(support, n_iter, reason, dependent)
+        c = None
+        if positive and factor.weights.min() <= 0:
+            support = _drop_nonpositive(factor, products, support, previous, p)
+    if reason == "no_positive_correlation" and b_sq - factor.explained <= precision * b_sq:
+        reason = "tolerance"  # nothing left to match at the precision of the products
+    rounding = reason == "no_positive_correlation" and _correlated_within_rounding(c, penalty, positive)
+    return _Run(support, factor, n_iter, reason, dependent, rounding)
 
 
 def _stop_reason(size: int, budget: int, energy: float, eps: float, n_blocked: int, n: int) -> str:
@@ -609,83 +341,282 @@ def _stop_reason(size: int, budget: int, energy: float, eps: float, n_blocked: i
         return "budget"
     if energy < eps:
         return "tolerance"
-    if n_blocked == n:
+    if n_blocked == n:  # every pick blocks one candidate for good
         return "exhausted"
     return ""
 
 
-def _best_candidate(c, penalty, positive: bool) -> tuple[int, float]:
-    """Unblocked index with the largest ``c`` (``|c|`` unless ``positive``), and that value."""
+def _pick(c, penalty, positive: bool, level: float, norms: np.ndarray) -> int:
+    """The eligible candidate with the largest significant ``c`` (``|c|`` unless ``positive``); -1 if none."""
     score = (c if positive else abs(c)) + penalty
     e = int(score.argmax())
-    return e, float(score[e])
+    if float(score[e]) > level * norms[e]:
+        return e
+    score = arrays.host64(score)  # rare: the largest is within rounding; look for a smaller, significant one
+    significant = score > level * norms
+    return int(np.where(significant, score, -np.inf).argmax()) if significant.any() else -1
 
 
-def _solve_support(factor: _RidgeCholesky, correlator, support: list, w_prev: np.ndarray,
-                   positive: bool):
-    """Ridge weights after a pick; atoms the non-negative solve sets to zero leave (and stay banned)."""
-    w = factor.weights()
-    if not positive or w.min() > 0:
-        return w, support
-    keep = _nonnegative_support(factor, np.append(w_prev, 0.0), w)
-    correlator.restrict(keep)
-    return factor.weights(), [support[i] for i in keep]
+def _correlated_within_rounding(c, penalty, positive: bool) -> bool:
+    """Some eligible candidate correlates with the residual, but only within rounding (none does beyond it)."""
+    return bool((arrays.host64((c if positive else abs(c)) + penalty) > 0).any())
 
 
-def _nonnegative_support(factor: _RidgeCholesky, start: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Positions of the support that keep a positive weight in the exact non-negative optimum.
+def _drop_nonpositive(factor: _Cholesky, products, support: list, previous: np.ndarray, p: np.ndarray) -> list:
+    """Make the weights the exact non-negative optimum on ``support``; atoms at zero leave it.
 
-    Lawson-Hanson steps from the previous optimum ``start`` (feasible, new atom at 0) towards the
-    unconstrained solution ``w``, dropping the atom that reaches zero first and refactoring, until all
-    weights are positive. The result is accepted when no dropped atom has a positive gradient (the
-    optimality conditions of the non-negative problem); otherwise ``nnls`` decides. Leaves ``factor``
-    on the returned positions.
+    Lawson-Hanson steps from the previous optimum (the new atom at 0) towards the unconstrained solution:
+    drop the atom that reaches zero first, re-solve, until every weight is positive. The result is accepted
+    when no dropped atom has a positive gradient (the optimality conditions of the non-negative problem);
+    otherwise ``nnls`` decides from scratch. Leaves ``factor`` and ``products`` on the returned support.
     """
-    gram, p = factor.snapshot()
-    keep, x = np.arange(p.size), start
-    while w.size and w.min() <= 0:
+    before = list(support)
+    x, w = np.append(previous, 0.0), factor.weights
+    while w.min() <= 0:
         negative = np.flatnonzero(w <= 0)
-        gap = x[negative] - w[negative]  # >= 0
+        gap = x[negative] - w[negative]  # > 0: old atoms are positive, the new one starts at 0 with w > 0
         ratios = np.divide(x[negative], gap, out=np.zeros_like(gap), where=gap > 0)
         x = x + ratios.min() * (w - x)
         x[negative[ratios.argmin()]] = 0.0
-        alive = np.flatnonzero(x > 0)
-        keep, x = keep[alive], x[alive]
-        factor.restrict(alive)
-        w = factor.weights()
-    if _is_nonnegative_optimum(gram, p, keep, w):
-        return keep
-    factor.load(gram, p)
+        for j in np.flatnonzero(x <= 0)[::-1]:
+            factor.delete(j)
+            products.delete(j)
+            del support[j]
+        x, w = x[x > 0], factor.weights
+    kept = set(support)
+    dropped = [e for e in before if e not in kept]
+    gradients = [p[e] - products.cross(e) @ w for e in dropped]  # of E_lam / 2, at w_e = 0
+    if max(gradients) <= KKT_RTOL * np.abs(p).max():
+        return support
+    return _nonnegative_from_scratch(factor, products, np.asarray(before), p)
+
+
+def _nonnegative_from_scratch(factor: _Cholesky, products, atoms: np.ndarray, p: np.ndarray) -> list:
+    """``nnls`` on ``atoms``; the atoms it keeps positive become the support."""
+    gram = products.block(atoms)  # (s, s) float64
+    factor.load(gram, p[atoms])
     keep = np.flatnonzero(factor.nonnegative_weights() > 0)
-    factor.restrict(keep)
-    return keep
+    factor.load(gram[np.ix_(keep, keep)], p[atoms[keep]])
+    products.load(atoms[keep])
+    return atoms[keep].tolist()
 
 
-def _is_nonnegative_optimum(gram: np.ndarray, p: np.ndarray, keep: np.ndarray, w: np.ndarray) -> bool:
-    """No atom outside ``keep`` would lower E_lam by entering: ``p_j - G_j,keep w <= 0``."""
-    dropped = np.setdiff1d(np.arange(p.size), keep)
-    gradient = p[dropped] - gram[np.ix_(dropped, keep)] @ w
-    return bool((gradient <= KKT_RTOL * np.abs(p).max()).all())
+# ---------------------------------------------------------------------------------------------------
+# The factor: float64 on the CPU
+
+
+class _Cholesky:
+    """Cholesky factor ``L`` of ``Q = G_SS + lam I``, grown one atom at a time, and the ridge weights on ``S``.
+
+    Keeps ``z = L^{-1} p_S`` (``p = A b``), so that ``w = L^{-T} z`` and ``E_lam = ||b||^2 - ||z||^2``.
+    ``L`` is stored row after row (LAPACK upper-packed ``L^T``): a new row is appended to one array and each
+    triangular solve is one BLAS call, O(size^2).
+    """
+
+    def __init__(self, budget: int, lam: float, precision: float):
+        self.lam, self.precision, self.size = lam, precision, 0
+        self._packed = np.zeros(budget * (budget + 1) // 2)
+        self._p = np.zeros(budget)  # p_S
+        self._z = np.zeros(budget)
+        self.roots = np.zeros(budget)  # sqrt(G_ii) of the chosen atoms
+        self.weights = np.empty(0)  # Q^{-1} p_S
+        self.explained = 0.0  # ||z||^2
+
+    def append(self, g: np.ndarray, p_e: float) -> bool:
+        """Add the atom with ``g = G[S + [e], e]`` (size + 1,) and ``p_e``; False if it is numerically dependent.
+
+        The pivot ``g_ee + lam - q^T Q^{-1} q`` (``q = G_Se``) is ``lam`` plus the squared distance of ``A_e``
+        from the span of the chosen atoms. With ``x = Q^{-1} q`` its first-order rounding error
+        ``dg_ee - 2 x.dq + x^T dQ x``, from products good to ``precision`` relative (``|dG_ij| <= precision *
+        sqrt(G_ii G_jj)``, errors of independent signs), is about ``precision * (sqrt(g_ee) + ||x * sqrt(G_SS
+        diagonal)||)^2``. An ill-conditioned support makes ``x`` large, so the threshold follows its
+        conditioning. The weights update is the bordered solve ``w_e = z_e / d``, ``w_S -= w_e x``.
+        """
+        s = self.size
+        row = self._solve(g[:s], lower=True)  # L^{-1} q
+        x = self._solve(row, lower=False)  # Q^{-1} q
+        pivot = g[s] + self.lam - row @ row
+        root = math.sqrt(max(g[s], 0.0))
+        scale = root + math.sqrt((x * self.roots[:s]) @ (x * self.roots[:s]))
+        if not pivot > self.precision * scale * scale:
+            return False
+        d = math.sqrt(pivot)
+        start = s * (s + 1) // 2
+        self._packed[start: start + s] = row
+        self._packed[start + s] = d
+        z_e = (p_e - row @ self._z[:s]) / d
+        self._p[s], self._z[s], self.roots[s] = p_e, z_e, root
+        self.weights = np.append(self.weights - (z_e / d) * x, z_e / d)
+        self.explained += z_e * z_e
+        self.size = s + 1
+        return True
+
+    def delete(self, j: int) -> None:
+        """Remove support position ``j`` in O(size^2): Givens rotations re-triangularise ``L^T`` without column j."""
+        s = self.size
+        upper = self._unpack()
+        _, r = scipy.linalg.qr_delete(np.eye(s), upper, j, which="col", overwrite_qr=True, check_finite=False)
+        r = r[: s - 1] * np.copysign(1.0, np.diag(r))[:, None]  # rows with a positive diagonal
+        packed, _ = lapack.dtrttp(np.asfortranarray(r))
+        self._packed[: packed.size] = packed
+        for kept in (self._p, self.roots):
+            kept[j: s - 1] = kept[j + 1: s].copy()
+        self.size = s - 1
+        self.refresh()
+
+    def load(self, gram: np.ndarray, p: np.ndarray) -> None:
+        """Factor a support from scratch: ``gram`` = G_SS (k, k), ``p`` = p_S (k,)."""
+        k = self.size = p.size
+        if k:
+            upper, info = lapack.dpotrf(gram + self.lam * np.eye(k), lower=0, clean=1)
+            if info != 0:
+                raise np.linalg.LinAlgError(f"G_SS + lam I is not positive definite (potrf info {info})")
+            packed, _ = lapack.dtrttp(upper)
+            self._packed[: packed.size] = packed
+        self._p[:k], self.roots[:k] = p, np.sqrt(np.maximum(np.diag(gram), 0.0))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute ``z``, the weights and ``||z||^2`` from the factor."""
+        s = self.size
+        self._z[:s] = self._solve(self._p[:s], lower=True)
+        self.weights = self._solve(self._z[:s], lower=False)
+        self.explained = float(self._z[:s] @ self._z[:s])
+
+    def solve(self, v: np.ndarray) -> np.ndarray:
+        """``Q^{-1} v`` for ``v`` of shape (size,)."""
+        return self._solve(self._solve(v, lower=True), lower=False)
+
+    def nonnegative_weights(self) -> np.ndarray:
+        """Exact non-negative optimum on the support, shape (size,).
+
+        ``w^T Q w / 2 - p^T w = ||L^T w - z||^2 / 2 + const``, so ``nnls(L^T, z)`` minimises E_lam over ``w >= 0``.
+        """
+        return scipy.optimize.nnls(self._unpack(), self._z[: self.size])[0]
+
+    def _unpack(self) -> np.ndarray:
+        """``L^T`` as a dense upper-triangular (size, size) array (f2py zero-fills the lower part)."""
+        s = self.size
+        return lapack.dtpttr(s, self._packed[: s * (s + 1) // 2])[0]
+
+    def _solve(self, v: np.ndarray, lower: bool) -> np.ndarray:
+        """``L^{-1} v`` (``lower``) or ``L^{-T} v``, a new array."""
+        if self.size == 0:
+            return np.empty(0)
+        return blas.dtpsv(self.size, self._packed, v, trans=1 if lower else 0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Products, where A lives
+
+
+class _GramProducts:
+    """Correlations from a Gram matrix ``G = A A^T``: ``c = A b - G_S^T w``, chosen rows of ``G`` in one buffer."""
+
+    def __init__(self, gram, correlation, budget: int):
+        self._gram, self.target_x = gram, correlation  # (n, n), (n,): A's array type, dtype and device
+        self.target = arrays.host64(correlation)
+        self.norms = np.sqrt(np.maximum(arrays.diagonal64(gram), 0.0))
+        self._rows = arrays.empty((budget, gram.shape[0]), gram)  # G[S, :]
+        self.size = 0
+
+    def correlations(self, w: np.ndarray):
+        if self.size == 0:
+            return self.target_x
+        return self.target_x - arrays.like(w, self._rows) @ self._rows[: self.size]
+
+    def append(self, e: int) -> np.ndarray:
+        """Add candidate ``e``; return ``G[S + [e], e]``, float64 (size + 1,)."""
+        self._rows[self.size] = self._gram[e]
+        self.size += 1
+        return self.cross(e)
+
+    def cross(self, e: int) -> np.ndarray:
+        """``G[S, e]``, float64 (size,)."""
+        return arrays.host64(self._rows[: self.size, e])
+
+    def pop(self) -> None:
+        self.size -= 1
+
+    def delete(self, j: int) -> None:
+        arrays.delete_row(self._rows, j, self.size)
+        self.size -= 1
+
+    def block(self, atoms: np.ndarray) -> np.ndarray:
+        """``G[atoms][:, atoms]``, float64."""
+        return arrays.host64(arrays.take_rows(arrays.take_rows(self._gram, atoms).T, atoms))
+
+    def load(self, atoms: np.ndarray) -> None:
+        self.size = atoms.size
+        if atoms.size:
+            self._rows[: atoms.size] = arrays.take_rows(self._gram, atoms)
+
+
+class _RowProducts:
+    """Correlations ``c = A (b - A_S^T w)``, one pass over the rows of ``A`` per pick; chosen rows in one buffer."""
+
+    def __init__(self, A_x, b_x, budget: int):
+        self._A, self._b = A_x, b_x
+        self.target_x = A_x @ b_x
+        self.target = arrays.host64(self.target_x)
+        self.norms = arrays.row_norms64(A_x)
+        self._rows = arrays.empty((budget, A_x.shape[1]), A_x)  # A[S, :]
+        self.size = 0
+
+    def correlations(self, w: np.ndarray):
+        if self.size == 0:
+            return self.target_x
+        return self._A @ (self._b - arrays.like(w, self._rows) @ self._rows[: self.size])
+
+    def append(self, e: int) -> np.ndarray:
+        """Add candidate ``e``; return ``A[S + [e]] A[e]``, float64 (size + 1,)."""
+        self._rows[self.size] = self._A[e]
+        self.size += 1
+        return self.cross(e)
+
+    def cross(self, e: int) -> np.ndarray:
+        """``A[S] A[e]``, float64 (size,)."""
+        return arrays.host64(self._rows[: self.size] @ self._A[e])
+
+    def pop(self) -> None:
+        self.size -= 1
+
+    def delete(self, j: int) -> None:
+        arrays.delete_row(self._rows, j, self.size)
+        self.size -= 1
+
+    def block(self, atoms: np.ndarray) -> np.ndarray:
+        """``A[atoms] A[atoms]^T``, float64."""
+        rows = arrays.take_rows(self._A, atoms)
+        return arrays.host64(rows @ rows.T)
+
+    def load(self, atoms: np.ndarray) -> None:
+        self.size = atoms.size
+        if atoms.size:
+            self._rows[: atoms.size] = arrays.take_rows(self._A, atoms)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Final exact solve on the chosen support, in float64
 
 
-def _refit(A_x, b64: np.ndarray, support: list, factor: _RidgeCholesky, positive: bool):
-    """Exact ridge(-NNLS) weights on ``support`` in float64, and the relative error.
+def _refit(A_x, b64: np.ndarray, run: _Run, positive: bool):
+    """Exact ridge(-NNLS) weights on the support in float64, and the relative error.
 
     The loop's factor comes from products in A's dtype. Its weights are refined against the float64
-    normal equations ``(A_S A_S^T + lam I) w = A_S b`` (:func:`_refine`); when that does not
-    converge, or a weight turns non-positive under ``positive``, the support is solved directly.
-    Atoms left with zero weight are dropped.
+    normal equations ``(A_S A_S^T + lam I) w = A_S b`` (:func:`_refine`). When that does not converge (an
+    ill-conditioned support, where normal equations lose twice the digits) the support is solved by QR; when a
+    weight turns non-positive under ``positive``, by a direct non-negative solve. Atoms left with zero weight
+    are dropped.
     """
-    indices = np.asarray(support, dtype=np.int64)
+    indices, factor = np.asarray(run.support, dtype=np.int64), run.factor
     if indices.size == 0:
         return indices, np.empty(0), 1.0
-    rows = _host64(_take_rows(A_x, indices))  # (s, d)
+    rows = arrays.host64(arrays.take_rows(A_x, indices))  # (s, d)
     weights = _refine(rows, b64, factor)
-    if weights is None or (positive and weights.min() <= 0):
+    if weights is None:
+        weights = _stacked_solve(rows, b64, factor.lam, positive)
+    elif positive and weights.min() <= 0:
         weights = _ridge_weights(rows, b64, factor.lam, positive)
     if positive and not (weights > 0).all():
         keep = weights > 0
@@ -694,14 +625,14 @@ def _refit(A_x, b64: np.ndarray, support: list, factor: _RidgeCholesky, positive
     return indices, weights, float(error)
 
 
-def _refine(rows: np.ndarray, b64: np.ndarray, factor: _RidgeCholesky) -> np.ndarray | None:
+def _refine(rows: np.ndarray, b64: np.ndarray, factor: _Cholesky) -> np.ndarray | None:
     """Iterative refinement of the loop's ridge weights in float64; None if it does not converge.
 
     Each step solves ``Q_loop step = A_S b - (A_S A_S^T + lam I) w`` with the loop's factor, the
     residual of the normal equations formed in float64 from ``rows`` (s, d) in two matrix-vector
-    products, so no ``s x s`` float64 Gram matrix is built.
+    products (the corrected semi-normal equations), so no ``s x s`` float64 Gram matrix is built.
     """
-    w = factor.weights()
+    w = factor.weights
     previous = math.inf
     for _ in range(REFINE_STEPS):
         step = factor.solve(rows @ (b64 - w @ rows) - factor.lam * w)
@@ -721,7 +652,7 @@ def _ridge_weights(rows: np.ndarray, b64: np.ndarray, lam: float, positive: bool
     p = rows @ b64
     try:
         lower = scipy.linalg.cholesky(q, lower=True, check_finite=False)
-    except np.linalg.LinAlgError:  # singular (lam == 0 and dependent rows): solve the stacked system
+    except np.linalg.LinAlgError:  # singular in float64: solve the stacked system
         return _stacked_solve(rows, b64, lam, positive)
     z = scipy.linalg.solve_triangular(lower, p, lower=True, check_finite=False)
     w = scipy.linalg.solve_triangular(lower.T, z, lower=False, check_finite=False)
@@ -731,10 +662,103 @@ def _ridge_weights(rows: np.ndarray, b64: np.ndarray, lam: float, positive: bool
 
 
 def _stacked_solve(rows: np.ndarray, b64: np.ndarray, lam: float, positive: bool) -> np.ndarray:
-    """Least squares on ``[rows^T; sqrt(lam) I] w = [b; 0]``."""
+    """Least squares on ``[rows^T; sqrt(lam) I] w = [b; 0]`` by orthogonal factorisations (backward stable)."""
     s = rows.shape[0]
     matrix = np.vstack([rows.T, math.sqrt(lam) * np.eye(s)])
     target = np.concatenate([b64, np.zeros(s)])
     if positive:
         return scipy.optimize.nnls(matrix, target)[0]
     return np.linalg.lstsq(matrix, target, rcond=None)[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The public edge: validation, results, warnings
+
+
+def _as_problem(A, b):
+    """``A`` (n, d) and ``b`` (d,) as arrays of one kind, device and dtype, validated."""
+    A_x = arrays.as_array(A, "A")
+    if A_x.ndim != 2:
+        raise ValueError(f"A must be 2-D (n_candidates, dim), got shape {tuple(A_x.shape)}")
+    b_x = arrays.as_array(b, "b")
+    if b_x.ndim != 1 or b_x.shape[0] != A_x.shape[1]:
+        raise ValueError(
+            f"b must have shape (dim,) = ({A_x.shape[1]},) to match A of shape {tuple(A_x.shape)}, "
+            f"got shape {tuple(b_x.shape)}"
+        )
+    _check_finite(A_x, "A")
+    _check_finite(b_x, "b")
+    return A_x, arrays.match(b_x, A_x)
+
+
+def _as_gram_problem(gram, correlation):
+    """``gram`` (n, n) and ``correlation`` (n,) as arrays of one kind, device and dtype, validated."""
+    gram_x = arrays.as_array(gram, "gram")
+    if gram_x.ndim != 2 or gram_x.shape[0] != gram_x.shape[1]:
+        raise ValueError(f"gram must be square (n_candidates, n_candidates), got shape {tuple(gram_x.shape)}")
+    p_x = arrays.as_array(correlation, "correlation")
+    if tuple(p_x.shape) != (gram_x.shape[0],):
+        raise ValueError(
+            f"correlation must have shape ({gram_x.shape[0]},) to match gram, got shape {tuple(p_x.shape)}"
+        )
+    _check_finite(gram_x, "gram")
+    _check_finite(p_x, "correlation")
+    return gram_x, arrays.match(p_x, gram_x)
+
+
+def _check_finite(x, name: str) -> None:
+    n_bad = arrays.count_nonfinite(x)
+    if n_bad:
+        raise ValueError(f"{name} contains {n_bad} non-finite values; gradients must be finite")
+
+
+def _resolve_method(method, n: int, dim: int, budget: int, itemsize: int, gram_max_bytes) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    valid = not isinstance(gram_max_bytes, bool) and isinstance(gram_max_bytes, numbers.Integral)
+    if not valid or gram_max_bytes < 0:
+        raise ValueError(f"gram_max_bytes must be an integer >= 0, got {gram_max_bytes!r}")
+    if method == "auto":
+        return choose_method(n, dim, budget, itemsize, gram_max_bytes)
+    if method == "gram" and n * n * itemsize > gram_max_bytes:
+        raise ValueError(
+            f"method='gram' needs n_candidates**2 * itemsize == {n * n * itemsize} bytes, more than "
+            f"gram_max_bytes == {gram_max_bytes}; use method='rows' or raise gram_max_bytes"
+        )
+    return method
+
+
+def _precision(x) -> float:
+    return min(PRECISION_RTOL * arrays.unit_roundoff(x), MAX_PRECISION)
+
+
+def _zero_target(method: str) -> OMPResult:
+    warnings.warn("target is zero; nothing to match", RuntimeWarning, stacklevel=3)
+    return _result(np.empty(0, np.int64), np.empty(0), 0.0, 0, method, "tolerance")
+
+
+def _warn_early_end(run: _Run) -> None:
+    if run.dependent:
+        shown = ", ".join(map(str, run.dependent[:10])) + (", ..." if len(run.dependent) > 10 else "")
+        warnings.warn(
+            f"{len(run.dependent)} candidate(s) were linearly dependent on the chosen ones at the precision of "
+            f"the products (Cholesky pivot within rounding) and were banned: [{shown}]; stopped: {run.stop_reason}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if run.rounding:
+        warnings.warn(
+            f"OMP ended early with {len(run.support)} atoms: the remaining candidates correlate with the residual "
+            "only within rounding, as candidates linearly dependent on the chosen ones do; the tolerance eps was "
+            "not reached",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _result(indices, weights, error, n_iter, method, stop_reason) -> OMPResult:
+    indices = np.asarray(indices, dtype=np.int64)
+    weights = np.asarray(weights, dtype=np.float64)
+    indices.flags.writeable = False
+    weights.flags.writeable = False
+    return OMPResult(indices, weights, float(error), int(n_iter), method, stop_reason)

@@ -1,5 +1,7 @@
 """The own-loop client: a model and a dataset written here, a plain PyTorch loop, the real selector actor."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +146,57 @@ def test_invalid_options_are_one_line_config_errors(options, expected):
     with pytest.raises(ConfigError) as info:
         AdaptiveSubset(Net(), Blobs(), **options)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("on_loss", ["fail", "continue"])
+def test_a_selector_gone_for_good_is_said_loudly(ray_address, on_loss):
+    from protocol.errors import RunFailed
+
+    import ray
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    subset = AdaptiveSubset(model, Blobs(200), strategy="gradmatch-pb", budget=0.2, epochs=8, select_every=2,
+                            kappa=0, batch_size=20, lead=0, on_selector_loss=on_loss)
+    try:
+        epochs = []
+        with pytest.raises(RunFailed) if on_loss == "fail" else contextlib.nullcontext():
+            for epoch, batches in subset:
+                epochs.append(epoch)
+                for x, y, w in batches:
+                    loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                if epoch == 2:
+                    ray.kill(subset.selector, no_restart=True)
+        summary, records = subset.summary(), subset.records
+    finally:
+        subset.close()
+    assert "selector lost for good" in summary["selector_lost"]
+    assert records[0]["status"] == "adopted" and records[1]["status"] == "failed"
+    if on_loss == "fail":
+        assert epochs == [0, 1, 2, 3]  # the round due at 4 finds the selector gone: the run stops there
+    else:
+        assert epochs == list(range(8)) and [r["status"] for r in records[2:]] == ["skipped"]
+        assert "selector lost for good" in records[2]["reason"]
+
+
+@pytest.mark.ray
+def test_the_own_loop_example_runs(ray_address):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": ray_address}
+    done = subprocess.run([sys.executable, "examples/own_loop.py"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    accuracy = float(re.search(r"test accuracy ([\d.]+) %", done.stdout).group(1))
+    rounds = int(re.search(r"'rounds': (\d+)", done.stdout).group(1))
+    assert accuracy > 80 and rounds >= 1, done.stdout

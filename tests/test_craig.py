@@ -159,6 +159,22 @@ def test_bad_budget_is_rejected(budget):
         facility_location_greedy(similarity_from_gram(gram), budget)
 
 
+@pytest.mark.parametrize("budget", [0, 2.5, True, "4"])
+def test_bad_budget_reads_the_same_in_craig_and_omp(budget):
+    # one validator (service.checks.positive_int) for every selection kernel: one message per bad value
+    from service.omp import orthogonal_matching_pursuit
+
+    e, h = factors(n=6)
+    messages = []
+    for call in (lambda: select_craig(gradient_gram(e, h), budget),
+                 lambda: facility_location_greedy(similarity_from_gram(gradient_gram(e, h)), budget),
+                 lambda: orthogonal_matching_pursuit(explicit_rows(e, h), np.ones(3 + 3 * 4), budget)):
+        with pytest.raises(ValueError) as error:
+            call()
+        messages.append(str(error.value))
+    assert messages == [f"budget must be an integer >= 1, got {budget!r}"] * 3
+
+
 def test_bad_arrays_are_rejected():
     e, h = factors(n=6)
     with pytest.raises(ValueError, match="features must have one row per row of errors"):

@@ -4,8 +4,11 @@ RayJob and the container image, against the Ray installed here."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 RAY_IMAGE = re.compile(r"^rayproject/ray:(?P<version>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?P<flavor>gpu|cu\d+)$")
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+RAY_CLIENT_PORT = 10001
 
 
 def _rayjob_docs() -> list[dict]:
@@ -158,3 +163,143 @@ def test_readme_covers_every_deploy_file():
     readme = (DEPLOY / "README.md").read_text()
     for name in ("cluster.yaml", "rayjob.yaml", "Dockerfile", "tests/test_deploy.py"):
         assert name in readme
+
+
+# ------------------------------------------------------- safe by default
+
+def _docker_env(run_options: list[str]) -> dict[str, str]:
+    """Environment variables set by `docker run` options (`-e K=V`, `--env K=V`, `--env=K=V`)."""
+    words = [w for option in run_options for w in shlex.split(option)]
+    pairs = [value for flag, value in zip(words, words[1:]) if flag in ("-e", "--env")]
+    pairs += [w.split("=", 1)[1] for w in words if w.startswith("--env=")]
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def _ray_start_option(command: str, name: str) -> str | None:
+    """Value of `ray start --name` in a shell command line, None when it is not given."""
+    for part in command.split(";"):
+        words = shlex.split(part)
+        if words[:2] != ["ray", "start"]:
+            continue
+        for i, word in enumerate(words):
+            if word == f"--{name}":
+                return words[i + 1]
+            if word.startswith(f"--{name}="):
+                return word.split("=", 1)[1]
+    return None
+
+
+def _start_commands(cluster: dict) -> list[str]:
+    return [c for key in ("head_start_ray_commands", "worker_start_ray_commands") for c in cluster[key]]
+
+
+def test_cluster_turns_on_token_auth_in_every_ray_process(cluster):
+    env = _docker_env(cluster["docker"]["run_options"])
+    assert env.get("RAY_AUTH_MODE") == "token", env
+    # The token file is copied to every node from the machine that runs `ray up`.
+    token_path = env["RAY_AUTH_TOKEN_PATH"]
+    assert token_path in cluster["file_mounts"], cluster["file_mounts"]
+    assert not any("RAY_AUTH_MODE" in c for key, cs in cluster.items() if key.endswith("_commands") for c in cs)
+
+
+def test_cluster_dashboard_listens_on_loopback_only(cluster):
+    (head_start,) = [c for c in cluster["head_start_ray_commands"] if "--head" in c]
+    # Ray's own default is localhost too; an explicit value must be a loopback address.
+    assert _ray_start_option(head_start, "dashboard-host") in LOOPBACK | {None}
+    assert not any("0.0.0.0" in c or "::/0" in c for c in _start_commands(cluster))
+
+
+def test_cluster_opens_no_port_but_ssh_to_the_world(cluster):
+    rules = cluster["provider"].get("security_group", {}).get("IpPermissions", [])
+    public = [r for r in rules if any(ip.get("CidrIp") == "0.0.0.0/0" for ip in r.get("IpRanges", []))]
+    assert all(r.get("FromPort") == r.get("ToPort") == 22 for r in public), public
+
+
+def test_rayjob_turns_on_token_auth(rayjob):
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    containers = [c for doc in _rayjob_docs() for c in _containers(doc)]
+    assert containers
+    for container in containers:
+        modes = [e.get("value") for e in container.get("env", []) if e["name"] == "RAY_AUTH_MODE"]
+        assert modes in ([], ["token"]), (container["name"], modes)
+
+
+def _containers(doc: dict) -> list[dict]:
+    spec = doc.get("spec", {})
+    cluster = spec.get("rayClusterSpec", {})
+    groups = [cluster.get("headGroupSpec", {}), *cluster.get("workerGroupSpecs", [])]
+    pods = [g.get("template", {}).get("spec", {}) for g in groups]
+    pods.append(spec.get("submitterPodTemplate", {}).get("spec", {}))
+    return [c for pod in pods for c in pod.get("containers", [])]
+
+
+def test_rayjob_head_is_not_exposed_outside_the_kubernetes_cluster(rayjob, head):
+    cluster_spec = rayjob["spec"]["rayClusterSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert head.get("headService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
+    assert not head.get("enableIngress", False) and not cluster_spec.get("enableIngress", False)
+    groups = [head, *cluster_spec.get("workerGroupSpecs", [])]
+    for pod in (g["template"]["spec"] for g in groups):
+        assert not pod.get("hostNetwork", False)
+        ports = [p for c in pod["containers"] for p in c.get("ports", [])]
+        assert not any("hostPort" in p for p in ports), ports
+    (container,) = head["template"]["spec"]["containers"]
+    # KubeRay builds the head Service from these ports: the Ray Client port stays out of it.
+    ports = container.get("ports", [])
+    assert not any(p["containerPort"] == RAY_CLIENT_PORT or p.get("name") == "client" for p in ports), ports
+
+
+def test_dockerfile_turns_on_token_auth():
+    text = (DEPLOY / "Dockerfile").read_text()
+    envs = re.findall(r"^ENV\s+RAY_AUTH_MODE[=\s]+(\S+)\s*$", text, re.M)
+    assert envs == ["token"], envs
+
+
+def test_installed_ray_reads_the_auth_settings_deploy_uses(tmp_path):
+    """The variable names above are the ones Ray reads; in token mode without a token `ray start` fails closed."""
+    token = tmp_path / "auth_token"
+    token.write_text("deploy-test-token")
+    probe = (
+        "from ray._raylet import AuthenticationTokenLoader, get_authentication_mode, AuthenticationMode\n"
+        "from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled\n"
+        "from ray.exceptions import AuthenticationError\n"
+        "assert get_authentication_mode() == AuthenticationMode.TOKEN\n"
+        "loader = AuthenticationTokenLoader.instance()\n"
+        "found = loader.get_raw_token(ignore_auth_mode=True) if loader.has_token(ignore_auth_mode=True) else None\n"
+        "try:\n"
+        "    ensure_token_if_auth_enabled(None, create_token_if_missing=False)  # what `ray start` calls\n"
+        "    refused = False\n"
+        "except AuthenticationError:\n"
+        "    refused = True\n"
+        "print(found, refused)\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    base.update(HOME=str(tmp_path / "home"), RAY_AUTH_MODE="token")
+
+    def run(**env: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", probe], env={**base, **env}, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout.split()
+
+    assert run(RAY_AUTH_TOKEN_PATH=str(token)) == ["deploy-test-token", "False"]
+    assert run() == ["None", "True"]
+
+
+def test_rayjob_has_a_worker_group_for_shards_and_summary_workers(rayjob):
+    spec = rayjob["spec"]
+    groups = spec["rayClusterSpec"]["workerGroupSpecs"]
+    replicas = sum(group["replicas"] for group in groups)
+    entry = spec["entrypoint"].split()
+    shards = int(entry[entry.index("--shards") + 1])
+    workers = int(entry[entry.index("--summary-workers") + 1])
+    assert replicas >= max(shards, workers) >= 2  # SPREAD placement has a node for each
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        assert "nvidia.com/gpu" not in container["resources"]["limits"] and not container.get("ports")
+
+
+def test_cluster_has_cpu_workers_for_shards_and_summary_workers(cluster):
+    workers = {name: node for name, node in cluster["available_node_types"].items() if name != cluster["head_node_type"]}
+    assert workers and all(node["resources"].get("GPU", 0) == 0 for node in workers.values())
+    assert sum(node["max_workers"] for node in workers.values()) >= 2 and cluster["max_workers"] >= 2

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.launch import RecordFile
+from trainer.files import RecordFile
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,12 +73,12 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(ray_address, tmp_path):
     assert code == 130, err[-3000:]
     assert "Traceback" not in err and "--resume" in err
     first = summary(cut)
-    assert first["status"] == "interrupted" and first["epochs_run"] < 24 and (cut / "checkpoint.pt").exists()
+    assert first["status"] == "interrupted" and first["epochs_run"] < 14 and (cut / "checkpoint.pt").exists()
     code, _, err = finish(cli("--resume", str(cut), address=ray_address))
     assert code == 0, err[-3000:]
     assert finish(reference)[0] == 0
     done, expected = summary(cut), summary(whole)
-    assert done["status"] == "completed" and done["epochs_run"] == expected["epochs_run"] == 24
+    assert done["status"] == "completed" and done["epochs_run"] == expected["epochs_run"] == 14  # 2 full + 12 subset
     assert done["acc"] == expected["acc"]
     keys = ("round", "status", "subset_size", "grad_error")
     assert [{k: r[k] for k in keys} for r in lines(cut / "rounds.jsonl")] == \
@@ -96,7 +96,7 @@ def test_sigkill_then_resume_finishes_and_model_pt_reproduces_the_accuracy(ray_a
     code, stdout, err = finish(cli("--resume", str(out), address=ray_address))
     assert code == 0, err[-3000:]
     result = summary(out)
-    assert result["status"] == "completed" and result["epochs_run"] == 24
+    assert result["status"] == "completed" and result["epochs_run"] == 14
     # the trained model, loaded as a user would, gives the reported test accuracy
     from protocol.config import RunConfig
     from trainer.data import load_splits
@@ -120,8 +120,12 @@ def test_a_diverging_run_fails_clearly(ray_address, tmp_path):
     assert len(line) == 1 and "training loss became" in line[0] and "--lr" in line[0], err[-2000:]
     result = summary(out)
     assert result["status"] == "failed" and "training loss became" in result["reason"]
-    text = (out / "epochs.jsonl").read_text() + (out / "summary.json").read_text()
-    assert "NaN" not in text and "Infinity" not in text
+    def strict(text):  # NaN and Infinity are not JSON: no file of the run may hold them
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} written"))
+
+    strict((out / "summary.json").read_text())
+    for line in (out / "epochs.jsonl").read_text().splitlines():
+        assert all(value == value for value in strict(line).values() if isinstance(value, float))
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
@@ -164,3 +168,29 @@ def test_run_directory_removed_mid_run_is_one_line(ray_address, tmp_path):
     errors = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "cannot write" in errors[0] and str(out) in errors[0], err[-2000:]
     assert "Traceback" not in err
+
+
+def test_sigkill_of_a_driver_leaves_none_of_its_private_ray_behind(tmp_path):
+    """The private Ray a run starts goes with it: Ray starts its processes fate-shared with the driver."""
+    out = tmp_path / "run"
+    process = cli(*SYNC, "--out", str(out))
+    session = None
+    end = time.monotonic() + 120
+    while session is None:
+        assert time.monotonic() < end, "the run never started its Ray"
+        names = subprocess.run(["ps", "-eo", "cmd"], capture_output=True, text=True).stdout
+        mark = f"_{process.pid}/"  # the session folder ends with the pid of the process that started it
+        session = next((word.split("/")[3] for line in names.splitlines() for word in line.split()
+                        if "/tmp/ray/session_" in word and mark in word), None)
+        time.sleep(0.2)
+    wait_for(out / "checkpoint.pt")
+    process.kill()
+    process.wait(timeout=60)
+    end = time.monotonic() + 30
+    while True:
+        left = [line for line in subprocess.run(["ps", "-eo", "pid,cmd"], capture_output=True, text=True)
+                .stdout.splitlines() if session in line]
+        if not left or time.monotonic() > end:
+            break
+        time.sleep(0.5)
+    assert not left, left

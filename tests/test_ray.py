@@ -144,5 +144,5 @@ def test_a_round_that_never_returns_times_out_and_restarts_the_selector(ray_addr
     result = run(config)
     rounds = rounds_of(result)
     assert [r["status"] for r in rounds] == ["timeout", "timeout"]
-    assert all("selector restarted" in r["reason"] and 0.9 < r["stall_s"] < 10 for r in rounds)
+    assert all("selector restarted" in r["reason"] and 0.9 < r["stall_s"] < 10 for r in rounds), rounds
     assert len(result["progress"]["epochs"]) == 9

@@ -47,10 +47,11 @@ def test_round_trip_with_chunks_before_the_request_and_out_of_order():
 def test_plan_declares_needs():
     assert SelectorService({"strategy": "gradmatch-pb"}).plan() == {
         "strategy": "gradmatch-pb", "rounds": True, "ground": "batch", "summaries": "batch",
-        "needs_validation": False, "time_budget_s": None}
+        "needs_validation": False, "measure_only": False, "time_budget_s": None}
     assert SelectorService({"strategy": "gradmatch-pb", "valid": True}).plan()["needs_validation"] is True
     assert SelectorService({"strategy": "full"}).plan()["rounds"] is False
     assert SelectorService({"strategy": "random"}).plan()["summaries"] == "example"  # for its grad_error
+    assert SelectorService({"strategy": "random"}).plan()["measure_only"] is True  # ... only
     assert SelectorService({"strategy": "full"}).plan()["summaries"] == "none"
     assert SelectorService({"strategy": "gradmatch"}).plan()["summaries"] == "example"
     assert SelectorService({"strategy": "glister"}).plan()["needs_validation"] is True
@@ -109,8 +110,14 @@ def test_chunks_must_cover_the_ground_set():
     parts = np.array_split(np.arange(30), 3)
     service.add_chunk(chunk(0, 0, parts[0]))
     service.add_chunk(chunk(0, 1, parts[0]))  # the same ids twice
-    with pytest.raises(RoundFailed, match="must cover 0..29 once"):
+    with pytest.raises(RoundFailed, match=r"chunk 1: ids \[0, 1, 2, 3, 4\] came before; every id must appear once"):
         service.result(0, timeout_s=10)
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request(round_id=1, n_chunks=2))
+    service.add_chunk(chunk(1, 0, parts[0]))
+    service.add_chunk(chunk(1, 1, parts[1]))  # ids 20..29 never come
+    with pytest.raises(RoundFailed, match="chunks cover 20 distinct ids, must cover 0..29 once"):
+        service.result(1, timeout_s=10)
 
 
 @pytest.mark.parametrize("n_select", [1, 2, 4])
@@ -266,3 +273,12 @@ def test_answers_carry_the_comparable_gradient_error():
     expected = subset_gradient_error(GroundSet(labels=np.zeros(30), rows=ROWS), None, answer["indices"],
                                      answer["weights"])
     assert answer["grad_error"] == pytest.approx(expected) and 0 < answer["grad_error"] < 1
+
+
+@pytest.mark.parametrize("strategy", ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister"])
+def test_warm_up_runs_each_strategy_cleanly(strategy, caplog):
+    """The warm-up goes through the strategy's real code path on a tiny round; a failure there would be logged."""
+    service = SelectorService({"strategy": strategy})
+    with caplog.at_level("ERROR"):
+        assert service.warm_up() > 0
+    assert not [r for r in caplog.records if "warm-up" in r.getMessage()]

@@ -198,8 +198,15 @@ class AdaptiveSubset:
         self.selector = selector
         source = SummarySource(model, train_inputs, self.labels, self.device,
                                _inputs(val_set, "val_set") if val_set is not None else None, val_labels, self.layer)
+        self.workers = None
         try:
-            self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase)
+            schedule = self.config.schedule
+            if schedule.summary_workers:
+                from trainer.workers import SummaryPool
+
+                self.workers = SummaryPool(schedule.summary_workers, model, train_inputs, self.labels, self.layer,
+                                           threads=schedule.summary_threads)
+            self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase, workers=self.workers)
         except BaseException:
             self.close()
             raise
@@ -283,6 +290,8 @@ class AdaptiveSubset:
         rounds = getattr(self, "rounds", None)
         if rounds is not None:
             rounds.shutdown()
+        if getattr(self, "workers", None) is not None:
+            self.workers.close()
         if self._owns_selector:
             release(getattr(self, "selector", None), group=self._group)
         if self._own_ray:

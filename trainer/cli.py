@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"selection strategy [{', '.join(STRATEGIES)}] (default: gradmatch-pb)")
     add("--valid", dest="selector.valid", action="store_true",
         help="match the validation gradient instead of the training one (default: off)")
+    add("--shards", dest="selector.shards", metavar="S",
+        help="selector actors sharing the selection by class, at most the number of classes (default: 1)")
     add("--time-budget-s", dest="selector.time_budget_s", metavar="S",
         help="full-earlystop: seconds of training wall time before stopping (default: required)")
     add("--match-run", metavar="DIR", help="full-earlystop: stop after the wall time of the run in DIR (default: none)")
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs before a boundary that its round starts, 0: synchronous (default: 1)")
     add("--on-late", dest="schedule.on_late", metavar="MODE",
         help="at a boundary whose subset is not ready [continue, wait] (default: continue)")
+    add("--summary-workers", dest="schedule.summary_workers", metavar="W",
+        help="Ray actors that make the summary passes from a model snapshot while training goes on (default: 0)")
     add("--round-timeout-s", dest="schedule.round_timeout_s", metavar="S",
         help="a round not answered by then fails and its selector is restarted (default: 600)")
     add("--on-selector-loss", dest="schedule.on_selector_loss", metavar="MODE",

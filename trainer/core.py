@@ -9,12 +9,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ray
 import torch
 from torch.utils.data import TensorDataset
 
@@ -24,6 +24,7 @@ from protocol.records import EpochRecord, RunSummary
 from trainer.api import AdaptiveSubset
 from trainer.data import Splits, augment_batch
 from trainer.energy import EnergyMeter
+from trainer.files import atomic_write
 from trainer.models import build_model, find_classifier
 from trainer.training import CosineSchedule, evaluate, make_optimizer, weighted_step
 
@@ -44,14 +45,8 @@ class Progress:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RunFailed(f"cannot write {path}: {exc.strerror or exc}") from None
+    """``torch.save`` that never leaves half a file (``trainer.files.atomic_write``)."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class Trainer:
@@ -77,7 +72,7 @@ class Trainer:
         self.subset.rounds.on_record = self._on_round
         self.generator = torch.Generator().manual_seed(config.seed + 1)  # augmentation draws
         self.optimizer = make_optimizer(self.model, config.train.lr, config.train.momentum, config.train.weight_decay)
-        self.schedule = CosineSchedule(self.optimizer, config.train.lr, config.train.lr_schedule, self.plan.total,
+        self.lr_schedule = CosineSchedule(self.optimizer, config.train.lr, config.train.lr_schedule, self.plan.total,
                                        self._total_steps())
         self.eval_s = self.elapsed_s = 0.0
         self._progress = Progress(total=self.plan.total)
@@ -125,23 +120,29 @@ class Trainer:
             log.error("run failed: %s", exc.reason)
         finally:
             energy = self.meter.stop()
-        self._save_model()
+        try:
+            self._save_model()
+        except RunFailed as exc:
+            if status != "failed":
+                status, reason = "failed", exc.reason
         return self._result(energy, status, reason)
 
     def _train(self) -> None:
         start = time.perf_counter() - self.elapsed_s
         budget_s = self.strategy_plan.time_budget_s
-        wall = lambda: time.perf_counter() - start - self.eval_s  # noqa: E731
+        stats = self.subset.rounds.stats  # summary passes made only to measure grad_error are not training time
+        measured_before = stats.measure_s  # already out of elapsed_s when resumed
+        wall = lambda: time.perf_counter() - start - self.eval_s - (stats.measure_s - measured_before)  # noqa: E731
         out_of_time = (lambda: wall() >= budget_s) if budget_s else None
         epoch_start = time.perf_counter()
         for epoch, batches in self.subset:
-            self.schedule.start_epoch(epoch, self.subset.step)
-            lr = self.schedule.lr
+            self.lr_schedule.start_epoch(epoch, self.subset.step)
+            lr = self.lr_schedule.lr
             loss = self._train_epoch(epoch, batches, out_of_time)
             train_s = time.perf_counter() - epoch_start
             if budget_s and epoch == 0 and self.config.train.lr_schedule == "epoch":
                 # FULL-EARLYSTOP anneals over the epochs its time budget affords, estimated from the first one
-                self.schedule.n_epochs = int(min(self.plan.total, max(1, budget_s // max(train_s, 1e-9))))
+                self.lr_schedule.n_epochs = int(min(self.plan.total, max(1, budget_s // max(train_s, 1e-9))))
             stopped = out_of_time is not None and out_of_time()
             val_acc = self._maybe_validate(epoch, last=stopped)
             self.elapsed_s = wall()
@@ -166,7 +167,7 @@ class Trainer:
                 raise RunFailed(f"the training loss became {value} at epoch {epoch}, step {self.subset.step}: "
                                 f"lower the learning rate (--lr {self.config.train.lr:g}) or check the data for "
                                 "NaN/inf values", epoch=epoch)
-            self.schedule.after_step(self.subset.step + 1)
+            self.lr_schedule.after_step(self.subset.step + 1)
             total += value
             steps += 1
             if out_of_time is not None and out_of_time():
@@ -201,7 +202,7 @@ class Trainer:
         state = {
             "version": CHECKPOINT_VERSION, "config": self.config.model_dump(mode="json"),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "schedule_epochs": self.schedule.n_epochs, "generator": self.generator.get_state(),
+            "schedule_epochs": self.lr_schedule.n_epochs, "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(), "selection": self.subset.state_dict(), "epochs": epochs,
             "elapsed_s": self.elapsed_s,
         }
@@ -217,7 +218,7 @@ class Trainer:
             raise RunFailed(f"{path}: checkpoint version {state.get('version')!r}, must be {CHECKPOINT_VERSION}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.n_epochs = state["schedule_epochs"]
+        self.lr_schedule.n_epochs = state["schedule_epochs"]
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.subset.load_state_dict(state["selection"])
@@ -288,7 +289,8 @@ class Trainer:
             rounds_skipped=rounds["rounds_skipped"], late_adoptions=rounds["late_adoptions"],
             staleness=rounds["staleness"], selector_lost=rounds["selector_lost"], grad_error=rounds["grad_error"],
             redundant=rounds["redundant"] if self.strategy_plan.rounds else None,
-            steps=self.subset.step, energy_j=self._energy_j(energy), energy_note=energy.note, ray_address="",
+            steps=self.subset.step, energy_j=self._energy_j(energy), energy_note=energy.note,
+            ray_address=ray.get_runtime_context().gcs_address if ray.is_initialized() else "",
             energy_phases={name: reading.energy_j for name, reading in self.meter.phases().items()},
             device=str(self.device), time_budget_s=self.strategy_plan.time_budget_s, imbalance=self.splits.imbalance,
             strategy_changes=rounds["strategy_changes"], n_train=self.n_train,

@@ -48,7 +48,8 @@ PRESETS: dict[str, dict] = {
     "mnist5k-paper": {
         "name": "mnist5k-paper",
         "base": {"data": {"dataset": "mnist5k"}, "model": {"name": "lenet"},
-                 "train": {"epochs": 100, "eval_every": 5}},
+                 "train": {"epochs": 100, "eval_every": 5},
+                 "schedule": {"lead": 0}},  # the paper's synchronous selection, for the reproduction
         "strategies": ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister", "full-earlystop"],
         "budgets": [0.05, 0.1, 0.3],
         "kappas": [0, 0.5],

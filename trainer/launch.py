@@ -9,8 +9,8 @@ local Ray and die with it.
 
 from __future__ import annotations
 
-import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from protocol.config import RunConfig
 from protocol.errors import RunFailed
+from trainer.files import RecordFile, write_json
 
 PROGRESS_TIMEOUT_S = 600.0  # the first progress call waits for the trainer to build its model
 POLL_S = 0.5
@@ -38,14 +39,30 @@ def cluster_address() -> str | None:
         return None
 
 
+def _reachable(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether something listens at ``host:port`` (a cluster that was stopped leaves its address behind)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def connect_ray(num_cpus: int | None = None) -> bool:
     """Join the cluster if one was started with ``ray start``, else start a private local Ray.
 
-    Returns True when the Ray was started here (the caller shuts it down).
+    ``RAY_ADDRESS`` is always joined (a wrong one is an error). The address the last ``ray start`` recorded is
+    joined only while something listens there; a stale one (the cluster was stopped) is passed over with a
+    warning. Returns True when the Ray was started here (the caller shuts it down).
     """
     if ray.is_initialized():  # called from a program that is already connected
         return False
     address = cluster_address()
+    if address and not os.environ.get("RAY_ADDRESS", "").strip() and not _reachable(address):
+        print(f"warning: the Ray cluster recorded at {address} is not running; starting a private local Ray",
+              file=sys.stderr)
+        address = None
     if address:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         return False
@@ -72,10 +89,33 @@ def actor_options(device: str) -> dict:
 
 
 def start_selector(selector_config: dict, options: dict | None = None):
-    """A selector actor for ``selector_config`` (a ``SelectorConfig`` dump), placed by ``options``."""
-    from service.actor import SelectorActor
+    """A selector actor for ``selector_config`` (a ``SelectorConfig`` dump), placed by ``options``.
 
-    return SelectorActor.options(**(options or {"num_cpus": 0, "num_gpus": 0})).remote(selector_config)
+    With ``shards > 1`` and a strategy with rounds it is the sharded selector (docs/scaling.md): a coordinator
+    with the same interface, placed by ``options``, that places its shards itself; ``RunFailed`` when they
+    cannot all be placed, before anything else starts.
+    """
+    from protocol.config import ROUND_STRATEGIES
+    from protocol.errors import one_line
+    from service.actor import SHARD_PLACE_TIMEOUT_S, SelectorActor, ShardedSelectorActor
+
+    options = options or {"num_cpus": 0, "num_gpus": 0}
+    shards = selector_config.get("shards", 1)
+    if shards <= 1 or selector_config.get("strategy") not in ROUND_STRATEGIES:
+        return SelectorActor.options(**options).remote(selector_config)
+    selector = ShardedSelectorActor.options(**options).remote(selector_config)
+    try:
+        reason = ray.get(selector.placed.remote(SHARD_PLACE_TIMEOUT_S), timeout=SHARD_PLACE_TIMEOUT_S + 60)
+    except Exception as exc:  # the coordinator itself could not start
+        reason = one_line(exc)
+    if reason is None:
+        return selector
+    try:
+        ray.get(selector.stop.remote(), timeout=30)  # frees the shards' placement group
+    except Exception:
+        pass
+    release(selector)
+    raise RunFailed(f"--shards {shards}: {reason}")
 
 
 def release(*actors, group=None) -> None:
@@ -97,48 +137,6 @@ def release(*actors, group=None) -> None:
 
 
 # --- one run ------------------------------------------------------------------------------------
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise RunFailed(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-class RecordFile:
-    """A JSONL file that only ever holds whole lines: each record is one ``os.write``; a short write is undone."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        except OSError as exc:
-            raise RunFailed(f"cannot write {path}: {exc.strerror or exc}") from None
-        self.size = 0
-
-    def append(self, records: list[dict]) -> int:
-        for record in records:
-            data = (json.dumps(record) + "\n").encode()
-            try:
-                written = os.write(self.fd, data)
-                if written != len(data):
-                    raise OSError(28, "No space left on device")
-            except OSError as exc:
-                try:
-                    os.ftruncate(self.fd, self.size)
-                except OSError:
-                    pass
-                raise RunFailed(f"cannot write {self.path}: {exc.strerror or exc}") from None
-            self.size += written
-        return len(records)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
 
 def start_actors(config: RunConfig, options: dict, splits, out: Path | None, resume: bool):
     from trainer.actor import TrainerActor
@@ -165,7 +163,7 @@ def execute(config: RunConfig, out: Path, show_progress: bool = True, options: d
         if stopper is not None:
             stopper.attach(actors[1])
         result = follow(actors[1], out, show_progress)
-        summary = dict(result["summary"], ray_address=ray.get_runtime_context().gcs_address)
+        summary = result["summary"]
     finally:
         release(*actors, group=group)
     write_json(out / "summary.json", summary)

@@ -155,6 +155,8 @@ class PendingRound:
     summary_s: float
     stall_s: float = 0.0
     payload: dict | None = None
+    workers: list = field(default_factory=list)  # result refs of the summary workers making this round's chunks
+    where: str = "trainer"
 
 
 @dataclass
@@ -163,6 +165,7 @@ class RoundStats:
     summary_s: float = 0.0
     selector_busy_s: float = 0.0
     records: list[dict] = field(default_factory=list)
+    measure_s: float = 0.0  # summary passes made only to measure grad_error (left out of wall time)
 
 
 class RoundClient:
@@ -184,8 +187,10 @@ class RoundClient:
         e.g. an energy meter's.
     """
 
-    def __init__(self, selector, config: RunConfig, n_train: int, source, phase: Callable | None = None):
+    def __init__(self, selector, config: RunConfig, n_train: int, source, phase: Callable | None = None,
+                 workers=None):
         self.selector = selector
+        self.workers = workers  # a trainer.workers.SummaryPool, or None: the summary passes are made here
         self.config = config
         self.source = source
         self.n_train = n_train
@@ -301,14 +306,21 @@ class RoundClient:
             sizes=ground.sizes, lr=self.config.train.lr, with_validation=plan.needs_validation,
         )
         self.selector.start_round.remote(request.model_dump())
+        workers, where = [], "none" if plan.summaries == "none" else "trainer"
         with self.phase("summaries"):
-            self._stream(slot.round_id, plan, ground, chunk_rows)
+            if self.workers is not None and plan.summaries != "none":
+                workers, where = self._stream_on_workers(slot.round_id, plan, ground, chunk_rows), "workers"
+            else:
+                self._stream(slot.round_id, plan, ground, chunk_rows)
         timeout_s = self.config.schedule.round_timeout_s
         result = self.selector.result.remote(slot.round_id, timeout_s + RESULT_MARGIN_S)
         summary_s = time.perf_counter() - start
-        self.stats.summary_s += summary_s
+        if plan.measure_only:
+            self.stats.measure_s += summary_s
+        else:
+            self.stats.summary_s += summary_s
         self.pending = PendingRound(slot, plan.strategy, ground, request, result, epoch, time.perf_counter(),
-                                    summary_s)
+                                    summary_s, workers=workers, where=where)
 
     def _chunk_rows(self, plan: StrategyPlan) -> int:
         examples = self.config.schedule.chunk_examples
@@ -327,6 +339,40 @@ class RoundClient:
         if plan.needs_validation:
             self.selector.add_validation.remote({"round_id": round_id, **self.source.validation()})
 
+    def _stream_on_workers(self, round_id: int, plan: StrategyPlan, ground: GroundLayout, chunk_rows: int) -> list:
+        """Put a snapshot of the model in the object store and let the workers make and send the chunks."""
+        if plan.summaries == "batch":
+            jobs = [("batch", i, start, ground.batches[start:start + chunk_rows])
+                    for i, start in enumerate(range(0, ground.n_ground, chunk_rows))]
+        else:
+            jobs = [("example", i, start, min(start + chunk_rows, ground.n_ground))
+                    for i, start in enumerate(range(0, ground.n_ground, chunk_rows))]
+        refs, _ = self.workers.start(round_id, self.source.model, jobs, self.selector)
+        if plan.needs_validation:
+            self.selector.add_validation.remote({"round_id": round_id, **self.source.validation()})
+        return refs
+
+    def _failed_on_workers(self, pending: PendingRound) -> bool:
+        """Fail ``pending`` when one of its summary workers failed (checked without waiting); True if it did."""
+        done, _ = ray.wait(pending.workers, num_returns=len(pending.workers), timeout=0) if pending.workers else ([], [])
+        for ref in done:
+            try:
+                ray.get(ref, timeout=CALL_TIMEOUT_S)
+            except (RayError, GetTimeoutError) as exc:
+                self.pending = None
+                self._record(pending, "failed", reason=f"a summary worker failed: {one_line(exc)}")
+                return True
+        return False
+
+    def _worker_report(self, pending: PendingRound) -> dict:
+        if not pending.workers:
+            return {}
+        try:
+            reports = ray.get(pending.workers, timeout=CALL_TIMEOUT_S)
+        except (RayError, GetTimeoutError):
+            return {}
+        return {"worker_s": max(r["seconds"] for r in reports), "worker_nodes": [r["node"] for r in reports]}
+
     def _resend_config(self) -> None:
         """After a selector failure, give the (restarted) selector the scheduled strategy again."""
         if self.resend_config is None or not self.selector_failed:
@@ -339,6 +385,8 @@ class RoundClient:
 
     def _try_adopt(self, epoch: int, wait: bool) -> None:
         pending = self.pending
+        if self._failed_on_workers(pending):
+            return
         if pending.payload is None:
             remaining = self.config.schedule.round_timeout_s - (time.perf_counter() - pending.started)
             start = time.perf_counter()
@@ -378,6 +426,7 @@ class RoundClient:
             pending, "adopted", adopted_epoch=epoch, staleness=epoch - pending.trigger_epoch,
             selector_s=message.busy_s, select_s=message.select_s, grad_error=message.grad_error,
             target=message.target, subset_size=self.subset.n_examples, n_padded=message.n_padded,
+            **self._worker_report(pending),
         )
 
     @staticmethod
@@ -388,6 +437,8 @@ class RoundClient:
 
     def _check_timeout(self) -> None:
         pending = self.pending
+        if self._failed_on_workers(pending):
+            return
         timeout_s = self.config.schedule.round_timeout_s
         if pending.payload is None and time.perf_counter() - pending.started >= timeout_s:
             self.pending = None
@@ -429,7 +480,7 @@ class RoundClient:
         self._append(RoundRecord(
             round=pending.slot.round_id, strategy=pending.strategy, model_step=pending.request.model_step,
             trigger_epoch=pending.trigger_epoch, due_epoch=pending.slot.due, status=status,
-            stall_s=pending.stall_s, summary_s=pending.summary_s, **fields,
+            stall_s=pending.stall_s, summary_s=pending.summary_s, summary_where=pending.where, **fields,
         ))
 
     def _append(self, record: RoundRecord) -> None:
@@ -469,14 +520,15 @@ class RoundClient:
             p = self.pending
             pending = {"slot": p.slot.__dict__, "strategy": p.strategy, "request": p.request.model_dump(),
                        "trigger_epoch": p.trigger_epoch, "summary_s": p.summary_s, "stall_s": p.stall_s,
-                       "payload": p.payload, "plan": self.plan.model_dump()}
+                       "payload": p.payload, "plan": self.plan.model_dump(), "where": p.where}
         subset = self.subset
         return {
             "subset": {"batches": [b.clone() for b in subset.batches], "weights": subset.weights.clone(),
                        "fixed": subset.fixed, "round": subset.round},
             "plan": self.plan.model_dump(), "next_slot": self.next_slot, "ever_used": self.ever_used.clone(),
             "records": list(self.stats.records), "stall_s": self.stats.stall_s, "summary_s": self.stats.summary_s,
-            "selector_busy_s": self.stats.selector_busy_s, "applied_changes": list(self.applied_changes),
+            "selector_busy_s": self.stats.selector_busy_s, "measure_s": self.stats.measure_s,
+            "applied_changes": list(self.applied_changes),
             "resend_config": self.resend_config.model_dump() if self.resend_config is not None else None,
             "selector_lost": self.selector_lost, "pending": pending,
         }
@@ -503,7 +555,8 @@ class RoundClient:
         self.subset = Subset(list(s["batches"]), s["weights"], s["fixed"], s["round"])
         self.next_slot = state["next_slot"]
         self.ever_used = state["ever_used"].clone()
-        self.stats = RoundStats(state["stall_s"], state["summary_s"], state["selector_busy_s"], list(state["records"]))
+        self.stats = RoundStats(state["stall_s"], state["summary_s"], state["selector_busy_s"], list(state["records"]),
+                                state.get("measure_s", 0.0))
         self.applied_changes = list(state["applied_changes"])
         self.selector_lost = state["selector_lost"]
         if state["resend_config"] is not None:
@@ -521,6 +574,7 @@ class RoundClient:
             self.pending = PendingRound(
                 RoundSlot(**p["slot"]), p["strategy"], self._layout(plan), RoundRequest.model_validate(p["request"]),
                 None, p["trigger_epoch"], time.perf_counter(), p["summary_s"], p["stall_s"], p["payload"],
+                where=p.get("where", "trainer"),
             )
 
 

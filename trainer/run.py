@@ -57,10 +57,11 @@ def resume_config(run: str) -> RunConfig:
     summary = path / "summary.json"
     if summary.is_file():
         try:
-            if json.loads(summary.read_text()).get("status", "completed") == "completed":
-                raise ConfigError(f"--resume {run}: that run already completed")
-        except ValueError:
-            pass  # an unreadable summary: resume and write it anew
+            status = json.loads(summary.read_text()).get("status", "completed")
+        except (OSError, ValueError, AttributeError):
+            status = None  # an unreadable summary: resume and write it anew
+        if status == "completed":
+            raise ConfigError(f"--resume {run}: that run already completed")
     try:
         return RunConfig.model_validate_json((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: interrupted at once; the last checkpoint in {out} is kept (--resume {out})", file=sys.stderr)
         return EXIT_SIGINT
     except RunFailed as exc:
-        print(f"error: the run failed: {exc.reason}", file=sys.stderr)
+        print(f"error: the run failed: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except ray.exceptions.RayError as exc:
         print(f"error: the run failed: {one_line(exc)}", file=sys.stderr)

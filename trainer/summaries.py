@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -169,16 +170,28 @@ class SummarySource:
         self.model, self.train_inputs, self.train_labels, self.device = model, train_inputs, train_labels, device
         self.val_inputs, self.val_labels, self.layer, self.val_batch = val_inputs, val_labels, layer, val_batch
 
+    def batch_chunk(self, group: list[torch.Tensor], start: int) -> dict:
+        """The chunk of mini-batches ``start .. start + len(group) - 1`` (their example ids in ``group``)."""
+        (ids, labels, rows), = batch_summaries(self.model, self.train_inputs, self.train_labels, group, len(group),
+                                               self.device, self.layer)
+        return {"ids": (ids + start).numpy(), "labels": labels.cpu().numpy(), "rows": rows.numpy()}
+
+    def example_chunk(self, start: int, stop: int) -> dict:
+        """The chunk of examples ``start .. stop - 1``."""
+        fetch, y = as_fetch(self.train_inputs), self.train_labels
+        (_, labels, errors, features), = example_summaries(self.model, lambda ids: fetch(ids + start),
+                                                           y[start:stop], stop - start, self.device, self.layer)
+        return {"ids": np.arange(start, stop, dtype=np.int64), "labels": labels.numpy(), "errors": errors.numpy(),
+                "features": features.numpy()}
+
     def batch_chunks(self, batches: list[torch.Tensor], chunk_rows: int) -> Iterator[dict]:
-        for ids, labels, rows in batch_summaries(self.model, self.train_inputs, self.train_labels, batches,
-                                                 chunk_rows, self.device, self.layer):
-            yield {"ids": ids.numpy(), "labels": labels.cpu().numpy(), "rows": rows.numpy()}
+        for start in range(0, len(batches), chunk_rows):
+            yield self.batch_chunk(batches[start:start + chunk_rows], start)
 
     def example_chunks(self, chunk_rows: int) -> Iterator[dict]:
-        for ids, labels, errors, features in example_summaries(self.model, self.train_inputs, self.train_labels,
-                                                               chunk_rows, self.device, self.layer):
-            yield {"ids": ids.numpy(), "labels": labels.numpy(), "errors": errors.numpy(),
-                   "features": features.numpy()}
+        n = int(self.train_labels.shape[0])
+        for start in range(0, n, chunk_rows):
+            yield self.example_chunk(start, min(start + chunk_rows, n))
 
     def validation(self) -> dict:
         if self.val_labels is None or len(self.val_labels) == 0:

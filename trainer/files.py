@@ -1,0 +1,63 @@
+"""Files a run writes without ever leaving half of one: atomic replacement and whole-line JSONL records."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from protocol.errors import RunFailed
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    Any failure (disk full, directory gone; ``torch.save`` reports a missing directory as a RuntimeError) is a
+    ``RunFailed`` naming the path and the error, and the temporary file is removed.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise RunFailed(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
+
+
+class RecordFile:
+    """A JSONL file that only ever holds whole lines: each record is one ``os.write``; a short write is undone."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise RunFailed(f"cannot write {path}: {exc.strerror or exc}") from None
+        self.size = 0
+
+    def append(self, records: list[dict]) -> int:
+        for record in records:
+            data = (json.dumps(record) + "\n").encode()
+            try:
+                written = os.write(self.fd, data)
+                if written != len(data):
+                    raise OSError(28, "No space left on device")
+            except OSError as exc:
+                try:
+                    os.ftruncate(self.fd, self.size)
+                except OSError:
+                    pass
+                raise RunFailed(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            self.size += written
+        return len(records)
+
+    def close(self) -> None:
+        os.close(self.fd)

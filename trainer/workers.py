@@ -1,0 +1,123 @@
+"""Summary workers: the summary pass of a round made off the trainer's path, from a snapshot of the model.
+
+With ``--summary-workers W`` the trainer puts its model's weights in Ray's object store and goes on training;
+W actors, each holding a copy of the model and of the (un-augmented) training inputs, load that snapshot,
+compute their share of the round's chunks and stream them straight to the selector. The trainer's cost per
+round is the snapshot ``put``. Workers are spread over the cluster's nodes by a placement group (``SPREAD``,
+best effort), each with its own CPU/GPU request.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import ray
+import torch
+from torch import nn
+
+from trainer.summaries import SummarySource
+
+WORKER_CPU = 0.01  # a placement-group bundle must reserve something; real CPU use is set by ``threads``
+PLACE_TIMEOUT_S = 120.0
+
+
+class SummaryWorkerService:
+    """Holds a model copy and the summary view of the training set; computes chunks from weight snapshots."""
+
+    def __init__(self, parts: list, layer_name: str, threads: int = 1):
+        model, inputs, labels = ray.get(parts, timeout=PLACE_TIMEOUT_S)  # (refs held by the pool: a restart reloads)
+        torch.set_num_threads(threads)
+        on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
+        self.device = torch.device("cuda:0" if on_gpu else "cpu")
+        self.model = model.to(self.device)
+        layer = dict(self.model.named_modules())[layer_name]
+        self.source = SummarySource(self.model, inputs, labels, self.device, layer=layer)
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def summarise(self, round_id: int, state: dict, jobs: list, selector) -> dict:
+        """Compute ``jobs`` (``("batch", index, start, group)`` or ``("example", index, start, stop)``) from the
+        weights ``state`` and send each chunk to ``selector``; returns where and how long."""
+        began = time.perf_counter()
+        self.model.load_state_dict(state)
+        for job in jobs:
+            if job[0] == "batch":
+                _, index, start, group = job
+                chunk = self.source.batch_chunk(group, start)
+            else:
+                _, index, start, stop = job
+                chunk = self.source.example_chunk(start, stop)
+            selector.add_chunk.remote({"round_id": round_id, "chunk_index": index, **chunk})
+        return {"node": self.node(), "n_chunks": len(jobs), "seconds": time.perf_counter() - began}
+
+
+# no Ray restarts: a lost worker fails its round, and the pool places a new one before the next round
+SummaryWorker = ray.remote(num_cpus=0, num_gpus=0, max_restarts=0)(SummaryWorkerService)
+
+
+class SummaryPool:
+    """``n`` summary workers placed by a ``SPREAD`` placement group; ``jobs`` are dealt round-robin."""
+
+    def __init__(self, n: int, model: nn.Module, inputs, labels: torch.Tensor, layer: nn.Linear, threads: int = 1,
+                 gpus: float = 0.0):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": WORKER_CPU, **({"GPU": gpus} if gpus else {})}
+        self.group = placement_group([bundle] * n, strategy="SPREAD")
+        ray.get(self.group.ready(), timeout=PLACE_TIMEOUT_S)
+        name = next(name for name, module in model.named_modules() if module is layer)
+        copy_ = copy.deepcopy(model).cpu()
+        owner = getattr(inputs, "__self__", None)  # a tensor's bound __getitem__: send the tensor from the CPU
+        if isinstance(owner, torch.Tensor):
+            inputs = owner.cpu().__getitem__
+        elif isinstance(inputs, torch.Tensor):
+            inputs = inputs.cpu()
+        self.parts = [ray.put(copy_), ray.put(inputs), ray.put(labels.cpu())]
+        self.options = lambda i: dict(num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            self.group, placement_group_bundle_index=i))
+        self.layer_name, self.threads = name, threads
+        self.workers = [self._place(i) for i in range(n)]
+        self.last: dict[int, ray.ObjectRef] = {}  # each worker's last call, to find the lost ones
+        self.replaced = 0
+
+    def _place(self, i: int):
+        return SummaryWorker.options(**self.options(i)).remote(self.parts, self.layer_name, self.threads)
+
+    def _replace_lost(self) -> None:
+        """A worker whose last call died with it is placed anew in its bundle (its node, if that is still up)."""
+        for i, ref in list(self.last.items()):
+            done, _ = ray.wait([ref], timeout=0)
+            if not done:
+                continue
+            try:
+                ray.get(ref, timeout=PLACE_TIMEOUT_S)
+            except ray.exceptions.RayActorError:
+                self.workers[i] = self._place(i)
+                self.replaced += 1
+            except ray.exceptions.RayError:
+                pass  # the call failed, the worker lives
+            del self.last[i]
+
+    def start(self, round_id: int, model: nn.Module, jobs: list, selector) -> tuple[list, float]:
+        """Snapshot ``model``, hand the jobs out; returns the workers' result refs and the seconds of the put."""
+        self._replace_lost()
+        began = time.perf_counter()
+        state = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        refs = []
+        for i, worker in enumerate(self.workers):
+            share = jobs[i::len(self.workers)]
+            if share:
+                self.last[i] = worker.summarise.remote(round_id, state, share, selector)
+                refs.append(self.last[i])
+        return refs, time.perf_counter() - began
+
+    def nodes(self, timeout_s: float = 60.0) -> list[str]:
+        return ray.get([w.node.remote() for w in self.workers], timeout=timeout_s)
+
+    def close(self) -> None:
+        from trainer.launch import release
+
+        release(*self.workers, group=self.group)
