@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -150,7 +151,8 @@ def _sharded(ray, strategy: str, n_shards: int, chunks: list, n_ground: int, n_s
     from trainer.launch import release
 
     # started directly: ``start_selector`` starts the single selector for shards == 1
-    selector = ShardedSelectorActor.options(**head).remote({"strategy": strategy, "shards": n_shards, "shard_cpus": 0.5})
+    config = {"strategy": strategy, "shards": n_shards, "shard_cpus": 0.5}
+    selector = ShardedSelectorActor.options(**head).remote(config)
     try:
         reason = ray.get(selector.placed.remote(300), timeout=360)
         if reason:
@@ -179,7 +181,9 @@ def main(args: argparse.Namespace) -> None:
     if args.small:
         args.examples, args.classes, args.dim = SMALL["examples"], SMALL["classes"], SMALL["dim"]
     shard_counts = [int(s) for s in args.shards.split(",")]
-    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # a private address file
+    private = None if "RAY_TMPDIR" in os.environ else tempfile.mkdtemp(prefix="rs", dir="/tmp")
+    if private:  # the cluster's address file stays private: no other program joins this cluster
+        os.environ["RAY_TMPDIR"] = private
     os.environ.pop("RAY_ADDRESS", None)
     import ray
     from ray.cluster_utils import Cluster
@@ -203,6 +207,8 @@ def main(args: argparse.Namespace) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if private:
+            shutil.rmtree(private, ignore_errors=True)
     report(results, shard_counts)
 
 
@@ -243,9 +249,10 @@ def report(results: dict, shard_counts: list[int]) -> None:
     peaks = [max(results[s, n]["peak_mb"] for s in STRATEGIES) for n in shard_counts]
     same = all(results[s, n]["identical"] for s in STRATEGIES for n in shard_counts)
     print()
+    moved = [sum(results[s, n]["moved_mb"] for s in STRATEGIES) for n in shard_counts]
     print("per S, both strategies: " + ", ".join(
-        f"S={n}: {t:.1f} s, peak {p:.0f} MB/shard ({p / peaks[0]:.2f}x S={shard_counts[0]}), moved "
-        f"{sum(results[s, n]['moved_mb'] for s in STRATEGIES):.0f} MB" for n, t, p in zip(shard_counts, select_s, peaks)))
+        f"S={n}: {t:.1f} s, peak {p:.0f} MB/shard ({p / peaks[0]:.2f}x S={shard_counts[0]}), moved {m:.0f} MB"
+        for n, t, p, m in zip(shard_counts, select_s, peaks, moved)))
     if 1 in shard_counts and 4 in shard_counts:
         ratio = peaks[shard_counts.index(4)] / peaks[shard_counts.index(1)]
         print(f"claim: peak per shard at S = 4 is {ratio:.2f}x S = 1 (target <= {CLAIM_PEAK_RATIO}): "

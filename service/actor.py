@@ -92,8 +92,10 @@ class _PlacedShardedSelector(ShardedSelector):
             return None
         except GetTimeoutError:
             have = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+            asks = (f"{len(self._bundles)} x {self._bundles[0]}" if all(b == self._bundles[0] for b in self._bundles)
+                    else str(self._bundles))
             return (f"the {len(self._bundles)} shards (selector.shards) could not be placed within {timeout_s:g} s: "
-                    f"they ask for {self._bundles} ({self.config.shard_placement}); the cluster has "
+                    f"they ask for {asks} ({self.config.shard_placement}); the cluster has "
                     f"{len(ray.nodes())} nodes and {have}")
 
     def shard_nodes(self, timeout_s: float = SHARD_PLACE_TIMEOUT_S) -> list[str]:

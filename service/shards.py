@@ -44,7 +44,9 @@ from protocol.errors import RoundFailed, one_line
 from protocol.messages import GradientChunk, RoundRequest, ValidationSet
 from service import craig
 from service.omp import omp_gram
-from service.selector import CHUNK_GRACE_S, REQUEST_GRACE_S, SelectorService, _inject_fault, _message, _Round
+from service.selector import (
+    CHUNK_GRACE_S, REQUEST_GRACE_S, SelectorService, _inject_fault, _message, _Round,
+)
 from service.strategies import (
     GroundSet, Selection, _omp, class_budgets, class_rows, class_target, flat_gradient, pad_selection, round_rng,
     select_glister, select_random, train_target, validation_target, weighted_row_sum,
@@ -167,11 +169,11 @@ class ExampleRoutes:
             room = self.loads().astype(np.int64) if self.hinted else np.full(self.n_shards, n_ground or 0)
         order = np.argsort(shard_of, kind="stable")
         parts, start = [], 0
-        for size in sizes:
+        for shard, size in enumerate(sizes):
             rows = order[start:start + size]
             start += size
             parts.append({"ids": chunk.ids[rows], "labels": chunk.labels[rows], "errors": chunk.errors[rows],
-                          "features": chunk.features[rows], "capacity": int(room[len(parts)])} if size else None)
+                          "features": chunk.features[rows], "capacity": int(room[shard])} if size else None)
         return parts
 
     def loads(self) -> np.ndarray:
@@ -195,7 +197,8 @@ class BatchRoutes:
     def split(self, chunk: GradientChunk, n_ground: int | None = None) -> list[dict]:
         """Each shard's columns of ``chunk``; with ``n_ground`` known, shards place rows by id."""
         if chunk.rows.shape[1] != self.width:
-            raise ValueError(f"rows has {chunk.rows.shape[1]} columns, must be {self.width} as in the round's first chunk")
+            raise ValueError(f"rows has {chunk.rows.shape[1]} columns, must be {self.width} as in the round's "
+                             "first chunk")
         with self._lock:
             self.sent += len(chunk.ids)
         return [{"ids": chunk.ids, "rows": np.concatenate([chunk.rows[:, bias], chunk.rows[:, weight]], axis=1),

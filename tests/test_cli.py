@@ -59,6 +59,7 @@ def test_every_help_line_shows_its_default():
         (["--select-every", "20", "--epochs", "10", "--kappa", "0"], "--select-every 20: no selection round fits"),
         (["--dataset", "digits", "--batch-size", "2000"], "--batch-size 2000: the budget of"),
         (["--seed", str(2**70)], "--seed"),
+        (["--shards", "11", "--dataset", "digits"], "--shards 11: more shards than the 10 classes of digits"),
         (["--strategy", "craig-typo"], "--strategy 'craig-typo': must be one of 'full', 'full-earlystop', 'random'"),
         (["--epochs", "ten"], "--epochs 'ten': Input should be a valid integer"),
         (["--lead", "30"], "--lead: lead == 30, must be <= select_every (20)"),

@@ -37,7 +37,7 @@ def scenario() -> dict:
     env.pop("RAY_ADDRESS", None)
     try:
         proc = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=SCRIPT_TIMEOUT_S)
+                              text=True, timeout=SCRIPT_TIMEOUT_S, check=False)
         assert proc.returncode == 0, f"cluster scenario failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         return json.loads(out.read_text())
     finally:
@@ -92,7 +92,9 @@ def _remote_round(selector, strategy: str, round_id: int, before_chunk=None) -> 
     for i, chunk in enumerate(chunks):
         if before_chunk is not None:
             before_chunk(i)
-        selector.add_chunk.remote({"round_id": round_id, "chunk_index": i, **chunk})
+        ref = selector.add_chunk.remote({"round_id": round_id, "chunk_index": i, **chunk})
+        if before_chunk is not None:
+            ray.get(ref, timeout=60)  # routed in order, so that a fault lands between known chunks
     return ray.get(selector.result.remote(round_id, 90), timeout=120)
 
 
@@ -144,8 +146,8 @@ def run_scenario(cluster, workers: dict) -> dict:
     name = next(n for n, node in workers.items() if node.node_id == victim)
 
     def remove_midway(i):
-        if i == 2:
-            ray.get(spread.status.remote(), timeout=60)  # the first chunks are routed
+        if i == 2:  # once the first chunks are with the shards (else the restarted shard would get them all)
+            ray.get(spread.__ray_call__.remote(lambda self: self.calls.settle(1, time.monotonic() + 30)), timeout=60)
             cluster.remove_node(workers[name])
 
     lost = {"removed": victim, "removed_name": name}

@@ -264,7 +264,7 @@ def test_placement_options_are_validated_with_their_names():
     assert GradMatchSelector(shards=2, shard_resources=("a", "b")).shard_resources == ("a", "b")
     with pytest.raises(ValidationError, match="shards"):
         GradMatchSelector(shards=0)
-    with pytest.raises(ValidationError, match=r"shard_resources has 1 entries, must have one per shard \(shards == 2\)"):
+    with pytest.raises(ValidationError, match=r"shard_resources has 1 entries, must have one per shard \(shards =="):
         GradMatchSelector(shards=2, shard_resources=("a",))
     with pytest.raises(ValidationError, match="must name custom node resources"):
         GradMatchSelector(shard_resources=("GPU",))
@@ -300,12 +300,15 @@ def test_sharded_actor_answers_like_the_single_selector_and_survives_a_lost_shar
                                          "n_ground": 600, "n_select": 60, "n_chunks": 6, "seed": 3,
                                          "strategy": "gradmatch"})
             for i, chunk in enumerate(chunks):
-                if i == kill_after:
-                    ray.get(selector.status.remote(), timeout=30)  # the chunks before are routed
+                if i == kill_after:  # once the chunks before are with the shards (else a restart gets them all)
+                    ray.get(selector.__ray_call__.remote(
+                        lambda self: self.calls.settle(round_id, time.monotonic() + 30)), timeout=60)
                     shards = ray.get(selector.__ray_call__.remote(lambda self: self.calls.shards), timeout=30)
                     ray.kill(shards[1], no_restart=False)
                     time.sleep(0.5)
-                selector.add_chunk.remote({"round_id": round_id, "chunk_index": i, **chunk})
+                ref = selector.add_chunk.remote({"round_id": round_id, "chunk_index": i, **chunk})
+                if kill_after is not None and i < kill_after:
+                    ray.get(ref, timeout=60)
             return ray.get(selector.result.remote(round_id, 60), timeout=90)
 
         assert_same_answer(expected, remote_round(0))
@@ -322,13 +325,52 @@ def test_sharded_actor_answers_like_the_single_selector_and_survives_a_lost_shar
 
 
 @pytest.mark.ray
+def test_a_restarted_coordinator_reuses_its_placement_group(ray_address):
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from trainer.launch import release, start_selector
+
+    selector = start_selector({"strategy": "craig", "shards": 2, "shard_cpus": 0.01})
+    try:
+        group = ray.get(selector.__ray_call__.remote(lambda self: self._group.id.hex()), timeout=30)
+        ray.kill(selector, no_restart=False)  # as the round client does with a selector that does not answer
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                again = ray.get(selector.__ray_call__.remote(lambda self: self._group.id.hex()), timeout=30)
+                break
+            except ray.exceptions.RayActorError:
+                assert time.monotonic() < deadline, "the coordinator did not come back"
+                time.sleep(0.5)
+        assert again == group and ray.get(selector.placed.remote(30), timeout=60) is None
+        assert_same_answer(run_round(SelectorService({"strategy": "craig"}), "craig"),
+                           _actor_round(selector, "craig"))
+        ray.get(selector.stop.remote(), timeout=30)
+        assert placement_group_table()[group]["state"] == "REMOVED"
+    finally:
+        release(selector)
+
+
+def _actor_round(selector, strategy: str) -> dict:
+    import ray
+
+    chunks = example_chunks()
+    selector.start_round.remote({"round_id": 0, "model_step": 1, "ground": "example", "n_ground": 600,
+                                 "n_select": 60, "n_chunks": len(chunks), "seed": 3, "strategy": strategy})
+    for i, chunk in enumerate(chunks):
+        selector.add_chunk.remote({"round_id": 0, "chunk_index": i, **chunk})
+    return ray.get(selector.result.remote(0, 60), timeout=90)
+
+
+@pytest.mark.ray
 def test_shards_that_cannot_be_placed_fail_before_anything_starts(ray_address, monkeypatch):
     import service.actor
     from trainer.launch import start_selector
 
     monkeypatch.setattr(service.actor, "SHARD_PLACE_TIMEOUT_S", 3.0)
     with pytest.raises(RunFailed, match=r"--shards 2: the 2 shards \(selector.shards\) could not be placed within 3 s"
-                                        r": they ask for .*'no-such-node': 1.0"):
+                                        r": they ask for 2 x \{'CPU': 0.01, 'no-such-node': 1.0\}"):
         start_selector({"strategy": "craig", "shards": 2, "shard_cpus": 0.01,
                         "shard_resources": ["no-such-node", "no-such-node"]})
 

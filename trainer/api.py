@@ -174,6 +174,9 @@ class AdaptiveSubset:
         self.labels = dataset_labels(train_set, "train_set")
         self.n_classes = n_classes or len(getattr(train_set, "classes", ())) or int(self.labels.max()) + 1
         _check_range(self.labels, self.n_classes, "train_set")
+        if self.config.selector.shards > self.n_classes:
+            raise ConfigError(f"shards {self.config.selector.shards}: more shards than the {self.n_classes} classes "
+                              f"(selection is sharded by class); use shards={self.n_classes} or fewer")
         summary_set = train_set if summary_set is None else summary_set
         if len(summary_set) != len(train_set):
             raise DatasetError(f"summary_set has {len(summary_set)} examples, must have as many as train_set "

@@ -145,6 +145,10 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
         splits = load_splits(config.data, config.seed)
     except (ModelError, ValueError, OSError) as exc:
         raise ConfigError(one_line(exc)) from None
+    if config.selector.shards > splits.n_classes:
+        raise ConfigError(f"--shards {config.selector.shards}: more shards than the {splits.n_classes} classes of "
+                          f"{config.data.dataset} (selection is sharded by class); use --shards {splits.n_classes} "
+                          "or fewer")
     strategy = config.selector.strategy
     errors, warnings = check_schedule(config, int(splits.train_y.shape[0]), pb=strategy in PB_STRATEGIES,
                                       rounds=strategy in ROUND_STRATEGIES)
