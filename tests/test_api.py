@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.api import AdaptiveSubset, ConfigError, DatasetError
+from trainer import AdaptiveSubset
+from trainer.api import ConfigError, DatasetError
 from trainer.models import ModelError
 
 
