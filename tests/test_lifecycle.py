@@ -178,7 +178,7 @@ def test_sigkill_of_a_driver_leaves_none_of_its_private_ray_behind(tmp_path):
     end = time.monotonic() + 120
     while session is None:
         assert time.monotonic() < end, "the run never started its Ray"
-        names = subprocess.run(["ps", "-eo", "cmd"], capture_output=True, text=True).stdout
+        names = subprocess.run(["ps", "-ww", "-eo", "cmd"], capture_output=True, text=True).stdout  # -ww: whole lines
         mark = f"_{process.pid}/"  # the session folder ends with the pid of the process that started it
         session = next((word.split("/")[3] for line in names.splitlines() for word in line.split()
                         if "/tmp/ray/session_" in word and mark in word), None)
@@ -188,7 +188,7 @@ def test_sigkill_of_a_driver_leaves_none_of_its_private_ray_behind(tmp_path):
     process.wait(timeout=60)
     end = time.monotonic() + 30
     while True:
-        left = [line for line in subprocess.run(["ps", "-eo", "pid,cmd"], capture_output=True, text=True)
+        left = [line for line in subprocess.run(["ps", "-ww", "-eo", "pid,cmd"], capture_output=True, text=True)
                 .stdout.splitlines() if session in line]
         if not left or time.monotonic() > end:
             break
