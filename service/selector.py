@@ -342,17 +342,26 @@ class SelectorService:
             grad_error = subset_gradient_error(ground, state.request.sizes, selection.indices, selection.weights)
             log.debug("round %d: grad_error %s, the strategy's own matching error %s",
                       round_id, grad_error, selection.match_error)
-            if config.delay_s:
-                time.sleep(config.delay_s)
-            busy_s = time.perf_counter() - start
-            answer = _message(config.strategy, state.request, selection, grad_error, select_s, busy_s)
-            answer = _inject_fault(config.fault, answer, state.request)
+            answer, busy_s = self._answer(state, selection, grad_error, select_s, start)
         except Exception as exc:  # the trainer is told, the service stays up
             log.exception("round %d failed", round_id)
             with self._lock:
                 self._busy_s += time.perf_counter() - start
                 self._fail(state, f"{type(exc).__name__}: {exc}")
             return
+        self._deliver(state, answer, busy_s)
+
+    @staticmethod
+    def _answer(state: _Round, selection: Selection, grad_error, select_s: float, start: float) -> tuple[dict, float]:
+        """The round's validated answer (after the configured delay and fault) and the seconds it took."""
+        config = state.config
+        if config.delay_s:
+            time.sleep(config.delay_s)
+        busy_s = time.perf_counter() - start
+        answer = _message(config.strategy, state.request, selection, grad_error, select_s, busy_s)
+        return _inject_fault(config.fault, answer, state.request), busy_s
+
+    def _deliver(self, state: _Round, answer: dict, busy_s: float) -> None:
         with self._lock:
             self._busy_s += busy_s
             self._answered += 1

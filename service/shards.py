@@ -45,7 +45,7 @@ from protocol.messages import GradientChunk, RoundRequest, ValidationSet
 from service import craig
 from service.omp import omp_gram
 from service.selector import (
-    CHUNK_GRACE_S, REQUEST_GRACE_S, SelectorService, _inject_fault, _message, _Round,
+    CHUNK_GRACE_S, REQUEST_GRACE_S, SelectorService, _Round,
 )
 from service.strategies import (
     GroundSet, Selection, _omp, class_budgets, class_rows, class_target, flat_gradient, pad_selection, round_rng,
@@ -951,11 +951,7 @@ class ShardedSelector(SelectorService):
             selection = select_sharded(config, job, self.calls)
             select_s = time.perf_counter() - select_start
             grad_error = sharded_gradient_error(job, self.calls, selection)
-            if config.delay_s:
-                time.sleep(config.delay_s)
-            busy_s = time.perf_counter() - start
-            answer = _message(config.strategy, state.request, selection, grad_error, select_s, busy_s)
-            answer = _inject_fault(config.fault, answer, state.request)
+            answer, busy_s = self._answer(state, selection, grad_error, select_s, start)
         except Exception as exc:  # the trainer is told, the service stays up
             reason = exc.reason if isinstance(exc, RoundFailed) else f"{type(exc).__name__}: {exc}"
             log.warning("round %d failed: %s", round_id, reason)
@@ -965,12 +961,7 @@ class ShardedSelector(SelectorService):
             return
         finally:
             self._finish(round_id, job)
-        with self._lock:
-            self._busy_s += busy_s
-            self._answered += 1
-            if not state.done.is_set():
-                state.answer = answer
-                state.done.set()
+        self._deliver(state, answer, busy_s)
 
     def _finish(self, round_id: int, job: ShardedRound | None) -> None:
         """Free the shards' data of the round; keep its figures and, for per-example rounds, its class counts."""
