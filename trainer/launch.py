@@ -3,8 +3,8 @@ the experiment runner and the benchmarks.
 
 A run joins a cluster only when one was started with ``ray start`` (its address is in Ray's bootstrap file)
 or ``RAY_ADDRESS`` names one; otherwise it starts a private local Ray that no other program joins. That is
-how ``ray.init()`` without an address decides; ``address="auto"`` would also join another program's private
-local Ray and die with it.
+how ``ray.init()`` without an address decides; Ray's "auto" address would also join another program's
+private local Ray and die with it.
 """
 
 from __future__ import annotations
