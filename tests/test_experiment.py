@@ -196,3 +196,15 @@ def test_results_and_report_carry_tables_8_9_and_staleness(tmp_path):
     assert late["GRAD-MATCH"] == f"{frame[frame.strategy == 'gradmatch'].late_adoptions.mean():.2f} ± " \
                                  f"{frame[frame.strategy == 'gradmatch'].late_adoptions.std():.2f}"
     assert "by construction, not measurements" in report  # the grid ran with on_late = continue
+
+
+def test_missing_data_stops_the_experiment_before_ray(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"name: bad\nbase: {{data: {{dataset: mnist, data_root: {tmp_path / 'none'}}}}}\n"
+                    "strategies: [random]\nbudgets: [0.1]\nkappas: [0]\nselect_every: [1]\nseeds: [0]\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["--grid", str(grid), "--out", str(tmp_path / "exp")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "MNIST/raw/train-images-idx3-ubyte is missing" in err
+    assert not (tmp_path / "exp" / "trials").exists()

@@ -187,6 +187,18 @@ class Experiment:
         return ref, (trial, group)
 
 
+def check_trial_data(grid: Grid) -> None:
+    """Every data set the trials read, checked before Ray starts (trials load their data inside their actors)."""
+    from protocol.config import DataConfig
+    from trainer.data import DataError, check_data
+
+    for data in {json.dumps(t.config["data"], sort_keys=True) for t in expand(grid)}:
+        try:
+            check_data(DataConfig.model_validate_json(data))
+        except (DataError, ValueError, OSError) as exc:
+            raise SystemExit(_error(one_line(exc))) from None
+
+
 def load_grid(args) -> Grid:
     if args.preset:
         if args.preset not in PRESETS:
@@ -249,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = {t.key: "not run yet" for t in experiment.trials if not experiment.done(t)}
         print(f"report: {write_report(experiment, missing, command=command, elapsed_s=0.0)}")
         return 0
+    check_trial_data(grid)
     started = connect_ray()
     try:
         resources = ray.cluster_resources()

@@ -114,9 +114,6 @@ class SummaryPool:
                 refs.append(self.last[i])
         return refs, time.perf_counter() - began
 
-    def nodes(self, timeout_s: float = 60.0) -> list[str]:
-        return ray.get([w.node.remote() for w in self.workers], timeout=timeout_s)
-
     def close(self) -> None:
         from trainer.launch import release
 
