@@ -174,6 +174,14 @@ class SelectorService:
             for state in self._rounds.values():
                 self._fail(state, "selector stopped")
 
+    def routes(self, round_id: int, layout: dict | None = None) -> None:
+        """Where round ``round_id``'s summaries go: None, whole chunks to ``add_chunk`` (this selector holds them).
+
+        The sharded coordinator (``service.shards.ShardedSelector.routes``) answers with a class map instead, by
+        which senders deliver the summaries to its shards themselves; ``layout`` describes the summaries for it.
+        """
+        return None
+
     # the round ---------------------------------------------------------------------------------
     def start_round(self, request) -> str | None:
         """Open a round; an older open round is superseded (its answer would be stale).

@@ -14,12 +14,15 @@ columns (bias column c and weight block c), so the work divides by class without
   through the look-ahead step, so its whole ground set goes to shard 0.
 - ``grad_error`` (docs/metrics.md) is summed from per-shard partial sums for every strategy.
 
-Routing: a chunk arrives at the coordinator, is split by shard and each part is sent to its shard at once
-(Ray stores it in the object store); the coordinator keeps only the ids and labels. The class map of a
-round is fixed as its chunks arrive: classes are dealt to shards by the class counts of the previous round
-(largest first, to the least-loaded shard), and a class not seen before goes to the least-loaded shard when
-it first appears. PB rounds split the C classes into S contiguous ranges (every class block has the same
-width). The map balances the load only: any map gives the same subset. See docs/scaling.md.
+Routing: a chunk from the trainer arrives at the coordinator, is split by shard and each part is sent to its
+shard at once (Ray stores it in the object store); the coordinator keeps only the ids and labels. The class
+map of such a round is fixed as its chunks arrive: classes are dealt to shards by the class counts of the
+previous round (largest first, to the least-loaded shard), and a class not seen before goes to the
+least-loaded shard when it first appears. PB rounds split the C classes into S contiguous ranges (every class
+block has the same width). Summary workers instead ask for the round's map up front (``routes``: per-example
+classes dealt by the ground set's class counts), split their chunks themselves and send the parts straight to
+the shards, and only ids and labels to the coordinator (``send_routed``, ``add_routed``). The map balances the
+load only: any map gives the same subset. See docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -164,22 +167,43 @@ class ExampleRoutes:
                 if self.owner[c] < 0:
                     self.owner[c] = int(self.loads().argmin())
             shard_of = self.owner[chunk.labels]
-            sizes = np.bincount(shard_of, minlength=self.n_shards)
+            self.sent += np.bincount(shard_of, minlength=self.n_shards)
+            room = self._room(n_ground)
+        return _example_parts(chunk, shard_of, room)
+
+    def tally(self, labels: np.ndarray) -> np.ndarray:
+        """Count a chunk that its sender split by this map itself (``split_chunk``); returns its rows per shard.
+
+        The map must already own every label (``planned_routes`` deals every class with examples up front).
+        """
+        if labels.size and labels.max() >= self.n_classes:
+            raise ValueError(f"labels must be < the {self.n_classes} classes of the round's map, got max "
+                             f"{labels.max()}")
+        shard_of = self.owner[labels]
+        if (shard_of < 0).any():
+            raise ValueError(f"labels {np.unique(labels[shard_of < 0])[:5].tolist()} have no shard in the round's "
+                             "class map (their classes had no examples when it was made)")
+        sizes = np.bincount(shard_of, minlength=self.n_shards)
+        with self._lock:
+            present, counts = np.unique(labels, return_counts=True)
+            self._routed[present] += counts
             self.sent += sizes
-            room = self.loads().astype(np.int64) if self.hinted else np.full(self.n_shards, n_ground or 0)
-        order = np.argsort(shard_of, kind="stable")
-        parts, start = [], 0
-        for shard, size in enumerate(sizes):
-            rows = order[start:start + size]
-            start += size
-            parts.append({"ids": chunk.ids[rows], "labels": chunk.labels[rows], "errors": chunk.errors[rows],
-                          "features": chunk.features[rows], "capacity": int(room[shard])} if size else None)
-        return parts
+        return sizes
+
+    def plan(self, n_ground: int) -> dict:
+        """The map as plain data for a sender that splits chunks itself (``split_chunk``)."""
+        with self._lock:
+            return {"kind": self.kind, "n_classes": self.n_classes, "owner": self.owner.copy(),
+                    "capacity": self._room(n_ground)}
 
     def loads(self) -> np.ndarray:
         """Expected examples per shard under the current map."""
         assigned = self.owner >= 0
         return np.bincount(self.owner[assigned], weights=self.weight[assigned], minlength=self.n_shards)
+
+    def _room(self, n_ground: int | None) -> np.ndarray:
+        """Rows each shard should reserve: its expected load when the map is dealt, else the whole ground set."""
+        return self.loads().astype(np.int64) if self.hinted else np.full(self.n_shards, n_ground or 0)
 
 
 class BatchRoutes:
@@ -201,8 +225,19 @@ class BatchRoutes:
                              "first chunk")
         with self._lock:
             self.sent += len(chunk.ids)
-        return [{"ids": chunk.ids, "rows": np.concatenate([chunk.rows[:, bias], chunk.rows[:, weight]], axis=1),
-                 **({"n_rows": n_ground} if n_ground else {})} for bias, weight in self.columns]
+        return _batch_parts(chunk, self.columns, n_ground)
+
+    def tally(self, labels: np.ndarray) -> np.ndarray:
+        """Count a chunk that its sender split by this map itself (``split_chunk``); returns its rows per shard."""
+        sizes = np.full(self.n_shards, labels.size, dtype=np.int64)
+        with self._lock:
+            self.sent += sizes
+        return sizes
+
+    def plan(self, n_ground: int) -> dict:
+        """The map as plain data for a sender that splits chunks itself (``split_chunk``)."""
+        return {"kind": self.kind, "n_classes": self.n_classes, "width": self.width, "ranges": list(self.ranges),
+                "n_rows": n_ground}
 
     def slice(self, vector: np.ndarray, s: int) -> np.ndarray:
         """Shard ``s``'s entries of a full-width vector (C (1 + D),)."""
@@ -225,6 +260,99 @@ def routes_for(chunk: GradientChunk, n_shards: int, config, hint: np.ndarray | N
     n_classes = chunk.errors.shape[1]
     return too_many_shards(n_shards, n_classes) or ExampleRoutes(n_shards, n_classes, hint,
                                                                    one_shard=isinstance(config, ONE_SHARD))
+
+
+def planned_routes(n_shards: int, layout: dict, config):
+    """The routes of a round fixed before its summaries are made, from what their sender knows of them.
+
+    ``layout`` is ``{"kind": "batch" or "example", "n_classes": C, "n_features": D, "n_ground": n, "counts": (C,)
+    examples per class (per-example rounds)}``. Per-example classes are dealt by ``counts`` (the ground set's,
+    so no class appears later); PB rounds split the C classes into ranges as ``routes_for`` does. A string says
+    why the round cannot be sharded.
+    """
+    kind, n_classes = layout["kind"], int(layout["n_classes"])
+    if kind not in ("batch", "example") or n_classes < 1:
+        raise ValueError(f"kind {kind!r} and n_classes {n_classes}: must be 'batch' or 'example' and >= 1")
+    reason = too_many_shards(n_shards, n_classes)
+    if reason is not None:
+        return reason
+    if kind == "batch":
+        return BatchRoutes(n_shards, n_classes, n_classes * (1 + int(layout["n_features"])))
+    counts = np.asarray(layout["counts"], dtype=np.int64)
+    if counts.shape != (n_classes,) or (counts < 0).any():
+        raise ValueError(f"counts has shape {counts.shape}, must be ({n_classes},) of counts >= 0")
+    return ExampleRoutes(n_shards, n_classes, counts, one_shard=isinstance(config, ONE_SHARD))
+
+
+def _example_parts(chunk, shard_of: np.ndarray, room: np.ndarray) -> list[dict | None]:
+    """The examples of ``chunk`` per shard (None where a shard gets nothing), each in the chunk's order, with the
+    rows its shard should make room for."""
+    sizes = np.bincount(shard_of, minlength=len(room))
+    order = np.argsort(shard_of, kind="stable")
+    parts, start = [], 0
+    for shard, size in enumerate(sizes):
+        rows = order[start:start + size]
+        start += size
+        parts.append({"ids": chunk.ids[rows], "labels": chunk.labels[rows], "errors": chunk.errors[rows],
+                      "features": chunk.features[rows], "capacity": int(room[shard])} if size else None)
+    return parts
+
+
+def _batch_parts(chunk, columns: list[tuple[slice, slice]], n_rows: int | None) -> list[dict]:
+    """Each shard's columns of the mini-batch rows of ``chunk``; with ``n_rows`` known, shards place rows by id."""
+    return [{"ids": chunk.ids, "rows": np.concatenate([chunk.rows[:, bias], chunk.rows[:, weight]], axis=1),
+             **({"n_rows": n_rows} if n_rows else {})} for bias, weight in columns]
+
+
+def split_chunk(route: dict, chunk) -> list[dict | None]:
+    """The parts of ``chunk`` (a ``GradientChunk`` or its payload) per shard by ``route``, a map from
+    ``ShardedSelector.routes``: the parts the coordinator itself would send for that map (None where a shard
+    gets nothing). Raises ``ValueError`` for a chunk that does not fit the map."""
+    chunk = GradientChunk.model_validate(chunk)
+    n_classes = route["n_classes"]
+    if route["kind"] == "batch":
+        width = route["width"]
+        if chunk.rows is None or chunk.rows.shape[1] != width:
+            got = "example summaries" if chunk.rows is None else f"rows of {chunk.rows.shape[1]} columns"
+            raise ValueError(f"chunk {chunk.chunk_index}: {got}, the round's map is for rows of {width} columns")
+        columns = [range_columns(c0, c1, n_classes, width) for c0, c1 in route["ranges"]]
+        return _batch_parts(chunk, columns, route["n_rows"])
+    if chunk.errors is None or chunk.errors.shape[1] != n_classes:
+        got = "mini-batch rows" if chunk.errors is None else f"errors of {chunk.errors.shape[1]} columns"
+        raise ValueError(f"chunk {chunk.chunk_index}: {got}, the round's map is for errors of {n_classes} columns")
+    owner = np.asarray(route["owner"])
+    if chunk.labels.size and chunk.labels.max() >= n_classes:
+        raise ValueError(f"chunk {chunk.chunk_index}: labels must be < the {n_classes} classes, got max "
+                         f"{chunk.labels.max()}")
+    shard_of = owner[chunk.labels]
+    if (shard_of < 0).any():
+        raise ValueError(f"chunk {chunk.chunk_index}: labels {np.unique(chunk.labels[shard_of < 0])[:5].tolist()} "
+                         "have no shard in the round's class map")
+    return _example_parts(chunk, shard_of, np.asarray(route["capacity"]))
+
+
+def send_routed(route: dict, selector, chunk):
+    """Send the parts of ``chunk`` straight to the shards of ``route`` (``ShardedSelector.routes``), and its
+    round, index, ids and labels to the coordinator ``selector`` (``add_routed``) with the calls that carry the
+    parts: no summary row passes through the coordinator. Nothing is waited for; the coordinator waits for the
+    parts before its shards gather. ``selector`` and the shards are Ray actor handles, or in tests plain
+    ``ShardedSelector`` and ``ShardService`` objects. Returns the ``add_routed`` call's ref (its answer for
+    plain objects)."""
+    chunk = GradientChunk.model_validate(chunk)
+    delivered = []
+    for index, part in enumerate(split_chunk(route, chunk)):
+        if part is None:
+            continue
+        shard, size = route["shards"][index], _nbytes(part)
+        if isinstance(shard, ShardService):
+            shard.add_part(chunk.round_id, part)
+            delivered.append((index, None, size))
+        else:
+            delivered.append((index, shard.add_part.remote(chunk.round_id, part), size))
+    head = {"round_id": chunk.round_id, "chunk_index": chunk.chunk_index, "ids": chunk.ids, "labels": chunk.labels}
+    if isinstance(selector, SelectorService):
+        return selector.add_routed(head, delivered)
+    return selector.add_routed.remote(head, delivered)  # the refs inside a list reach the coordinator as refs
 
 
 # --- the shard ------------------------------------------------------------------------------------
@@ -517,7 +645,8 @@ def _nbytes(value) -> int:
 
 class ShardCalls:
     """Calls on the shards: Ray actor handles in parallel with every wait bounded, or plain ``ShardService``
-    objects in turn (tests without Ray). Counts the bytes of arrays that cross, per round.
+    objects in turn (tests without Ray). Counts the bytes of arrays that cross to and from the shards, per round
+    (parts that senders delivered themselves included, as they report them).
     """
 
     def __init__(self, shards: list):
@@ -538,6 +667,14 @@ class ShardCalls:
         ref = self.shards[index].add_part.remote(round_id, part)
         with self._lock:
             self._sent.setdefault(round_id, []).append((index, ref))
+
+    def expect(self, round_id: int, delivered: list) -> None:
+        """Parts a sender delivered to the shards itself: ``(shard index, ref of its add_part call, bytes)`` each
+        (the ref None for plain shards, already called). ``settle`` waits for them with the coordinator's own."""
+        with self._lock:
+            self.moved[round_id] = self.moved.get(round_id, 0) + sum(int(size) for _, _, size in delivered)
+            if self.remote:
+                self._sent.setdefault(round_id, []).extend((index, ref) for index, ref, _ in delivered)
 
     def settle(self, round_id: int, deadline: float) -> None:
         """Wait until every part of the round is delivered; a lost shard fails the round."""
@@ -817,7 +954,8 @@ def sharded_gradient_error(job: ShardedRound, calls: ShardCalls, selection: Sele
 
 class ShardedSelector(SelectorService):
     """The single selector's interface (``plan``, ``reconfigure``, ``start_round``, ``add_chunk``,
-    ``add_validation``, ``result``, ``status``, ``stop``) over shards that hold the summaries.
+    ``add_validation``, ``result``, ``status``, ``stop``, ``routes``) over shards that hold the summaries, and
+    ``add_routed`` for senders that deliver the summaries to the shards themselves.
 
     Parameters
     ----------
@@ -839,6 +977,9 @@ class ShardedSelector(SelectorService):
         self._deadlines: dict[int, float] = {}
         self._hint: np.ndarray | None = None  # class counts of the last complete per-example round
         self._stubs: dict[int, dict[int, tuple]] = {}  # round -> chunk index -> (ids, labels) routed
+        self._plans: dict[int, dict] = {}  # round -> the map handed out by ``routes`` (senders split by it)
+        self._routed: dict[int, int] = {}  # round -> bytes of summaries that came through this coordinator
+        self._routed_total = 0
         self._last: dict = {}
 
     @property
@@ -856,22 +997,90 @@ class ShardedSelector(SelectorService):
             chunk = GradientChunk.model_validate(chunk)
         except ValidationError as exc:
             return self._reject(chunk, f"chunk {_field(chunk, 'chunk_index')} rejected: {one_line(exc)}")
+        size = sum(a.nbytes for a in (chunk.rows, chunk.errors, chunk.features) if a is not None)
         stub = {"round_id": chunk.round_id, "chunk_index": chunk.chunk_index, "ids": chunk.ids.copy(),
                 "labels": chunk.labels.copy(), "rows": np.zeros((len(chunk.ids), 0), np.float32)}  # no view pins it
         with self._lock:
-            state = self._rounds.get(chunk.round_id)
-            request = state.request if state is not None else None
-            routed = self._stubs.setdefault(chunk.round_id, {})
-            skip = (chunk.round_id < self._latest or chunk.chunk_index in routed or (state and state.done.is_set())
-                    or (request is not None and chunk.chunk_index >= request.n_chunks))
+            self._routed[chunk.round_id] = self._routed.get(chunk.round_id, 0) + size
+            self._routed_total += size
+            state, request, skip = self._arrival(chunk)
             if not skip:
-                routes = self._routes_of(chunk, state)
-                routed[chunk.chunk_index] = (stub["ids"], stub["labels"])
+                routes = self._routes_of(chunk.round_id, state, lambda config: routes_for(
+                    chunk, self.n_shards, config, self._hint))
+                self._stubs[chunk.round_id][chunk.chunk_index] = (stub["ids"], stub["labels"])
         if not skip:
             failure = self._route(chunk, routes, request.n_ground if request is not None else None)
             if failure is not None:
                 return failure
         return super().add_chunk(stub)
+
+    def routes(self, round_id: int, layout: dict | None = None) -> dict | str | None:
+        """Fix round ``round_id``'s class map before its summaries are made, for senders that split them.
+
+        ``layout`` says what the summaries will be (``planned_routes``). Returns the map as plain data with the
+        shard handles (``"shards"``): a sender splits each chunk by it and sends the parts to the shards and the
+        rest to ``add_routed`` (``send_routed``). A string: the round takes no summaries (it failed with that
+        reason, or is over); send nothing. None: send whole chunks to ``add_chunk`` (no ``layout``, or the
+        round's map was already made from chunks that came whole). Asking again returns the same map.
+        """
+        failure = None
+        with self._lock:
+            state = self._rounds.get(round_id)
+            if round_id < self._latest:
+                return f"superseded by round {self._latest}"
+            if state is not None and state.done.is_set():
+                return state.error or "already answered"
+            if layout is None:
+                return None
+            plan = self._plans.get(round_id)
+            if plan is None and round_id in self._routes and not isinstance(self._routes[round_id], str):
+                return None
+            if plan is None:
+                try:
+                    routes = self._routes_of(round_id, state, lambda config: planned_routes(
+                        self.n_shards, layout, config))
+                    if not isinstance(routes, str):
+                        plan = self._plans[round_id] = routes.plan(int(layout["n_ground"]))
+                except (KeyError, TypeError, ValueError) as exc:
+                    routes = self._routes[round_id] = f"summary layout rejected: {one_line(exc)}"
+                failure = routes if isinstance(routes, str) else None
+        if failure is not None:
+            return self._fail_round(round_id, failure)
+        return {**plan, "shards": list(self.calls.shards)}
+
+    def add_routed(self, chunk, delivered: list) -> str | None:
+        """A chunk whose summaries its sender split by ``routes``'s map and delivered to the shards itself.
+
+        ``chunk`` carries ``round_id``, ``chunk_index``, ``ids`` and ``labels`` only; ``delivered`` lists
+        ``(shard index, ref of the add_part call, bytes)``, one per part. The round's bookkeeping is as for
+        ``add_chunk``, and its shards gather once these calls are done, as for parts the coordinator sent.
+        Returns None, or the reason the chunk was rejected (its round then fails with it).
+        """
+        try:
+            head = GradientChunk.model_validate({**chunk, "rows": np.zeros((np.size(_field(chunk, "ids")), 0),
+                                                                          np.float32)})
+        except (ValidationError, TypeError) as exc:
+            return self._reject(chunk, f"chunk {_field(chunk, 'chunk_index')} rejected: {one_line(exc)}")
+        with self._lock:
+            state, _, skip = self._arrival(head)
+            routes = self._routes.get(head.round_id) if head.round_id in self._plans else None
+            if not skip and routes is not None:
+                self._stubs[head.round_id][head.chunk_index] = (head.ids.copy(), head.labels.copy())  # no view pins
+        if skip:
+            return super().add_chunk(head)
+        if routes is None:
+            return self._fail_round(head.round_id, f"chunk {head.chunk_index} was split by a class map this "
+                                                   "coordinator did not make (restarted since the round began?)")
+        try:
+            sizes = routes.tally(head.labels)
+            sent_to = sorted(int(index) for index, _, _ in delivered)
+            if sent_to != np.flatnonzero(sizes).tolist():
+                raise ValueError(f"parts went to shards {sent_to}, its labels route to shards "
+                                 f"{np.flatnonzero(sizes).tolist()}")
+        except ValueError as exc:
+            return self._fail_round(head.round_id, f"chunk {head.chunk_index}: {exc}")
+        self.calls.expect(head.round_id, delivered)
+        return super().add_chunk(head)
 
     def _route(self, chunk: GradientChunk, routes, n_ground: int | None) -> str | None:
         """Send each shard its part of ``chunk``; a failure fails the round and is returned."""
@@ -899,27 +1108,41 @@ class ShardedSelector(SelectorService):
                 self._deadlines.pop(round_id, None)
 
     def status(self) -> dict:
-        """As ``SelectorService.status``, with the shard count and the last round's traffic and shard memory."""
+        """As ``SelectorService.status``, with the shard count, the bytes of summaries that came through this
+        coordinator (``routed_bytes``, 0 while senders deliver them to the shards) and the last round's traffic
+        and shard memory."""
         status = super().status()
         with self._lock:
-            return {**status, "shards": self.n_shards, "last_round": dict(self._last)}
+            return {**status, "shards": self.n_shards, "routed_bytes": self._routed_total,
+                    "last_round": dict(self._last)}
 
     def stop(self) -> None:
         super().stop()
         self.calls.tell("drop", None)
 
     # internals ---------------------------------------------------------------------------------
-    def _routes_of(self, chunk: GradientChunk, state: _Round | None):
-        """The round's routes, made from its first chunk (under the lock)."""
-        routes = self._routes.get(chunk.round_id)
+    def _arrival(self, chunk: GradientChunk) -> tuple:
+        """``(state, request, skip)`` for an arriving chunk (under the lock): skip one of a superseded or closed
+        round, one already routed, or one past the round's chunk count (the bookkeeping fails that round)."""
+        state = self._rounds.get(chunk.round_id)
+        request = state.request if state is not None else None
+        routed = self._stubs.setdefault(chunk.round_id, {})
+        skip = bool(chunk.round_id < self._latest or chunk.chunk_index in routed or (state and state.done.is_set())
+                    or (request is not None and chunk.chunk_index >= request.n_chunks))
+        return state, request, skip
+
+    def _routes_of(self, round_id: int, state: _Round | None, make):
+        """The round's routes, made by ``make(config)`` the first time (under the lock); older rounds' are dropped."""
+        routes = self._routes.get(round_id)
         if routes is None:
-            for old in [r for r in self._routes if r < chunk.round_id]:
+            for old in [r for r in self._routes if r < round_id]:
                 del self._routes[old]
-                self._stubs.pop(old, None)
+                for store in (self._stubs, self._plans, self._routed):
+                    store.pop(old, None)
                 self.calls.forget(old)
             config = state.config if state is not None and state.config is not None else self.config
-            routes = routes_for(chunk, self.n_shards, config, self._hint)
-            self._routes[chunk.round_id] = routes
+            routes = make(config)
+            self._routes[round_id] = routes
         return routes
 
     def _fail_round(self, round_id: int, reason: str) -> str:
@@ -968,12 +1191,16 @@ class ShardedSelector(SelectorService):
         self.calls.tell("drop", round_id)
         with self._lock:
             routes = self._routes.pop(round_id, None)
+            self._plans.pop(round_id, None)
+            routed = self._routed.pop(round_id, 0)
             moved, seconds = self.calls.forget(round_id)
             if job is None:
                 return
             if isinstance(routes, ExampleRoutes) and not routes.one_shard and job.labels.size:
                 self._hint = np.bincount(job.labels, minlength=routes.n_classes)
-            self._last = {"round_id": round_id, "moved_bytes": moved, "shard_s": seconds, **job.stats}
+            classes = routes.owner.tolist() if isinstance(routes, ExampleRoutes) else None
+            self._last = {"round_id": round_id, "moved_bytes": moved, "routed_bytes": routed, "shard_s": seconds,
+                          "class_shards": classes, **job.stats}
 
 
 def _labels(request: RoundRequest, stubs: dict) -> np.ndarray:

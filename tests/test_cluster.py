@@ -2,8 +2,9 @@
 
 A head (no CPU) and three worker nodes of one CPU each, with the custom resources ``node_a``, ``node_b`` and
 ``node_c``. One scenario runs everything on one cluster: shards spread over distinct nodes; shards pinned by
-node resources; the sharded answer equal to the single selector's; a node removed mid-round fails that round
-with its reason and the next round runs on the nodes left.
+node resources; the sharded answer equal to the single selector's, also with the class parts sent straight
+to the shards on their nodes; a node removed mid-round fails that round with its reason and the next round
+runs on the nodes left.
 
 The scenario runs in a subprocess (this file run as a script): the test session's shared local Ray stays
 apart, and ``RAY_TMPDIR`` points at a private directory, so the cluster's address file is not seen by any
@@ -62,6 +63,14 @@ def test_sharded_selection_on_three_nodes_equals_the_single_selector(scenario, s
     assert same == {"indices": True, "weights": True, "grad_error": True}, same
 
 
+@pytest.mark.parametrize("strategy", ["gradmatch", "gradmatch-pb"])
+def test_parts_sent_straight_to_shards_on_other_nodes_give_the_single_selectors_answer(scenario, strategy):
+    same = scenario["direct"][strategy]
+    assert same == {"indices": True, "weights": True, "grad_error": True}, same
+    assert scenario["routed_bytes"][strategy] == 0  # no summary row came through the coordinator
+    assert scenario["routed_bytes"]["gradmatch-pb-whole"] > 0
+
+
 def test_a_node_removed_mid_round_fails_that_round_and_the_next_runs_on_the_nodes_left(scenario):
     lost = scenario["lost"]
     assert lost["removed"] == scenario["worker_nodes"][lost["removed_name"]]
@@ -74,16 +83,20 @@ def test_a_node_removed_mid_round_fails_that_round_and_the_next_runs_on_the_node
 
 # --- the scenario, run as a script ---------------------------------------------------------------
 
-def _remote_round(selector, strategy: str, round_id: int, before_chunk=None) -> dict:
-    """One round against a selector actor; ``before_chunk(i)`` runs before chunk ``i`` is sent."""
+def _remote_round(selector, strategy: str, round_id: int, before_chunk=None, direct: bool = False) -> dict:
+    """One round against a selector actor; ``before_chunk(i)`` runs before chunk ``i`` is sent. ``direct``: the
+    driver splits the chunks by the coordinator's class map and sends the parts straight to the shards, as the
+    summary workers do."""
     import numpy as np
     import ray
 
-    from test_shards import BATCH, ROWS, batch_chunks, example_chunks
+    from service.shards import send_routed
+    from test_shards import BATCH, ROWS, batch_chunks, example_chunks, layout_of
 
     pb = strategy.endswith("-pb")
     chunks = batch_chunks() if pb else example_chunks()
     n = len(ROWS) if pb else sum(len(c["ids"]) for c in chunks)
+    route = ray.get(selector.routes.remote(round_id, layout_of(strategy)), timeout=60) if direct else None
     selector.start_round.remote({
         "round_id": round_id, "model_step": 1, "ground": "batch" if pb else "example", "n_ground": n,
         "n_select": n // 10, "n_chunks": len(chunks), "seed": 3, "strategy": strategy, "lr": 0.05,
@@ -92,7 +105,8 @@ def _remote_round(selector, strategy: str, round_id: int, before_chunk=None) -> 
     for i, chunk in enumerate(chunks):
         if before_chunk is not None:
             before_chunk(i)
-        ref = selector.add_chunk.remote({"round_id": round_id, "chunk_index": i, **chunk})
+        message = {"round_id": round_id, "chunk_index": i, **chunk}
+        ref = send_routed(route, selector, message) if direct else selector.add_chunk.remote(message)
         if before_chunk is not None:
             ray.get(ref, timeout=60)  # routed in order, so that a fault lands between known chunks
     return ray.get(selector.result.remote(round_id, 90), timeout=120)
@@ -137,11 +151,14 @@ def run_scenario(cluster, workers: dict) -> dict:
                              "shard_resources": ["node_c", "node_a"]}, head_options)
     result["pinned_nodes"] = _nodes(pinned)
     result["same"]["gradmatch"] = _same(_local("gradmatch"), _remote_round(pinned, "gradmatch", 0))
+    result["direct"] = {"gradmatch": _same(_local("gradmatch"), _remote_round(pinned, "gradmatch", 1, direct=True))}
+    result["routed_bytes"] = {"gradmatch": ray.get(pinned.status.remote(), timeout=60)["last_round"]["routed_bytes"]}
     ray.get(pinned.stop.remote(), timeout=60)  # frees its bundles for the shard that will move
     release(pinned)
 
     single = _local("gradmatch-pb")
     result["same"]["gradmatch-pb"] = _same(single, _remote_round(spread, "gradmatch-pb", 0))
+    result["routed_bytes"]["gradmatch-pb-whole"] = ray.get(spread.status.remote(), timeout=60)["routed_bytes"]
     victim = result["spread_nodes"][1]
     name = next(n for n, node in workers.items() if node.node_id == victim)
 
@@ -162,6 +179,8 @@ def run_scenario(cluster, workers: dict) -> dict:
         "indices": True, "weights": True, "grad_error": True}
     lost["nodes_after"] = _nodes(spread)
     result["lost"] = lost
+    result["direct"]["gradmatch-pb"] = _same(single, _remote_round(spread, "gradmatch-pb", 3, direct=True))
+    result["routed_bytes"]["gradmatch-pb"] = ray.get(spread.status.remote(), timeout=60)["last_round"]["routed_bytes"]
     ray.get(spread.stop.remote(), timeout=60)
     release(spread)
     return result

@@ -18,6 +18,7 @@ from protocol.errors import RoundFailed, RunFailed
 from service.selector import SelectorService
 from service.shards import (
     ShardedSelector, ShardService, assign_classes, class_ranges, infer_n_classes, range_columns, ridge_weights,
+    send_routed, split_chunk,
 )
 
 N_CLASSES, DIM, BATCH = 6, 5, 8
@@ -72,6 +73,34 @@ def run_round(service, strategy: str, round_id: int = 0, order=None, validation:
         service.add_validation({"round_id": round_id, **VALIDATION})
     for i in order if order is not None else range(len(chunks)):
         service.add_chunk({"round_id": round_id, "chunk_index": i, **chunks[i]})
+    return service.result(round_id, timeout_s=60)
+
+
+def layout_of(strategy: str, counts: np.ndarray | None = None) -> dict:
+    """What a summary worker tells ``routes`` of a round's summaries (per-example: the class counts)."""
+    if strategy.endswith("-pb"):
+        return {"kind": "batch", "n_classes": N_CLASSES, "n_features": DIM, "n_ground": len(ROWS)}
+    counts = np.bincount(LABELS, minlength=N_CLASSES) if counts is None else counts
+    return {"kind": "example", "n_classes": N_CLASSES, "n_features": DIM, "n_ground": len(LABELS), "counts": counts}
+
+
+def routed_round(service, strategy: str, round_id: int = 0, order=None, validation: bool = False,
+                 counts: np.ndarray | None = None) -> dict:
+    """``run_round`` with the sender splitting the chunks by the map ``routes`` hands out, asked before the
+    request (on the actor the two calls race), and sending the parts straight to the shards."""
+    pb = strategy.endswith("-pb")
+    chunks = batch_chunks() if pb else example_chunks()
+    n = len(ROWS) if pb else len(LABELS)
+    route = service.routes(round_id, layout_of(strategy, counts))
+    service.start_round({
+        "round_id": round_id, "model_step": 1, "ground": "batch" if pb else "example", "n_ground": n,
+        "n_select": n // 10, "n_chunks": len(chunks), "seed": 3, "strategy": strategy, "lr": 0.05,
+        "sizes": np.full(n, BATCH) if pb else None, "with_validation": validation,
+    })
+    if validation:
+        service.add_validation({"round_id": round_id, **VALIDATION})
+    for i in order if order is not None else range(len(chunks)):
+        assert send_routed(route, service, {"round_id": round_id, "chunk_index": int(i), **chunks[i]}) is None
     return service.result(round_id, timeout_s=60)
 
 
@@ -214,6 +243,111 @@ def test_the_second_round_deals_classes_by_the_first_rounds_counts():
     np.testing.assert_array_equal(held, expected)  # per example: id, label (int64), C + D float32
 
 
+# --- senders that route by class themselves (the summary workers) -------------------------------
+
+@pytest.mark.parametrize("strategy, options, validation", CASES, ids=[f"{s}{o}" for s, o, _ in CASES])
+@pytest.mark.parametrize("n_shards", [1, 2, 3])
+def test_chunks_split_by_their_sender_give_the_same_answer_and_no_row_reaches_the_coordinator(
+        strategy, options, validation, n_shards):
+    config = {"strategy": strategy, **options}
+    single = run_round(SelectorService(config), strategy, validation=validation)
+    whole = sharded(config, n_shards)
+    through = run_round(whole, strategy, validation=validation)
+    order = np.random.default_rng(n_shards).permutation(len(batch_chunks() if "pb" in strategy else example_chunks()))
+    service = sharded(config, n_shards)
+    direct = routed_round(service, strategy, validation=validation, order=order)
+    assert_same_answer(single, direct)
+    np.testing.assert_array_equal(direct["indices"], through["indices"])  # the chunks' path changes nothing
+    np.testing.assert_array_equal(direct["weights"], through["weights"])
+    assert whole.status()["routed_bytes"] > 0 and whole.status()["last_round"]["routed_bytes"] > 0
+    status = service.status()
+    assert status["routed_bytes"] == 0 and status["last_round"]["routed_bytes"] == 0
+    summaries = ROWS.nbytes if "pb" in strategy else ERRORS.nbytes + FEATURES.nbytes
+    assert status["last_round"]["moved_bytes"] > summaries  # the parts the sender delivered are counted
+
+
+@pytest.mark.parametrize("strategy, options, validation",
+                         [("gradmatch", {}, False), ("gradmatch", {"valid": True}, True), ("craig", {}, False)])
+def test_the_answer_does_not_depend_on_which_shard_owns_a_class(strategy, options, validation):
+    counts = np.bincount(LABELS, minlength=N_CLASSES)
+    deals = [counts, np.array([100, 1, 1, 1, 1, 1]), np.array([1, 1, 1, 1, 1, 100])]
+    maps, answers = [], []
+    for dealt in deals:  # the map follows the counts it is dealt by; the rows are the same
+        service = sharded({"strategy": strategy, **options}, 3)
+        answers.append(routed_round(service, strategy, validation=validation, counts=dealt))
+        maps.append(tuple(service.status()["last_round"]["class_shards"]))
+    assert len(set(maps)) == len(deals), maps
+    for answer in answers[1:]:
+        np.testing.assert_array_equal(answer["indices"], answers[0]["indices"])
+        np.testing.assert_array_equal(answer["weights"], answers[0]["weights"])
+        assert answer["grad_error"] == pytest.approx(answers[0]["grad_error"], rel=1e-12)
+
+
+def test_the_map_handed_out_is_fixed_for_the_round_and_splits_as_the_coordinator_would():
+    service = sharded({"strategy": "gradmatch"}, 3)
+    route = service.routes(0, layout_of("gradmatch"))
+    assert service.routes(0, layout_of("gradmatch", np.ones(N_CLASSES, np.int64)))["owner"].tolist() == \
+        route["owner"].tolist() == assign_classes(np.bincount(LABELS, minlength=N_CLASSES), 3).tolist()
+    assert [type(shard) for shard in route["shards"]] == [ShardService] * 3
+    chunk = {"round_id": 0, "chunk_index": 0, **example_chunks()[0]}
+    parts = split_chunk(route, chunk)
+    assert sum(len(part["ids"]) for part in parts if part is not None) == 100
+    for shard, part in enumerate(parts):
+        if part is not None:
+            assert set(route["owner"][part["labels"]]) == {shard}
+    pb = service.routes(1, layout_of("gradmatch-pb"))
+    assert pb["ranges"] == class_ranges(N_CLASSES, 3) and pb["width"] == ROWS.shape[1]
+    assert SelectorService({"strategy": "gradmatch"}).routes(0, layout_of("gradmatch")) is None  # whole chunks
+    assert service.routes(1, None) is None
+
+
+def test_a_chunk_that_does_not_fit_the_map_is_refused_by_its_sender():
+    route = sharded({"strategy": "gradmatch-pb"}, 2).routes(0, layout_of("gradmatch-pb"))
+    chunk = batch_chunks()[0]
+    with pytest.raises(ValueError, match=f"rows of {ROWS.shape[1] - N_CLASSES} columns, the round's map is for "
+                                         f"rows of {ROWS.shape[1]} columns"):
+        split_chunk(route, {"round_id": 0, "chunk_index": 0, **chunk, "rows": chunk["rows"][:, :-N_CLASSES]})
+    with pytest.raises(ValueError, match="example summaries, the round's map is for rows"):
+        split_chunk(route, {"round_id": 0, "chunk_index": 0, **example_chunks()[0]})
+
+
+def test_a_shard_that_lost_routed_parts_fails_the_round_and_the_next_round_is_whole():
+    shards = [ShardService(i) for i in range(2)]
+    service = ShardedSelector({"strategy": "gradmatch", "shards": 2}, shards)
+    route = service.routes(0, layout_of("gradmatch"))
+    service.start_round({"round_id": 0, "model_step": 1, "ground": "example", "n_ground": 600, "n_select": 60,
+                         "n_chunks": 6, "seed": 3, "strategy": "gradmatch"})
+    for i, chunk in enumerate(example_chunks()):
+        if i == 3:
+            shards[1].drop()  # as a restarted shard: what it was sent is gone
+        send_routed(route, service, {"round_id": 0, "chunk_index": i, **chunk})
+    with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 0"):
+        service.result(0, timeout_s=30)
+    assert_same_answer(run_round(SelectorService({"strategy": "gradmatch"}), "gradmatch"),
+                       routed_round(service, "gradmatch", round_id=1))
+
+
+def test_chunks_split_by_a_map_the_coordinator_did_not_make_fail_the_round():
+    route = sharded({"strategy": "gradmatch"}, 2).routes(0, layout_of("gradmatch"))
+    service = sharded({"strategy": "gradmatch"}, 2)  # as a coordinator restarted after it handed out the map
+    service.start_round({"round_id": 0, "model_step": 1, "ground": "example", "n_ground": 600, "n_select": 60,
+                         "n_chunks": 6, "seed": 3, "strategy": "gradmatch"})
+    reason = send_routed(route, service, {"round_id": 0, "chunk_index": 0, **example_chunks()[0]})
+    assert reason == "chunk 0 was split by a class map this coordinator did not make (restarted since the round began?)"
+    with pytest.raises(RoundFailed, match="did not make"):
+        service.result(0, timeout_s=30)
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch", "gradmatch-pb"])
+def test_a_map_for_more_shards_than_classes_is_refused_with_the_reason_and_fails_the_round(strategy):
+    service = sharded({"strategy": strategy}, 7)
+    reason = service.routes(0, layout_of(strategy))
+    assert reason.startswith(f"--shards 7 (selector.shards) is more than the {N_CLASSES} classes")
+    assert service.routes(0, layout_of(strategy)) == reason  # asked again: the round has failed with it
+    with pytest.raises(RoundFailed, match=r"--shards 7 \(selector.shards\) is more than"):
+        service.result(0, timeout_s=30, request_grace_s=30)
+
+
 # --- bad input and faults ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", ["gradmatch", "gradmatch-pb"])
@@ -320,6 +454,46 @@ def test_sharded_actor_answers_like_the_single_selector_and_survives_a_lost_shar
         group = ray.get(selector.__ray_call__.remote(lambda self: self._group.id.hex()), timeout=30)
         ray.get(selector.stop.remote(), timeout=30)
         assert placement_group_table()[group]["state"] == "REMOVED"
+    finally:
+        release(selector)
+
+
+@pytest.mark.ray
+def test_parts_sent_straight_to_the_shard_actors_give_the_same_answer_and_a_lost_shard_fails_the_round(
+        ray_address):
+    import ray
+
+    from trainer.launch import release, start_selector
+
+    selector = start_selector({"strategy": "gradmatch-pb", "shards": 2, "shard_cpus": 0.01})
+    try:
+        expected = run_round(SelectorService({"strategy": "gradmatch-pb"}), "gradmatch-pb")
+
+        def remote_round(round_id, kill_after=None):
+            route = ray.get(selector.routes.remote(round_id, layout_of("gradmatch-pb")), timeout=30)
+            chunks, n = batch_chunks(), len(ROWS)
+            selector.start_round.remote({"round_id": round_id, "model_step": 1, "ground": "batch", "n_ground": n,
+                                         "n_select": n // 10, "n_chunks": len(chunks), "seed": 3,
+                                         "strategy": "gradmatch-pb", "lr": 0.05, "sizes": np.full(n, BATCH)})
+            for i, chunk in enumerate(chunks):
+                if i == kill_after:  # once the parts before are with the shards (else a restart gets them all)
+                    ray.get(selector.__ray_call__.remote(
+                        lambda self: self.calls.settle(round_id, time.monotonic() + 30)), timeout=60)
+                    ray.kill(route["shards"][1], no_restart=False)
+                    time.sleep(0.5)
+                ref = send_routed(route, selector, {"round_id": round_id, "chunk_index": i, **chunk})
+                if kill_after is not None and i < kill_after:
+                    assert ray.get(ref, timeout=60) is None
+            return ray.get(selector.result.remote(round_id, 60), timeout=90)
+
+        assert_same_answer(expected, remote_round(0))
+        status = ray.get(selector.status.remote(), timeout=30)
+        assert status["routed_bytes"] == 0 and status["last_round"]["moved_bytes"] > ROWS.nbytes
+        with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 1"):
+            remote_round(1, kill_after=3)
+        assert_same_answer(expected, remote_round(2))  # on the restarted shard
+        assert ray.get(selector.status.remote(), timeout=30)["routed_bytes"] == 0
+        ray.get(selector.stop.remote(), timeout=30)
     finally:
         release(selector)
 

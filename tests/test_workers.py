@@ -19,13 +19,17 @@ def blobs(n=300, seed=0):
     return TensorDataset(x, y)
 
 
-def run(workers: int, strategy: str, kill_after: int | None = None):
+def run(workers: int, strategy: str, kill_after: int | None = None, watch=None, **options):
+    """A short run; ``watch(subset)`` is called at the start of every epoch."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with AdaptiveSubset(model, blobs(), strategy=strategy, budget=0.2, epochs=10, select_every=2, kappa=0,
-                        batch_size=20, lead=0, seed=1, summary_workers=workers, chunk_examples=100) as subset:
+                        batch_size=20, lead=0, seed=1, summary_workers=workers, chunk_examples=100,
+                        **options) as subset:
         for epoch, batches in subset:
+            if watch is not None:
+                watch(subset)
             for x, y, w in batches:
                 loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
                 opt.zero_grad()
@@ -34,6 +38,23 @@ def run(workers: int, strategy: str, kill_after: int | None = None):
             if kill_after is not None and epoch == kill_after:
                 ray.kill(subset.workers.workers[0])
         return subset.records, [p.detach().clone() for p in model.parameters()], subset.workers
+
+
+def run_sharded(workers: int, strategy: str):
+    """A run on the sharded selector (2 shards); returns its records, the subset adopted in each round (its
+    example ids and weights), each round's class map (per-example rounds) and the coordinator's status."""
+    subsets, maps, status = {}, {}, {}
+
+    def watch(subset):
+        current = subset.subset
+        if current.round is not None and current.round not in subsets:
+            subsets[current.round] = (torch.cat(current.batches).sort().values, current.weights.clone())
+            last = ray.get(subset.selector.status.remote(), timeout=30)
+            status.update(last)
+            maps[current.round] = last["last_round"]["class_shards"]
+
+    records, _, _ = run(workers, strategy, watch=watch, shards=2, shard_cpus=0.01)
+    return records, subsets, maps, status
 
 
 @pytest.mark.parametrize("strategy", ["gradmatch-pb", "gradmatch"])
@@ -50,11 +71,31 @@ def test_workers_give_the_same_rounds_as_the_trainer(ray_address, strategy):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_a_lost_worker_fails_its_round_and_is_replaced(ray_address):
-    records, _, pool = run(2, "gradmatch-pb", kill_after=2)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_lost_worker_fails_its_round_and_is_replaced(ray_address, shards):
+    records, _, pool = run(2, "gradmatch-pb", kill_after=2, shards=shards, shard_cpus=0.01)
     statuses = [r["status"] for r in records]
     assert statuses[0] == "adopted" and statuses.count("failed") == 1, records
     failed = next(r for r in records if r["status"] == "failed")
     assert "summary worker failed" in failed["reason"]
     assert statuses[statuses.index("failed") + 1:] and all(s == "adopted" for s in statuses[statuses.index("failed") + 1:])
     assert pool.replaced == 1
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch-pb", "gradmatch"])
+def test_workers_send_class_parts_straight_to_the_shards_with_the_same_rounds(ray_address, strategy):
+    streamed, streamed_subsets, streamed_maps, streamed_status = run_sharded(0, strategy)
+    direct, direct_subsets, direct_maps, direct_status = run_sharded(2, strategy)
+    assert [r["status"] for r in direct] == [r["status"] for r in streamed] == ["adopted"] * 4
+    assert all(r["summary_where"] == "workers" and len(r["worker_nodes"]) == 2 for r in direct)
+    assert sorted(direct_subsets) == sorted(streamed_subsets) == [r["round"] for r in direct]
+    for round_id, (ids, weights) in direct_subsets.items():
+        torch.testing.assert_close(ids, streamed_subsets[round_id][0], rtol=0, atol=0)
+        torch.testing.assert_close(weights, streamed_subsets[round_id][1], rtol=1e-5, atol=1e-7)
+    assert [r["grad_error"] for r in direct] == pytest.approx([r["grad_error"] for r in streamed], rel=1e-6)
+    # the trainer's chunks pass through the coordinator; the workers' class parts go straight to the shards
+    assert streamed_status["routed_bytes"] > 0
+    assert direct_status["routed_bytes"] == 0 and direct_status["last_round"]["moved_bytes"] > 0
+    if strategy == "gradmatch":  # the first round's map: by arrival when streamed, dealt by counts up front
+        first = min(direct_maps)
+        assert direct_maps[first] != streamed_maps[first], (direct_maps, streamed_maps)

@@ -5,6 +5,11 @@ W actors, each holding a copy of the model and of the (un-augmented) training in
 compute their share of the round's chunks and stream them straight to the selector. The trainer's cost per
 round is the snapshot ``put``. Workers are spread over the cluster's nodes by a placement group (``SPREAD``,
 best effort), each with its own CPU/GPU request.
+
+Each round the pool asks the selector where the summaries go (``routes``, not waited for by the trainer):
+the single selector takes whole chunks (``add_chunk``); the sharded coordinator hands out the round's class
+map and its shards, and each worker splits its chunks by class, sends the parts straight to the shards and
+only ids and labels to the coordinator (``service.shards.send_routed``).
 """
 
 from __future__ import annotations
@@ -12,14 +17,17 @@ from __future__ import annotations
 import copy
 import time
 
+import numpy as np
 import ray
 import torch
 from torch import nn
 
+from service.shards import send_routed
 from trainer.summaries import SummarySource
 
 WORKER_CPU = 0.01  # a placement-group bundle must reserve something; real CPU use is set by ``threads``
 PLACE_TIMEOUT_S = 120.0
+ROUTE_TIMEOUT_S = 60.0  # the selector's answer to ``routes`` (a cheap call on a threaded actor)
 
 
 class SummaryWorkerService:
@@ -37,10 +45,18 @@ class SummaryWorkerService:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def summarise(self, round_id: int, state: dict, jobs: list, selector) -> dict:
+    def summarise(self, round_id: int, state: dict, jobs: list, selector, route: list | None = None) -> dict:
         """Compute ``jobs`` (``("batch", index, start, group)`` or ``("example", index, start, stop)``) from the
-        weights ``state`` and send each chunk to ``selector``; returns where and how long."""
+        weights ``state`` and send each chunk on; returns where and how long.
+
+        ``route`` holds the ref of the selector's ``routes`` answer for the round (in a list, so it arrives
+        unresolved): a class map sends each chunk's parts straight to the shards, None whole chunks to
+        ``selector.add_chunk``, a string (the round takes no summaries) nothing.
+        """
         began = time.perf_counter()
+        plan = ray.get(route[0], timeout=ROUTE_TIMEOUT_S) if route else None
+        if isinstance(plan, str):  # failed or over: the selector tells the trainer why
+            return {"node": self.node(), "n_chunks": 0, "seconds": time.perf_counter() - began}
         self.model.load_state_dict(state)
         for job in jobs:
             if job[0] == "batch":
@@ -49,7 +65,11 @@ class SummaryWorkerService:
             else:
                 _, index, start, stop = job
                 chunk = self.source.example_chunk(start, stop)
-            selector.add_chunk.remote({"round_id": round_id, "chunk_index": index, **chunk})
+            chunk = {"round_id": round_id, "chunk_index": index, **chunk}
+            if plan is None:
+                selector.add_chunk.remote(chunk)
+            else:
+                send_routed(plan, selector, chunk)
         return {"node": self.node(), "n_chunks": len(jobs), "seconds": time.perf_counter() - began}
 
 
@@ -79,6 +99,8 @@ class SummaryPool:
         self.options = lambda i: dict(num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
             self.group, placement_group_bundle_index=i))
         self.layer_name, self.threads = name, threads
+        self.n_classes, self.n_features = layer.out_features, layer.in_features
+        self.labels = labels.cpu().numpy()
         self.workers = [self._place(i) for i in range(n)]
         self.last: dict[int, ray.ObjectRef] = {}  # each worker's last call, to find the lost ones
         self.replaced = 0
@@ -102,17 +124,31 @@ class SummaryPool:
             del self.last[i]
 
     def start(self, round_id: int, model: nn.Module, jobs: list, selector) -> tuple[list, float]:
-        """Snapshot ``model``, hand the jobs out; returns the workers' result refs and the seconds of the put."""
+        """Snapshot ``model``, ask ``selector`` where the round's summaries go (``routes``, not waited for here:
+        each worker waits for the answer, bounded) and hand the jobs out; returns the workers' result refs and
+        the seconds of the put."""
         self._replace_lost()
         began = time.perf_counter()
         state = ray.put({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        route = [selector.routes.remote(round_id, self.layout(jobs))] if jobs else None
         refs = []
         for i, worker in enumerate(self.workers):
             share = jobs[i::len(self.workers)]
             if share:
-                self.last[i] = worker.summarise.remote(round_id, state, share, selector)
+                self.last[i] = worker.summarise.remote(round_id, state, share, selector, route)
                 refs.append(self.last[i])
         return refs, time.perf_counter() - began
+
+    def layout(self, jobs: list) -> dict:
+        """What the chunks of ``jobs`` will be, for the selector to fix the round's class map up front
+        (``service.shards.planned_routes``): per-example rounds carry the ground set's class counts."""
+        if jobs[0][0] == "batch":
+            n_ground = sum(len(job[3]) for job in jobs)
+            return {"kind": "batch", "n_classes": self.n_classes, "n_features": self.n_features, "n_ground": n_ground}
+        n_ground = max(job[3] for job in jobs)
+        counts = np.bincount(self.labels[:n_ground], minlength=self.n_classes)
+        return {"kind": "example", "n_classes": self.n_classes, "n_features": self.n_features, "n_ground": n_ground,
+                "counts": counts}
 
     def close(self) -> None:
         from trainer.launch import release
