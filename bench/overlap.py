@@ -40,6 +40,8 @@ def config(mode: str, args, seed: int, budget: float) -> RunConfig:
     schedule = {"budget": budget, "select_every": args.select_every, **MODES[mode].get("schedule", {})}
     if mode.startswith("gm_"):
         schedule["summary_workers"] = args.summary_workers
+    if mode == "gm_async":
+        schedule["lead"] = args.lead
     tree = {
         "seed": seed,
         "data": {"dataset": args.dataset},
@@ -59,7 +61,8 @@ def measure(args, budget: float, full: list[dict] | None) -> dict[str, list[dict
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             for mode in MODES:
-                if mode == "full" and (full is not None or (seed != args.seeds[0] and not args.full_every_seed)):
+                if mode == "full" and (full is not None or args.skip_full
+                                       or (seed != args.seeds[0] and not args.full_every_seed)):
                     continue
                 out = Path(tmp) / f"{mode}-{seed}"
                 out.mkdir()
@@ -72,7 +75,11 @@ def measure(args, budget: float, full: list[dict] | None) -> dict[str, list[dict
 
 
 def mean(runs: list[dict], key: str) -> float:
-    return statistics.fmean(r[key] for r in runs)
+    return statistics.fmean(r[key] for r in runs) if runs else float("nan")
+
+
+def lead_arg(value: str):
+    return value if value == "auto" else int(value)
 
 
 def report(results: dict[str, list[dict]], budget: float) -> tuple[str, str]:
@@ -86,7 +93,7 @@ def report(results: dict[str, list[dict]], budget: float) -> tuple[str, str]:
         "overhead_async": wall["gm_async"] / wall["random"],
         "overhead_sync": wall["gm_sync"] / wall["random"],
         "overlap": 1 - stall / busy if busy > 0 else float("nan"),
-        "speedup_vs_full": wall["full"] / wall["gm_async"],
+        "speedup_vs_full": wall["full"] / wall["gm_async"] if results["full"] else float("nan"),
         "acc_async": statistics.fmean(acc_async),
         "acc_sync": statistics.fmean(acc_sync),
     }
@@ -117,6 +124,9 @@ def main() -> int:
     parser.add_argument("--dataset", default="mnist5k", help="data set (default: mnist5k)")
     parser.add_argument("--model", default="lenet", help="model (default: lenet)")
     parser.add_argument("--full-every-seed", action="store_true", help="run FULL for every seed (default: first)")
+    parser.add_argument("--skip-full", action="store_true", help="leave FULL out (speedup_vs_full is then nan)")
+    parser.add_argument("--lead", type=lead_arg, default=1,
+                        help="lead of the asynchronous GRAD-MATCH run, epochs or 'auto' (default: 1)")
     args = parser.parse_args()
     started = connect_ray()
     lasts, full = [], None

@@ -103,6 +103,8 @@ class TrainConfig(Strict):
         "epoch", description="cosine annealing per epoch (the paper's) or per optimizer step"
     )
     checkpoint_every: int = Field(10, ge=1, description="epochs between checkpoints (and one at the end)")
+    workers: int = Field(1, ge=1, description="data-parallel training workers (Ray Train); 1: one trainer actor")
+    worker_cpus: float = Field(1.0, gt=0, description="CPUs each Ray Train worker reserves (--workers > 1)")
 
     @field_validator("device")
     @classmethod

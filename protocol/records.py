@@ -92,3 +92,6 @@ class RunSummary(Strict):
     time_budget_s: float | None = None
     imbalance: dict | None = Field(None, description="rare classes and examples removed from each")
     strategy_changes: list[dict] = Field(default_factory=list, description="live strategy changes applied")
+    workers: int = Field(1, description="data-parallel training workers (Ray Train); 1: one trainer actor")
+    worker_nodes: list[str] = Field(default_factory=list, description="the Ray node of each training worker, by "
+                                    "rank (with --workers N > 1)")

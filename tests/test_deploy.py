@@ -286,20 +286,49 @@ def test_installed_ray_reads_the_auth_settings_deploy_uses(tmp_path):
     assert run() == ["None", "True"]
 
 
+def _gpus(group: dict) -> int:
+    (container,) = group["template"]["spec"]["containers"]
+    return int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+
 def test_rayjob_has_a_worker_group_for_shards_and_summary_workers(rayjob):
     spec = rayjob["spec"]
-    groups = spec["rayClusterSpec"]["workerGroupSpecs"]
+    groups = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if _gpus(g) == 0]
     replicas = sum(group["replicas"] for group in groups)
     entry = spec["entrypoint"].split()
     shards = int(entry[entry.index("--shards") + 1])
     workers = int(entry[entry.index("--summary-workers") + 1])
     assert replicas >= max(shards, workers) >= 2  # SPREAD placement has a node for each
-    for group in groups:
+    for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
         (container,) = group["template"]["spec"]["containers"]
-        assert "nvidia.com/gpu" not in container["resources"]["limits"] and not container.get("ports")
+        assert not container.get("ports")
+
+
+def test_rayjob_has_a_gpu_group_for_the_ray_train_workers_on_shared_storage(rayjob):
+    spec = rayjob["spec"]
+    entry = shlex.split(spec["entrypoint"])
+    workers = int(entry[entry.index("--workers") + 1])
+    train = [g for g in spec["rayClusterSpec"]["workerGroupSpecs"] if _gpus(g) > 0]
+    assert sum(g["replicas"] * _gpus(g) for g in train) >= workers >= 2
+    out = entry[-1]
+    claims = {d["metadata"]["name"]: d for d in _rayjob_docs() if d["kind"] == "PersistentVolumeClaim"}
+    for group in train:  # Ray Train's checkpoints go to the run directory: every training pod mounts it
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        mount = next(m for m in container["volumeMounts"] if out.startswith(m["mountPath"]))
+        volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        claim = claims[volume["persistentVolumeClaim"]["claimName"]]
+        assert "ReadWriteMany" in claim["spec"]["accessModes"]
 
 
 def test_cluster_has_cpu_workers_for_shards_and_summary_workers(cluster):
     workers = {name: node for name, node in cluster["available_node_types"].items() if name != cluster["head_node_type"]}
-    assert workers and all(node["resources"].get("GPU", 0) == 0 for node in workers.values())
-    assert sum(node["max_workers"] for node in workers.values()) >= 2 and cluster["max_workers"] >= 2
+    cpu = [node for node in workers.values() if node["resources"].get("GPU", 0) == 0]
+    assert sum(node["max_workers"] for node in cpu) >= 2 and cluster["max_workers"] >= 2
+
+
+def test_cluster_has_gpu_workers_for_ray_train(cluster):
+    workers = {name: node for name, node in cluster["available_node_types"].items() if name != cluster["head_node_type"]}
+    gpu = [node for node in workers.values() if node["resources"].get("GPU", 0) > 0]
+    assert sum(node["max_workers"] * node["resources"]["GPU"] for node in gpu) >= 2
+    assert cluster["max_workers"] >= sum(node["max_workers"] for node in workers.values())

@@ -158,6 +158,11 @@ class AdaptiveSubset:
         Passed to the training ``DataLoader`` (tensor datasets are indexed directly).
     selector : ActorHandle, optional
         A running selector actor to use; by default one is started (and released on ``close``).
+    group : trainer.distributed.Group or None, optional
+        Data-parallel training (e.g. inside a Ray Train worker): by default the initialised
+        ``torch.distributed`` group, if it has more than one process. Rank 0 alone runs the rounds and
+        shares each new subset; every rank gets the same batches, each its share of every batch's examples,
+        with weights scaled so that DDP's mean of the ranks' gradients is the whole batch's gradient.
     **options
         Fields of the config tree: ``strategy``, ``budget``, ``epochs``, ``select_every``, ``kappa``, ``lead``,
         ``on_late``, ``batch_size``, ``seed``, ``valid``, ``lam``... Bad values raise ``ConfigError``.
@@ -166,8 +171,12 @@ class AdaptiveSubset:
     def __init__(self, model: nn.Module, train_set: Dataset, *, config=None, summary_set: Dataset | None = None,
                  val_set: Dataset | None = None, last_layer: nn.Linear | str | None = None,
                  n_classes: int | None = None, num_workers: int = 0, pin_memory: bool = False, selector=None,
-                 phase=None, **options):
+                 phase=None, group="auto", **options):
+        from trainer.distributed import FollowerRounds, Group
+
         self.config = build_config(config, options)
+        self.group = Group.current() if group == "auto" else group
+        leader = self.group is None or self.group.leader
         if not isinstance(model, nn.Module):
             raise TypeError(f"model is {type(model).__name__}, must be a torch.nn.Module")
         self.model, self.train_set = model, train_set
@@ -192,8 +201,8 @@ class AdaptiveSubset:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self._own_ray = self._group = None
-        self._owns_selector = selector is None
-        if selector is None:
+        self._owns_selector = selector is None and leader
+        if self._owns_selector:
             self._own_ray = connect_ray()
             options = actor_options("cpu" if self.device.type == "cpu" else "auto")
             self._group = options.pop("placement_group", None)
@@ -204,15 +213,21 @@ class AdaptiveSubset:
         self.workers = None
         try:
             schedule = self.config.schedule
-            if schedule.summary_workers:
+            if leader and schedule.summary_workers:
                 from trainer.workers import SummaryPool
 
                 self.workers = SummaryPool(schedule.summary_workers, model, train_inputs, self.labels, self.layer,
                                            threads=schedule.summary_threads)
-            self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase, workers=self.workers)
+            if leader:
+                self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase, workers=self.workers)
+            if self.group is not None:  # the other ranks learn the plan from rank 0
+                plan = self.group.share(self.rounds.plan if leader else None)
+                if not leader:
+                    self.rounds = FollowerRounds(plan, self.config, len(self.labels))
         except BaseException:
             self.close()
             raise
+        self._shared = None  # the subset last shared with the other ranks
         self.epoch = self.step = 0
         self._epoch_done = False
         self._finished = self._closed = False
@@ -229,16 +244,37 @@ class AdaptiveSubset:
                 self.epoch += 1
                 self._epoch_done = False
                 continue
-            subset = self.rounds.start_epoch(self.epoch, self.step)
+            subset = self._share(self.rounds.start_epoch(self.epoch, self.step))
             self.subset = subset
             yield self.epoch, self._batches(subset, self.epoch)
             self._epoch_done = True
         self.finish()
 
+    def _share(self, subset):
+        """Data-parallel: rank 0's subset on every rank, sent only when it changed since the last epoch."""
+        if self.group is None:
+            return subset
+        if self.group.leader:
+            key = (subset.round, subset.n_examples, subset.fixed)  # full epochs, the initial subset, each round's
+            news = self.group.share(None if self._shared is not None and key == self._shared[0] else subset)
+            if news is not None:
+                self._shared = (key, subset)
+        elif (news := self.group.share(None)) is not None:
+            self._shared = (None, news)
+        return self._shared[1]
+
     def _batches(self, subset, epoch: int):
-        """``(x, y, w)`` for each mini-batch of ``subset`` in this epoch's order; ``w`` has mean 1 over the subset."""
+        """``(x, y, w)`` for each mini-batch of ``subset`` in this epoch's order; ``w`` has mean 1 over the subset.
+
+        Data-parallel, each rank yields its share of every batch (``Group.part``), weights scaled to match."""
         order = subset.epoch_batches(self.config.train.batch_size, self.generator)
         weights = subset.weights / subset.mean_weight
+        if self.group is not None:
+            parts = [self.group.part(ids) for ids in order]
+            order = [ids for ids, _ in parts]
+            weights = [weights[ids] * scale for ids, scale in parts]
+        else:
+            weights = [weights[ids] for ids in order]
         if isinstance(self.train_set, TensorDataset):
             inputs, labels = self.train_set.tensors[0], self.train_set.tensors[1]
             pairs = ((inputs[ids], labels[ids]) for ids in order)
@@ -246,9 +282,8 @@ class AdaptiveSubset:
             loader = DataLoader(self.train_set, batch_sampler=_IdBatches(order), num_workers=self.num_workers,
                                 pin_memory=self.pin_memory)
             pairs = ((batch[0], batch[1]) for batch in loader)
-        for ids, (x, y) in zip(order, pairs):
-            yield (x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device),
-                   weights[ids].to(self.device))
+        for w, (x, y) in zip(weights, pairs):
+            yield (x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device), w.to(self.device))
             self.step += 1
         self._epoch_done = True
 
@@ -281,6 +316,7 @@ class AdaptiveSubset:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"selection state version == {state.get('version')!r}, must be {STATE_VERSION}")
         self.epoch, self.step, self._epoch_done = int(state["epoch"]), int(state["step"]), False
+        self._shared = None
         self.generator.set_state(state["generator"])
         self.rounds.load_state_dict(state["rounds"])
 

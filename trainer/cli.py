@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs between checkpoints, and one at the end (default: 10)")
     add("--seed", dest="seed", metavar="N", help="seed of splits, weights and subsets (default: 0)")
     add("--device", dest="train.device", metavar="DEV", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add("--workers", dest="train.workers", metavar="N",
+        help="data-parallel training on N Ray Train workers, rank 0 talks to the selector (default: 1)")
     add("--threads", dest="train.threads", metavar="N", help="torch CPU threads of the trainer (default: all cores)")
     add("--out", dest="out", metavar="DIR", help="run directory (default: runs/<time>-<strategy>)")
     return p

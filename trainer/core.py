@@ -49,15 +49,51 @@ def atomic_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+class FileStore:
+    """Checkpoints as ``<out>/checkpoint.pt`` and the trained weights as ``<out>/model.pt`` (nothing without out)."""
+
+    def __init__(self, out: str | Path | None):
+        self.out = Path(out) if out else None
+        self.keeps = self.out is not None  # without a run directory no checkpoint state is even built
+
+    def save(self, state: dict | None, epoch: int) -> None:
+        if self.out is not None and state is not None:
+            atomic_save(state, self.out / CHECKPOINT)
+
+    def load(self) -> dict:
+        path = self.out / CHECKPOINT
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)  # the run's own file
+        except (OSError, RuntimeError, EOFError) as exc:
+            raise RunFailed(f"cannot read checkpoint {path}: {exc}") from None
+
+    def save_model(self, state: dict) -> None:
+        if self.out is not None:
+            atomic_save(state, self.out / MODEL)
+
+
 class Trainer:
-    """Trains ``config.model`` on ``splits``, asking ``selector`` for subsets; writes checkpoints to ``out``."""
+    """Trains ``config.model`` on ``splits``, asking ``selector`` for subsets; writes checkpoints to ``out``.
+
+    Data-parallel (``trainer.distributed``): ``group`` is this rank's place, ``store`` keeps the checkpoints,
+    ``on_epoch(trainer)`` is called by rank 0 at every epoch end and may return a stop request. Only rank 0
+    holds a ``selector``, evaluates, records and checkpoints; every rank takes the same steps.
+    """
 
     def __init__(self, config: RunConfig, splits: Splits, selector, device: torch.device, out: str | None = None,
-                 resume: bool = False):
+                 resume: bool = False, store=None, group=None, on_epoch=None):
         self.config, self.splits, self.device = config, splits, device
-        self.out = Path(out) if out else None
+        self.store = store if store is not None else FileStore(out)
+        self.group, self.on_epoch = group, on_epoch
+        self.leader = group is None or group.leader
         torch.manual_seed(config.seed)
         self.model = build_model(config.model.name, splits.in_shape, splits.n_classes).to(device)
+        self.step_model = self.model
+        if group is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.x, self.y = splits.train_x.to(device), splits.train_y.to(device)
         self.n_train = int(self.y.shape[0])
         self.meter = EnergyMeter(use_gpu=device.type == "cuda")
@@ -65,12 +101,13 @@ class Trainer:
         self.subset = AdaptiveSubset(
             self.model, TensorDataset(self.x, self.y), config=config, n_classes=splits.n_classes, last_layer=layer,
             val_set=TensorDataset(splits.val_x.to(device), splits.val_y.to(device)), selector=selector,
-            phase=self.meter.phase,
+            phase=self.meter.phase, group=group,
         )
         self.plan = self.subset.epoch_plan
         self.strategy_plan = self.subset.rounds.plan
         self.subset.rounds.on_record = self._on_round
-        self.generator = torch.Generator().manual_seed(config.seed + 1)  # augmentation draws
+        # augmentation draws: each rank its own stream (rank 0's is a single trainer's)
+        self.generator = torch.Generator().manual_seed(config.seed + 1 + (group.rank if group else 0))
         self.optimizer = make_optimizer(self.model, config.train.lr, config.train.momentum, config.train.weight_decay)
         self.lr_schedule = CosineSchedule(self.optimizer, config.train.lr, config.train.lr_schedule, self.plan.total,
                                        self._total_steps())
@@ -125,7 +162,7 @@ class Trainer:
         except RunFailed as exc:
             if status != "failed":
                 status, reason = "failed", exc.reason
-        return self._result(energy, status, reason)
+        return self._result(energy, status, reason) if self.leader else None
 
     def _train(self) -> None:
         start = time.perf_counter() - self.elapsed_s
@@ -147,7 +184,8 @@ class Trainer:
             val_acc = self._maybe_validate(epoch, last=stopped)
             self.elapsed_s = wall()
             self._record_epoch(epoch, loss, lr, train_s, self.elapsed_s, val_acc)
-            last = stopped or epoch == self.plan.total - 1 or self._stop_reason is not None
+            asked = self._stop_requested()  # every epoch: data-parallel ranks agree on it together
+            last = stopped or epoch == self.plan.total - 1 or asked
             if last or (epoch + 1) % self.config.train.checkpoint_every == 0:
                 self._timed_checkpoint()
             if last:
@@ -162,7 +200,8 @@ class Trainer:
         for x, y, w in batches:
             if self.splits.augment:
                 x = augment_batch(x, self.generator)
-            value = float(weighted_step(self.model, self.optimizer, x, y, w))
+            value = float(weighted_step(self.step_model, self.optimizer, x, y, w,
+                                        reduce=self.group.mean if self.group is not None else None))
             if not math.isfinite(value):
                 raise RunFailed(f"the training loss became {value} at epoch {epoch}, step {self.subset.step}: "
                                 f"lower the learning rate (--lr {self.config.train.lr:g}) or check the data for "
@@ -176,7 +215,7 @@ class Trainer:
 
     def _maybe_validate(self, epoch: int, last: bool = False) -> float | None:
         last = last or epoch == self.plan.total - 1
-        if not last and (epoch + 1) % self.config.train.eval_every:
+        if not self.leader or (not last and (epoch + 1) % self.config.train.eval_every):
             return None
         start = time.perf_counter()
         acc = evaluate(self.model, self.splits.val_x.to(self.device), self.splits.val_y.to(self.device))
@@ -187,6 +226,19 @@ class Trainer:
         """Stop at the next epoch end, after a checkpoint (a signal's handler calls this)."""
         self._stop_reason = reason
 
+    def _stop_requested(self) -> bool:
+        """Whether to stop at this epoch end; data-parallel ranks all follow rank 0's answer."""
+        if self.on_epoch is not None:
+            reason = self.on_epoch(self)
+            if reason is not None and self._stop_reason is None:
+                self._stop_reason = reason
+        if self.group is None:
+            return self._stop_reason is not None
+        stop = self.group.any(self._stop_reason is not None)
+        if stop and self._stop_reason is None:
+            self._stop_reason = "stopped by rank 0"
+        return stop
+
     # checkpoints -------------------------------------------------------------------------------
     def _timed_checkpoint(self) -> None:
         """A checkpoint; its time is left out of the wall time, like evaluation."""
@@ -195,8 +247,11 @@ class Trainer:
         self.eval_s += time.perf_counter() - began
 
     def checkpoint(self) -> None:
-        if self.out is None:
-            return
+        """Hand the state to the store (every rank calls this; only rank 0's state is kept)."""
+        if self.store.keeps:
+            self.store.save(self._state() if self.leader else None, self.subset.epoch)
+
+    def _state(self) -> dict:
         with self._lock:
             epochs = list(self._progress.epochs)
         state = {
@@ -206,16 +261,14 @@ class Trainer:
             "torch_rng": torch.get_rng_state(), "selection": self.subset.state_dict(), "epochs": epochs,
             "elapsed_s": self.elapsed_s,
         }
-        atomic_save(state, self.out / CHECKPOINT)
+        return state
 
     def _restore(self) -> None:
-        path = self.out / CHECKPOINT
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)  # the run's own file
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise RunFailed(f"cannot read checkpoint {path}: {exc}") from None
+        state = self.store.load()
+        if state is None:
+            return
         if state.get("version") != CHECKPOINT_VERSION:
-            raise RunFailed(f"{path}: checkpoint version {state.get('version')!r}, must be {CHECKPOINT_VERSION}")
+            raise RunFailed(f"checkpoint version {state.get('version')!r}, must be {CHECKPOINT_VERSION}")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.n_epochs = state["schedule_epochs"]
@@ -230,12 +283,12 @@ class Trainer:
 
     def _save_model(self) -> None:
         """``model.pt``: the trained weights as a plain ``state_dict`` (``torch.load(..., weights_only=True)``)."""
-        if self.out is None:
+        if not self.leader:
             return
         if any(not torch.isfinite(p).all() for p in self.model.state_dict().values() if p.is_floating_point()):
             log.error("the model holds non-finite weights; %s not written", MODEL)
             return
-        atomic_save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, self.out / MODEL)
+        self.store.save_model({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
 
     # records -----------------------------------------------------------------------------------
     def _on_round(self, record: dict) -> None:

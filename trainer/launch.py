@@ -139,11 +139,22 @@ def release(*actors, group=None) -> None:
 # --- one run ------------------------------------------------------------------------------------
 
 def start_actors(config: RunConfig, options: dict, splits, out: Path | None, resume: bool):
-    from trainer.actor import TrainerActor
+    """The selector and the trainer: one trainer actor, or with ``--workers N`` the handle on a Ray Train run
+    (``trainer.distributed``), which answers the same calls."""
+    if config.train.workers > 1:
+        from trainer.distributed import DistributedTrainerActor as TrainerActor, check_workers
+
+        problem = check_workers(config, ray.cluster_resources())
+        if problem:
+            raise RunFailed(problem)
+    else:
+        from trainer.actor import TrainerActor
 
     selector = start_selector(config.selector.model_dump(), options)
-    trainer = TrainerActor.options(**options).remote(config.model_dump(), selector, splits,
-                                                     str(out) if out else None, resume)
+    # the Ray Train workers ask for their own CPUs or GPUs; their handle here needs none
+    trainer_options = options if config.train.workers <= 1 else {"num_cpus": 0, "num_gpus": 0}
+    trainer = TrainerActor.options(**trainer_options).remote(config.model_dump(), selector, splits,
+                                                             str(out) if out else None, resume)
     return selector, trainer
 
 

@@ -51,9 +51,12 @@ def run_dir(config: RunConfig) -> Path:
 
 def resume_config(run: str) -> RunConfig:
     """The config an interrupted run in ``run`` was started with; refuses a completed run."""
+    from trainer.distributed import latest_checkpoint
+
     path = Path(run)
-    if not (path / "checkpoint.pt").is_file():
-        raise ConfigError(f"--resume {run}: no checkpoint.pt there; nothing to resume")
+    if not (path / "checkpoint.pt").is_file() and latest_checkpoint(path) is None:
+        raise ConfigError(f"--resume {run}: no checkpoint.pt there (nor train/checkpoint_*/ of --workers); "
+                          "nothing to resume")
     summary = path / "summary.json"
     if summary.is_file():
         try:
@@ -152,6 +155,10 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
     strategy = config.selector.strategy
     errors, warnings = check_schedule(config, int(splits.train_y.shape[0]), pb=strategy in PB_STRATEGIES,
                                       rounds=strategy in ROUND_STRATEGIES)
+    from trainer.distributed import check_workers
+
+    errors.append(check_workers(config))
+    errors = [e for e in errors if e]
     if errors:
         raise ConfigError(errors[0])
     for line in warnings:
@@ -169,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     started = connect_ray()
     try:
+        from trainer.distributed import check_workers
+
+        problem = check_workers(config, ray.cluster_resources())
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
         with Stopper() as stopper:
             summary = execute(config, out, resume=resume, stopper=stopper, splits=splits)
             print(format_summary(summary, out))

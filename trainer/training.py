@@ -27,18 +27,20 @@ def shuffled_batches(ids: torch.Tensor, batch_size: int, generator: torch.Genera
 
 
 def weighted_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                  w: torch.Tensor) -> torch.Tensor:
+                  w: torch.Tensor, reduce=None) -> torch.Tensor:
     """One optimizer step on ``mean_i(w_i * CE(model(x)_i, y_i))``; returns the loss before the step.
 
     ``w`` (B,) are the subset's weights normalised to mean 1 over the subset (``Subset.mean_weight``). A
-    non-finite loss is returned without a step, so the model keeps its last finite state.
+    non-finite loss is returned without a step, so the model keeps its last finite state. Data-parallel,
+    ``reduce`` averages the loss over the ranks first, so that every rank makes the same decision.
     """
     loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
-    if torch.isfinite(loss):
+    total = reduce(loss) if reduce is not None else loss.detach()
+    if torch.isfinite(total):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return loss.detach()
+    return total.detach()
 
 
 @dataclass

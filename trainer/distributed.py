@@ -1,0 +1,365 @@
+"""Data-parallel training with Ray Train (``--workers N``).
+
+N Ray Train workers (``ray.train.torch.TorchTrainer``: gloo on CPU, NCCL on GPU) each hold a replica of the
+model wrapped in ``DistributedDataParallel``. Every step is one mini-batch of the adopted weighted subset,
+whole: each worker computes the loss of its share of that batch's examples, with weights scaled so that DDP's
+mean of the workers' gradients is exactly the gradient of the batch's weighted mean loss. So a run with N
+workers takes the same steps, on the same batches, with the same learning rates as a run with one, computed
+in parallel; the PB variants' fixed batches are never mixed with other batches.
+
+Rank 0 is the only worker that talks to the selector (``trainer.api.AdaptiveSubset`` makes it the leader):
+it runs the rounds, and at every epoch boundary it broadcasts the subset in force to the other ranks when it
+changed. Rank 0 also evaluates, records and checkpoints. Checkpoints go through Ray Train
+(``ray.train.report`` with a ``Checkpoint``) into ``<run dir>/train/checkpoint_*``; a run started again with
+the same run directory (``--resume DIR``) is restored by Ray Train from the latest one.
+
+On the driver's side ``DistributedTrainerActor`` stands where ``trainer.actor.TrainerActor`` stands for one
+worker: it runs ``TorchTrainer.fit`` and answers ``progress`` and ``request_stop`` from what rank 0 pushes to
+it at every epoch end, so progress bars, records, signals and summaries work as with one worker.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from protocol.config import RunConfig
+from protocol.errors import RunFailed, one_line
+from trainer.rounds import RoundStats, plan_epochs
+
+TRAIN_NAME = "train"  # Ray Train's run name: checkpoints live in <run dir>/train/
+CALL_TIMEOUT_S = 60.0
+DATA_TIMEOUT_S = 600.0
+PLACE_TIMEOUT_S = 300.0  # the Ray Train workers must have started by then
+
+
+# --- the process group, as AdaptiveSubset and Trainer use it --------------------------------------
+
+class Group:
+    """This process's place in a ``torch.distributed`` group: ``rank`` of ``world``; rank 0 leads."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def current(cls) -> "Group | None":
+        """The initialised process group with more than one process, or None (one process trains alone)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def share(self, value):
+        """Rank 0's ``value`` on every rank (pickled, broadcast)."""
+        import torch.distributed as dist
+
+        box = [value if self.leader else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` (a scalar tensor) over the ranks."""
+        import torch.distributed as dist
+
+        total = value.detach().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total / self.world
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on some rank."""
+        import torch.distributed as dist
+
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        value = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def part(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This rank's share of the batch ``ids`` and the factor on its weights.
+
+        Rank r takes ``ids[r::world]`` and scales its weights by ``world * len(share) / len(ids)``: DDP
+        averages the ranks' gradients of ``mean(w * loss)`` over their shares, and with that factor the average
+        is the gradient of ``mean(w * loss)`` over the whole batch. A rank left without examples (a batch
+        smaller than the group) trains on the batch's first example with weight 0.
+        """
+        share = ids[self.rank::self.world]
+        if share.numel() == 0:
+            return ids[:1], 0.0
+        return share, self.world * share.numel() / ids.numel()
+
+
+class FollowerRounds:
+    """What a rank other than 0 knows of the rounds: the plan (from rank 0) and nothing of the selector.
+
+    The subset to train on comes from rank 0 at each epoch boundary (``AdaptiveSubset``); records, counts
+    and checkpoints are rank 0's.
+    """
+
+    def __init__(self, plan, config: RunConfig, n_train: int):
+        from trainer.rounds import budget_size, ground_layout
+
+        self.plan, self.config, self.n_train = plan, config, n_train
+        self.k = budget_size(config.schedule.budget, n_train)
+        self.epoch_plan = plan_epochs(config.train.epochs, config.schedule.kappa, config.schedule.budget, plan.rounds)
+        self.ground = ground_layout(plan, n_train, self.k, config.train.batch_size, config.seed)
+        self.stats = RoundStats()
+        self.on_record = None
+        self.subset = None
+
+    def start_epoch(self, epoch: int, step: int):
+        return None  # rank 0 shares the subset
+
+    def finish(self) -> None:
+        pass
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        pass
+
+    def summary(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# --- checkpoints through Ray Train ------------------------------------------------------------------
+
+class TrainStore:
+    """Checkpoints as Ray Train ``Checkpoint``s; every rank calls ``save`` (``ray.train.report`` is collective),
+    rank 0 with the state. The final weights are kept for the driver, which writes ``model.pt``."""
+
+    keeps = True
+
+    def __init__(self, group: Group):
+        self.group = group
+        self.model_state: dict | None = None
+
+    def save(self, state: dict | None, epoch: int) -> None:
+        import ray.train
+
+        if state is None:
+            ray.train.report({"epoch": epoch}, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="gradmatch-ckpt-") as tmp:
+            torch.save(state, Path(tmp) / "checkpoint.pt")
+            ray.train.report({"epoch": epoch}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def load(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            path = Path(folder) / "checkpoint.pt"
+            try:
+                return torch.load(path, map_location="cpu", weights_only=False)  # the run's own file
+            except (OSError, RuntimeError, EOFError) as exc:
+                raise RunFailed(f"cannot read checkpoint {path}: {exc}") from None
+
+    def save_model(self, state: dict) -> None:
+        self.model_state = state
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest ``checkpoint.pt`` Ray Train stored for the run in ``run`` (by its index), or None."""
+    folders = sorted((run / TRAIN_NAME).glob("checkpoint_*"), key=lambda p: (len(p.name), p.name))
+    files = [f / "checkpoint.pt" for f in folders if (f / "checkpoint.pt").is_file()]
+    return files[-1] if files else None
+
+
+# --- the worker's loop --------------------------------------------------------------------------------
+
+def train_loop(setup: dict) -> None:
+    """One Ray Train worker: build the trainer on this rank and train; rank 0 hands the result to the driver."""
+    import ray.train
+    import ray.train.torch
+
+    from trainer.core import Trainer
+
+    context = ray.train.get_context()
+    group = Group(context.get_world_rank(), context.get_world_size())
+    config = RunConfig.model_validate(setup["config"])
+    torch.set_num_threads(worker_threads(config))
+    device = ray.train.torch.get_device()
+    splits = ray.get(setup["splits"], timeout=DATA_TIMEOUT_S)
+    sink = setup["sink"]
+    ray.get(sink.started.remote(group.rank, ray.get_runtime_context().get_node_id()), timeout=CALL_TIMEOUT_S)
+    store = TrainStore(group)
+    resume = ray.train.get_checkpoint() is not None
+    trainer = Trainer(config, splits, setup["selector"] if group.leader else None, device, store=store,
+                      resume=resume, group=group, on_epoch=_pusher(sink) if group.leader else None)
+    try:
+        result = trainer.run()
+    finally:
+        trainer.close()
+    if group.leader:
+        ray.get(sink.finish.remote(result, store.model_state), timeout=DATA_TIMEOUT_S)
+
+
+def _pusher(sink):
+    """Rank 0's epoch-end call: push the records not yet pushed; returns a stop request, if any."""
+    seen = {"epochs": 0, "rounds": 0}
+
+    def push(trainer) -> str | None:
+        state = trainer.progress(seen["epochs"], seen["rounds"])
+        seen["epochs"] += len(state["epochs"])
+        seen["rounds"] += len(state["rounds"])
+        return ray.get(sink.push.remote(state), timeout=CALL_TIMEOUT_S)
+
+    return push
+
+
+# --- the driver's side --------------------------------------------------------------------------------
+
+def worker_resources(config: RunConfig, cluster: dict | None = None) -> tuple[bool, dict]:
+    """``(use_gpu, resources per worker)``: one GPU each when asked for (or ``auto`` and the cluster has one per
+    worker), else ``train.worker_cpus`` CPUs each."""
+    train = config.train
+    gpus = (ray.cluster_resources() if cluster is None else cluster).get("GPU", 0)
+    use_gpu = train.device.startswith("cuda") or (train.device == "auto" and gpus >= train.workers)
+    return use_gpu, {"CPU": train.worker_cpus, **({"GPU": 1} if use_gpu else {})}
+
+
+def check_workers(config: RunConfig, cluster: dict | None = None) -> str | None:
+    """Why ``--workers`` cannot run, or None; with ``cluster`` (``ray.cluster_resources()``), also whether the
+    cluster has the CPUs or GPUs the workers ask for. Checked before anything starts."""
+    train = config.train
+    if train.workers <= 1:
+        return None
+    if config.selector.strategy == "full-earlystop":
+        return (f"--workers {train.workers}: full-earlystop stops on a wall-time budget in the middle of an epoch, "
+                "which data-parallel workers cannot agree on step by step; use --workers 1")
+    if train.workers > train.batch_size:
+        return (f"--workers {train.workers}: more workers than the {train.batch_size} examples of a mini-batch "
+                f"(--batch-size); each worker trains on a share of every batch")
+    if cluster is None:
+        return None
+    use_gpu, per_worker = worker_resources(config, cluster)
+    have = cluster
+    for name, amount in per_worker.items():
+        need = amount * train.workers
+        if have.get(name, 0) + 1e-9 < need:
+            return (f"--workers {train.workers}: needs {need:g} {name} ({amount:g} per worker), the cluster has "
+                    f"{have.get(name, 0):g}")
+    return None
+
+
+class DistributedTrainerService:
+    """The driver's handle on a Ray Train run: same calls as ``trainer.actor.TrainerService``."""
+
+    def __init__(self, config: dict, selector, splits, out: str | None, resume: bool = False):
+        self.config = RunConfig.model_validate(config)
+        self.selector, self.out = selector, Path(out).resolve() if out else None
+        self.splits = ray.put(splits) if splits is not None else None
+        self.resume = resume
+        self._lock = threading.Lock()
+        total = plan_epochs(self.config.train.epochs, self.config.schedule.kappa, self.config.schedule.budget,
+                            True).total  # refined by rank 0's first push
+        self._state = {"epoch": 0, "total": total, "loss": None, "val_acc": None, "epochs": [], "rounds": []}
+        self._stop: str | None = None
+        self._result = self._model = None
+        self._started = threading.Event()
+        self._nodes: dict[int, str] = {}
+
+    def run(self) -> dict:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from trainer.core import MODEL, atomic_save
+        from trainer.data import load_splits
+
+        if self.out is None:
+            raise RunFailed("--workers needs a run directory (--out) for Ray Train's checkpoints")
+        if self.splits is None:
+            self.splits = ray.put(load_splits(self.config.data, self.config.seed))
+        use_gpu, per_worker = worker_resources(self.config)
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"config": self.config.model_dump(mode="json"), "splits": self.splits,
+                               "selector": self.selector, "sink": ray.get_runtime_context().current_actor},
+            scaling_config=ScalingConfig(num_workers=self.config.train.workers, use_gpu=use_gpu,
+                                         resources_per_worker=per_worker),
+            run_config=TrainRunConfig(name=TRAIN_NAME, storage_path=str(self.out),
+                                      checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                      failure_config=FailureConfig(max_failures=0)),
+        )
+        failure: list[BaseException] = []
+
+        def fit() -> None:
+            try:
+                trainer.fit()
+            except BaseException as exc:  # a worker failed: Ray Train's error names it
+                failure.append(exc)
+
+        thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + PLACE_TIMEOUT_S
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            if not self._started.is_set() and time.monotonic() > deadline:
+                free = ray.available_resources()
+                raise RunFailed(f"--workers {self.config.train.workers}: the workers were not placed within "
+                                f"{PLACE_TIMEOUT_S:g} s ({per_worker} each; free now: CPU {free.get('CPU', 0):g}, "
+                                f"GPU {free.get('GPU', 0):g})")
+        if failure:
+            raise RunFailed(f"data-parallel training failed: {one_line(failure[0])}")
+        if self._result is None:
+            raise RunFailed("Ray Train finished without a result from rank 0")
+        if self._model is not None:
+            atomic_save(self._model, self.out / MODEL)
+        summary = self._result["summary"]
+        summary["workers"] = self.config.train.workers
+        summary["worker_nodes"] = [self._nodes.get(rank, "") for rank in range(self.config.train.workers)]
+        return self._result
+
+    # rank 0 calls these ---------------------------------------------------------------------------
+    def started(self, rank: int, node: str) -> None:
+        self._nodes[rank] = node
+        if rank == 0:
+            self._started.set()
+
+    def push(self, state: dict) -> str | None:
+        with self._lock:
+            mine = self._state
+            for key in ("epoch", "total", "loss"):
+                mine[key] = state[key]
+            mine["val_acc"] = state["val_acc"] if state["val_acc"] is not None else mine["val_acc"]
+            mine["epochs"] += state["epochs"]
+            mine["rounds"] += state["rounds"]
+            return self._stop
+
+    def finish(self, result: dict, model_state: dict | None) -> None:
+        self._result, self._model = result, model_state
+
+    # the driver calls these -----------------------------------------------------------------------
+    def progress(self, n_epochs_seen: int = 0, n_rounds_seen: int = 0) -> dict:
+        with self._lock:
+            s = self._state
+            return {**{k: s[k] for k in ("epoch", "total", "loss", "val_acc")},
+                    "epochs": s["epochs"][n_epochs_seen:], "rounds": s["rounds"][n_rounds_seen:]}
+
+    def request_stop(self, reason: str) -> None:
+        self._stop = reason
+
+
+DistributedTrainerActor = ray.remote(num_cpus=0, num_gpus=0, max_concurrency=4)(DistributedTrainerService)
+
+
+def worker_threads(config: RunConfig) -> int:
+    """torch threads per worker: ``--threads``, else the worker's CPUs (at least one)."""
+    return config.train.threads or max(1, math.floor(config.train.worker_cpus))
