@@ -1,8 +1,9 @@
 """A multi-node Ray cluster simulated on one machine, and a sharded run on it (python examples/two_nodes.py).
 
 Starts a head and two worker nodes with ``ray.cluster_utils.Cluster`` (each a real raylet with its own CPUs),
-then runs ``python -m trainer.run --shards 2 --summary-workers 2`` against it as a user would against a real
-cluster (``RAY_ADDRESS``), and prints on which nodes the summary workers made each round's chunks.
+then runs ``python -m trainer.run --shards 2 --summary-workers 2 --workers 2`` against it as a user would
+against a real cluster (``RAY_ADDRESS``), and prints on which nodes the two Ray Train workers trained and the
+summary workers made each round's chunks.
 """
 
 import json
@@ -25,13 +26,15 @@ with tempfile.TemporaryDirectory(prefix="two-nodes-") as tmp:
         out = Path(tmp) / "run"
         env = {**os.environ, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(ROOT)}
         flags = ["--dataset", "digits", "--model", "mlp", "--epochs", "12", "--select-every", "2",
-                 "--shards", "2", "--summary-workers", "2", "--on-late", "wait", "--threads", "1"]
+                 "--shards", "2", "--summary-workers", "2", "--workers", "2", "--on-late", "wait", "--threads", "1"]
         done = subprocess.run([sys.executable, "-m", "trainer.run", *flags, "--out", str(out)], cwd=ROOT, env=env,
                               text=True, capture_output=True, timeout=600)
         print(done.stdout)
         if done.returncode != 0:
             sys.exit(f"the run failed: {done.stderr.strip().splitlines()[-1]}")
         names = {cluster.head_node.node_id: "head", **{n.node_id: f"node {i + 1}" for i, n in enumerate(nodes)}}
+        summary = json.loads((out / "summary.json").read_text())
+        print("training workers (by rank) on " + ", ".join(names.get(n, n[:8]) for n in summary["worker_nodes"]))
         for line in (out / "rounds.jsonl").read_text().splitlines():
             record = json.loads(line)
             where = ", ".join(names.get(n, n[:8]) for n in record["worker_nodes"] or [])

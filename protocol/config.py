@@ -97,7 +97,8 @@ class TrainConfig(Strict):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads of the trainer (default: all cores)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads of the trainer (default: all cores but one, "
+                                   "at least 1: one is left to the selector and Ray)")
     eval_every: int = Field(10, ge=1, description="epochs between validation evaluations")
     lr_schedule: Literal["epoch", "step"] = Field(
         "epoch", description="cosine annealing per epoch (the paper's) or per optimizer step"
@@ -122,7 +123,10 @@ class ScheduleConfig(Strict):
         0.5, ge=0, le=1, description="warm start: share kappa*T of epochs on subsets (0: no warm start)"
     )
     select_every: int = Field(20, ge=1, description="R: epochs between selection rounds")
-    lead: int = Field(1, ge=0, description="epochs before a boundary that its round starts (0: synchronous)")
+    lead: int | Literal["auto"] = Field(
+        1, description="epochs before a boundary that its round starts (0: synchronous; auto: as few as the "
+        "measured round and epoch times allow)"
+    )
     on_late: Literal["continue", "wait"] = Field(
         "continue", description="at a boundary whose subset is not ready: keep training or wait"
     )
@@ -139,9 +143,25 @@ class ScheduleConfig(Strict):
         1024, ge=1, description="examples per streamed gradient chunk (and per forward pass of a summary pass)"
     )
 
+    @field_validator("lead", mode="before")
+    @classmethod
+    def _lead_value(cls, value):
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"lead == {value!r}, must be a whole number of epochs >= 0 or 'auto'")
+        return value
+
+    @property
+    def max_lead(self) -> int:
+        """The earliest a round may start, in epochs before its boundary (``auto``: right after the last one)."""
+        return self.select_every if self.lead == "auto" else self.lead
+
     @model_validator(mode="after")
     def _lead_within_interval(self) -> "ScheduleConfig":
-        if self.lead > self.select_every:
+        if self.lead != "auto" and self.lead > self.select_every:
             raise ValueError(
                 f"lead == {self.lead}, must be <= select_every ({self.select_every}): "
                 "a round must start after the previous boundary"

@@ -201,3 +201,30 @@ def test_the_own_loop_example_runs(ray_address):
     accuracy = float(re.search(r"test accuracy ([\d.]+) %", done.stdout).group(1))
     rounds = int(re.search(r"'rounds': (\d+)", done.stdout).group(1))
     assert accuracy > 80 and rounds >= 1, done.stdout
+
+
+@pytest.mark.ray
+def test_lead_auto_starts_rounds_early_enough_for_the_time_they_took(ray_address):
+    """Epochs of ~40 ms and a selector that takes 0.4 s: with lead 1 a round is late by about ten epochs.
+    With lead auto the first round (untimed) is late, and every later one starts early enough to be on time."""
+    import time
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with AdaptiveSubset(model, Blobs(), strategy="gradmatch-pb", delay_s=0.4, budget=0.25, epochs=80,
+                        select_every=20, kappa=0, batch_size=20, lead="auto") as subset:
+        for epoch, batches in subset:
+            for x, y, w in batches:
+                loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            time.sleep(0.04)
+        records = subset.records
+    assert [r["status"] for r in records] == ["adopted"] * 3, records
+    first, *later = records
+    assert first["trigger_epoch"] == first["due_epoch"] - 1 and first["adopted_epoch"] > first["due_epoch"]
+    for r in later:
+        assert r["adopted_epoch"] == r["due_epoch"], records  # on time
+        assert 2 <= r["due_epoch"] - r["trigger_epoch"] <= 20, records  # started early, not before the last boundary

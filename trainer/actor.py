@@ -16,6 +16,18 @@ from trainer.core import Trainer
 from trainer.data import load_splits
 
 
+def default_threads(cpus: float | None = None) -> int:
+    """The trainer's torch threads when ``--threads`` is not given: the cores (or ``cpus``) but one, at least one.
+
+    The core left over is the selector's and Ray's own processes'. On a 2-core machine a trainer actor with 2
+    threads took about 1.8 times as long as with one (``bench/threads.py``, docs/performance.md): its thread
+    pool waits at every parallel region for a core that something else holds.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, int(cpus) - 1)
+
+
 def pick_device(requested: str, gpu_ids: list) -> torch.device:
     """``auto``: the GPU Ray assigned to this actor, else the CPU (``num_gpus=0`` actors see every GPU)."""
     if requested == "auto":
@@ -28,7 +40,7 @@ def pick_device(requested: str, gpu_ids: list) -> torch.device:
 class TrainerService:
     def __init__(self, config: dict, selector, splits=None, out: str | None = None, resume: bool = False):
         config = RunConfig.model_validate(config)
-        torch.set_num_threads(config.train.threads or os.cpu_count() or 1)
+        torch.set_num_threads(config.train.threads or default_threads())
         device = pick_device(config.train.device, ray.get_gpu_ids())
         splits = load_splits(config.data, config.seed) if splits is None else splits
         self.trainer = Trainer(config, splits, selector, device, out=out, resume=resume)

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="warm start: share kappa*T of epochs on subsets, 0: no warm start (default: 0.5)")
     add("--select-every", dest="schedule.select_every", metavar="R", help="epochs between selection rounds (default: 20)")
     add("--lead", dest="schedule.lead", metavar="E",
-        help="epochs before a boundary that its round starts, 0: synchronous (default: 1)")
+        help="epochs before a boundary that its round starts, 0: synchronous, auto: as few as the measured "
+             "round and epoch times allow (default: 1)")
     add("--on-late", dest="schedule.on_late", metavar="MODE",
         help="at a boundary whose subset is not ready [continue, wait] (default: continue)")
     add("--summary-workers", dest="schedule.summary_workers", metavar="W",
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", dest="train.device", metavar="DEV", help="auto, cpu, cuda or cuda:N (default: auto)")
     add("--workers", dest="train.workers", metavar="N",
         help="data-parallel training on N Ray Train workers, rank 0 talks to the selector (default: 1)")
-    add("--threads", dest="train.threads", metavar="N", help="torch CPU threads of the trainer (default: all cores)")
+    add("--threads", dest="train.threads", metavar="N", help="torch CPU threads of the trainer (default: all cores but one, at least 1)")
     add("--out", dest="out", metavar="DIR", help="run directory (default: runs/<time>-<strategy>)")
     return p
 

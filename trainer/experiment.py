@@ -30,6 +30,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from protocol.config import FULL, FULL_EARLYSTOP, ROUND_STRATEGIES, RunConfig
 from protocol.experiment import Grid, Trial
 from protocol.errors import RunFailed, one_line
+from trainer.actor import default_threads
 from trainer.launch import connect_ray
 from trainer.launch import execute
 
@@ -125,7 +126,7 @@ class Experiment:
         self.trials = expand(grid)
         self.by_key = {t.key: t for t in self.trials}
         self.options = {"num_cpus": trial_cpus, "num_gpus": trial_gpus}
-        self.threads = max(1, int(trial_cpus))
+        self.threads = default_threads(trial_cpus)
 
     def trial_dir(self, trial: Trial) -> Path:
         return self.out / "trials" / trial.key

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60.0  # cheap selector calls (plan, reconfigure)
 RESULT_MARGIN_S = 5.0  # the selector gives up this much after the trainer, so the trainer's timeout fires
 INITIAL_SUBSET_STREAM = 2**31  # seed stream of the initial random subset, apart from every round's stream
+AUTO_MARGIN = 2.0  # lead auto: a round starts when the epochs left before its boundary give it less than
+AUTO_SLACK_S = 0.05  # AUTO_MARGIN times its expected time plus AUTO_SLACK_S, if it waited one epoch more
 
 
 # --- the schedule -------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ def check_schedule(config: RunConfig, n_train: int, pb: bool, rounds: bool) -> t
         return errors, warnings
     schedule, train = config.schedule, config.train
     plan = plan_epochs(train.epochs, schedule.kappa, schedule.budget, rounds)
-    if not round_schedule(plan, schedule.select_every, schedule.lead):
+    if not round_schedule(plan, schedule.select_every, schedule.max_lead):
         errors.append(f"--select-every {schedule.select_every}: no selection round fits in the {plan.subset} subset "
                       f"epochs of --epochs {train.epochs} (kappa {schedule.kappa:g}); use a smaller --select-every")
     k = budget_size(schedule.budget, n_train)
@@ -199,7 +201,12 @@ class RoundClient:
         schedule = config.schedule
         self.k = budget_size(schedule.budget, n_train)
         self.epoch_plan = plan_epochs(config.train.epochs, schedule.kappa, schedule.budget, self.plan.rounds)
-        self.slots = round_schedule(self.epoch_plan, schedule.select_every, schedule.lead)
+        # lead auto: the slots hold the earliest start; _start_now picks the epoch from measured times
+        self.slots = round_schedule(self.epoch_plan, schedule.select_every, schedule.max_lead)
+        self.auto_lead = schedule.lead == "auto"
+        self.epoch_s: float | None = None  # the last epoch's length, boundary to boundary
+        self.round_s: list[float] = []  # the time adopted rounds took after their summaries were sent
+        self._boundary_t: float | None = None
         self.ground = self._layout(self.plan)
         self.subset = self._initial_subset()
         # a change at epoch E governs the subsets adopted from boundary E on, so it reaches the selector
@@ -207,7 +214,7 @@ class RoundClient:
         self.changes: dict[int, list] = {}
         for change in config.strategy_schedule:
             if change.epoch > 0:
-                self.changes.setdefault(max(0, change.epoch - schedule.lead), []).append(change)
+                self.changes.setdefault(max(0, change.epoch - schedule.max_lead), []).append(change)
         self.applied_changes: list[dict] = []
         self.resend_config = None  # a scheduled config to give a restarted selector again
         self.selector_failed = False
@@ -239,6 +246,10 @@ class RoundClient:
     def start_epoch(self, epoch: int, step: int) -> Subset:
         """Run the boundary before ``epoch`` (``step`` optimizer steps so far); return what to train on."""
         self.step = step
+        now = time.perf_counter()
+        if self._boundary_t is not None:
+            self.epoch_s = now - self._boundary_t
+        self._boundary_t = now
         for change in self.changes.get(epoch, []):
             self._reconfigure(change, epoch)
         self._boundary(epoch)
@@ -256,11 +267,22 @@ class RoundClient:
             return
         if self.pending is None:
             self._skip_overdue(epoch)
-        if self.pending is None and self.next_slot < len(self.slots) and epoch >= self.slots[self.next_slot].trigger:
+        if (self.pending is None and self.next_slot < len(self.slots) and epoch >= self.slots[self.next_slot].trigger
+                and self._start_now(self.slots[self.next_slot], epoch)):
             self._trigger(self.slots[self.next_slot], epoch)
             self.next_slot += 1
             if self.pending is not None and epoch >= self.pending.slot.due:
                 self._try_adopt(epoch, wait=self._must_wait())
+
+    def _start_now(self, slot: RoundSlot, epoch: int) -> bool:
+        """Lead auto: start the round at the last boundary that still leaves it AUTO_MARGIN times the time the
+        recent rounds took (or one epoch before its boundary, before any round has been timed)."""
+        if not self.auto_lead or epoch >= slot.due - 1:
+            return True
+        if not self.round_s or self.epoch_s is None:
+            return False
+        expected = max(self.round_s[-2:])
+        return (slot.due - epoch - 1) * self.epoch_s < AUTO_MARGIN * expected + AUTO_SLACK_S
 
     def _must_wait(self) -> bool:
         return self.config.schedule.lead == 0 or self.config.schedule.on_late == "wait"
@@ -422,11 +444,12 @@ class RoundClient:
             self._record(pending, "rejected", reason=one_line(exc), selector_s=_finite_or_none(busy_s))
             return
         self.subset = self._subset(pending.ground, message.indices, message.weights, message.round_id)
+        workers = self._worker_report(pending)
+        self.round_s.append(workers.get("worker_s", 0.0) + message.busy_s)
         self._record(
             pending, "adopted", adopted_epoch=epoch, staleness=epoch - pending.trigger_epoch,
             selector_s=message.busy_s, select_s=message.select_s, grad_error=message.grad_error,
-            target=message.target, subset_size=self.subset.n_examples, n_padded=message.n_padded,
-            **self._worker_report(pending),
+            target=message.target, subset_size=self.subset.n_examples, n_padded=message.n_padded, **workers,
         )
 
     @staticmethod
