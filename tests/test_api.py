@@ -11,6 +11,8 @@ from trainer import AdaptiveSubset
 from trainer.api import ConfigError, DatasetError
 from trainer.models import ModelError
 
+from scripts import run_example
+
 
 class Blobs(torch.utils.data.Dataset):
     """Four Gaussian blobs in 6-D; items are (tensor, int) like a user's dataset."""
@@ -187,20 +189,12 @@ def test_a_selector_gone_for_good_is_said_loudly(ray_address, on_loss):
 
 @pytest.mark.ray
 def test_the_own_loop_example_runs(ray_address):
-    import os
     import re
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": ray_address}
-    done = subprocess.run([sys.executable, "examples/own_loop.py"], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    accuracy = float(re.search(r"test accuracy ([\d.]+) %", done.stdout).group(1))
-    rounds = int(re.search(r"'rounds': (\d+)", done.stdout).group(1))
-    assert accuracy > 80 and rounds >= 1, done.stdout
+    stdout = run_example("own_loop.py", ray_address, timeout_s=300)
+    accuracy = float(re.search(r"test accuracy ([\d.]+) %", stdout).group(1))
+    rounds = int(re.search(r"'rounds': (\d+)", stdout).group(1))
+    assert accuracy > 80 and rounds >= 1, stdout
 
 
 @pytest.mark.ray

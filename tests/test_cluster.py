@@ -14,15 +14,12 @@ other program on the machine (``ray.init()`` reads it to find a cluster to join)
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from scripts import run_cluster_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_TIMEOUT_S = 300
@@ -32,17 +29,7 @@ WORKERS = ("node_a", "node_b", "node_c")
 @pytest.fixture(scope="module")
 def scenario() -> dict:
     """Run the cluster scenario once; returns what it observed."""
-    ray_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths have a length limit
-    out = Path(ray_tmp) / "scenario.json"
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    env.pop("RAY_ADDRESS", None)
-    try:
-        proc = subprocess.run([sys.executable, __file__, str(out)], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=SCRIPT_TIMEOUT_S, check=False)
-        assert proc.returncode == 0, f"cluster scenario failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-        return json.loads(out.read_text())
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return run_cluster_script(__file__, SCRIPT_TIMEOUT_S, prefix="rc")
 
 
 def test_spread_shards_land_on_distinct_worker_nodes(scenario):

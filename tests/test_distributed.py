@@ -13,6 +13,8 @@ from protocol.errors import RunFailed
 from trainer.distributed import Group, check_workers, latest_checkpoint
 from trainer.launch import execute
 
+from scripts import run_cluster_script, run_example
+
 
 # --- the shares of a batch -------------------------------------------------------------------------
 
@@ -136,19 +138,11 @@ def test_workers_that_cannot_be_placed_fail_the_run_with_the_reason(ray_address,
 
 @pytest.mark.ray
 def test_the_ray_train_example_trains_an_own_loop_on_two_workers(ray_address):
-    import os
     import re
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": ray_address}
-    done = subprocess.run([sys.executable, "examples/ray_train_loop.py"], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = re.search(r"test accuracy ([\d.]+) %, rounds (\d+), steps (\d+), trained weights: 4 tensors", done.stdout)
-    assert found, done.stdout[-2000:]
+    stdout = run_example("ray_train_loop.py", ray_address)
+    found = re.search(r"test accuracy ([\d.]+) %, rounds (\d+), steps (\d+), trained weights: 4 tensors", stdout)
+    assert found, stdout[-2000:]
     assert float(found.group(1)) > 80 and int(found.group(2)) >= 1
 
 
@@ -156,27 +150,8 @@ def test_the_ray_train_example_trains_an_own_loop_on_two_workers(ray_address):
 
 @pytest.fixture(scope="module")
 def cluster_run() -> dict:
-    """A two-worker run on a head without CPUs and two nodes of one CPU each (a subprocess, so the session's
-    shared Ray stays apart and the cluster's address file is private to it: ``RAY_TMPDIR``)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    out = Path(ray_tmp) / "result.json"
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "PYTHONPATH": str(root)}
-    env.pop("RAY_ADDRESS", None)
-    try:
-        done = subprocess.run([sys.executable, __file__, str(out)], cwd=root, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-        return json.loads(out.read_text())
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    """A two-worker run on a head without CPUs and two nodes of one CPU each (this file run as a script)."""
+    return run_cluster_script(__file__, 600, prefix="rt")
 
 
 def test_two_ray_train_workers_on_two_nodes_adopt_rounds(cluster_run):

@@ -59,11 +59,15 @@ def batch_chunks(size: int = 16) -> list[dict]:
 
 
 def run_round(service, strategy: str, round_id: int = 0, order=None, validation: bool = False,
-              chunks: list[dict] | None = None) -> dict:
-    """One round: the request, the validation set if asked, the chunks in ``order``; returns the answer."""
+              chunks: list[dict] | None = None, routed: bool = False, counts: np.ndarray | None = None) -> dict:
+    """One round: the request, the validation set if asked, the chunks in ``order``; returns the answer.
+
+    ``routed``: the sender splits the chunks by the map ``routes`` hands out, asked before the request (on the
+    actor the two calls race), and sends the parts straight to the shards."""
     pb = strategy.endswith("-pb")
     chunks = chunks or (batch_chunks() if pb else example_chunks())
     n = len(ROWS) if pb else len(LABELS)
+    route = service.routes(round_id, layout_of(strategy, counts)) if routed else None
     service.start_round({
         "round_id": round_id, "model_step": 1, "ground": "batch" if pb else "example", "n_ground": n,
         "n_select": n // 10, "n_chunks": len(chunks), "seed": 3, "strategy": strategy, "lr": 0.05,
@@ -72,7 +76,11 @@ def run_round(service, strategy: str, round_id: int = 0, order=None, validation:
     if validation:
         service.add_validation({"round_id": round_id, **VALIDATION})
     for i in order if order is not None else range(len(chunks)):
-        service.add_chunk({"round_id": round_id, "chunk_index": i, **chunks[i]})
+        chunk = {"round_id": round_id, "chunk_index": int(i), **chunks[i]}
+        if route is None:
+            service.add_chunk(chunk)
+        else:
+            assert send_routed(route, service, chunk) is None
     return service.result(round_id, timeout_s=60)
 
 
@@ -84,24 +92,8 @@ def layout_of(strategy: str, counts: np.ndarray | None = None) -> dict:
     return {"kind": "example", "n_classes": N_CLASSES, "n_features": DIM, "n_ground": len(LABELS), "counts": counts}
 
 
-def routed_round(service, strategy: str, round_id: int = 0, order=None, validation: bool = False,
-                 counts: np.ndarray | None = None) -> dict:
-    """``run_round`` with the sender splitting the chunks by the map ``routes`` hands out, asked before the
-    request (on the actor the two calls race), and sending the parts straight to the shards."""
-    pb = strategy.endswith("-pb")
-    chunks = batch_chunks() if pb else example_chunks()
-    n = len(ROWS) if pb else len(LABELS)
-    route = service.routes(round_id, layout_of(strategy, counts))
-    service.start_round({
-        "round_id": round_id, "model_step": 1, "ground": "batch" if pb else "example", "n_ground": n,
-        "n_select": n // 10, "n_chunks": len(chunks), "seed": 3, "strategy": strategy, "lr": 0.05,
-        "sizes": np.full(n, BATCH) if pb else None, "with_validation": validation,
-    })
-    if validation:
-        service.add_validation({"round_id": round_id, **VALIDATION})
-    for i in order if order is not None else range(len(chunks)):
-        assert send_routed(route, service, {"round_id": round_id, "chunk_index": int(i), **chunks[i]}) is None
-    return service.result(round_id, timeout_s=60)
+def routed_round(service, strategy: str, **options) -> dict:
+    return run_round(service, strategy, routed=True, **options)
 
 
 def sharded(config: dict, n_shards: int) -> ShardedSelector:
