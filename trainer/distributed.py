@@ -176,8 +176,9 @@ class TrainStore:
 
 
 def latest_checkpoint(run: Path) -> Path | None:
-    """The newest ``checkpoint.pt`` Ray Train stored for the run in ``run`` (by its index), or None."""
-    folders = sorted((run / TRAIN_NAME).glob("checkpoint_*"), key=lambda p: (len(p.name), p.name))
+    """The newest ``checkpoint.pt`` Ray Train stored for the run in ``run`` (by the time in its folder's name,
+    ``checkpoint_YYYY-MM-DD_HH-MM-SS.ffffff``), or None."""
+    folders = sorted((run / TRAIN_NAME).glob("checkpoint_*"))
     files = [f / "checkpoint.pt" for f in folders if (f / "checkpoint.pt").is_file()]
     return files[-1] if files else None
 
