@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 with tempfile.TemporaryDirectory(prefix="two-nodes-") as tmp:
     os.environ["RAY_TMPDIR"] = tmp  # this cluster's files (and its address file) stay out of /tmp/ray
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    # two CPUs per worker node: a Ray Train worker reserves a whole CPU, beside a shard's half and a summary worker's
+    nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     try:
         out = Path(tmp) / "run"
@@ -34,7 +35,7 @@ with tempfile.TemporaryDirectory(prefix="two-nodes-") as tmp:
             sys.exit(f"the run failed: {done.stderr.strip().splitlines()[-1]}")
         names = {cluster.head_node.node_id: "head", **{n.node_id: f"node {i + 1}" for i, n in enumerate(nodes)}}
         summary = json.loads((out / "summary.json").read_text())
-        print("training workers (by rank) on " + ", ".join(names.get(n, n[:8]) for n in summary["worker_nodes"]))
+        print("Ray Train workers (by rank) on " + ", ".join(names.get(n, n[:8]) for n in summary["worker_nodes"]))
         for line in (out / "rounds.jsonl").read_text().splitlines():
             record = json.loads(line)
             where = ", ".join(names.get(n, n[:8]) for n in record["worker_nodes"] or [])
