@@ -20,8 +20,8 @@ def default_threads(cpus: float | None = None) -> int:
     """The trainer's torch threads when ``--threads`` is not given: the cores (or ``cpus``) but one, at least one.
 
     The core left over is the selector's and Ray's own processes'. On a 2-core machine a trainer actor with 2
-    threads took about 1.8 times as long as with one (``bench/threads.py``, docs/performance.md): its thread
-    pool waits at every parallel region for a core that something else holds.
+    threads took about twice as long as with one (``bench/threads.py``, docs/performance.md), most likely
+    because its thread pool waits at every parallel region for a core that something else holds.
     """
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
