@@ -510,7 +510,21 @@ class _Cholesky:
 # Products, where A lives
 
 
-class _GramProducts:
+class _ChosenRows:
+    """The rows kept for the chosen atoms, in pick order: ``_rows[:size]`` of a buffer sized for the budget."""
+
+    _rows = None
+    size = 0
+
+    def pop(self) -> None:
+        self.size -= 1
+
+    def delete(self, j: int) -> None:
+        arrays.delete_row(self._rows, j, self.size)
+        self.size -= 1
+
+
+class _GramProducts(_ChosenRows):
     """Correlations from a Gram matrix ``G = A A^T``: ``c = A b - G_S^T w``, chosen rows of ``G`` in one buffer."""
 
     def __init__(self, gram, correlation, budget: int):
@@ -535,13 +549,6 @@ class _GramProducts:
         """``G[S, e]``, float64 (size,)."""
         return arrays.host64(self._rows[: self.size, e])
 
-    def pop(self) -> None:
-        self.size -= 1
-
-    def delete(self, j: int) -> None:
-        arrays.delete_row(self._rows, j, self.size)
-        self.size -= 1
-
     def block(self, atoms: np.ndarray) -> np.ndarray:
         """``G[atoms][:, atoms]``, float64."""
         return arrays.host64(arrays.take_rows(arrays.take_rows(self._gram, atoms).T, atoms))
@@ -552,7 +559,7 @@ class _GramProducts:
             self._rows[: atoms.size] = arrays.take_rows(self._gram, atoms)
 
 
-class _RowProducts:
+class _RowProducts(_ChosenRows):
     """Correlations ``c = A (b - A_S^T w)``, one pass over the rows of ``A`` per pick; chosen rows in one buffer."""
 
     def __init__(self, A_x, b_x, budget: int):
@@ -577,13 +584,6 @@ class _RowProducts:
     def cross(self, e: int) -> np.ndarray:
         """``A[S] A[e]``, float64 (size,)."""
         return arrays.host64(self._rows[: self.size] @ self._A[e])
-
-    def pop(self) -> None:
-        self.size -= 1
-
-    def delete(self, j: int) -> None:
-        arrays.delete_row(self._rows, j, self.size)
-        self.size -= 1
 
     def block(self, atoms: np.ndarray) -> np.ndarray:
         """``A[atoms] A[atoms]^T``, float64."""
