@@ -173,6 +173,9 @@ class SubsetMessage(ArrayMessage):
     target: Literal["train", "val"] | None = Field(None, description="the gradient that was matched")
     select_s: float = Field(ge=0, description="seconds the strategy computed")
     busy_s: float = Field(ge=0, description="seconds the selector worked on this round")
+    cpu_s: float | None = Field(
+        None, ge=0, description="CPU seconds of the selector's round thread: its work without waits for a core"
+    )
 
     @field_validator("indices")
     @classmethod

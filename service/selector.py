@@ -339,7 +339,7 @@ class SelectorService:
         ).start()
 
     def _run(self, round_id: int, state: _Round) -> None:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         try:
             ground = _assemble(state.request, state.buffer, state.validation)
             state.buffer, state.validation = None, None
@@ -350,7 +350,7 @@ class SelectorService:
             grad_error = subset_gradient_error(ground, state.request.sizes, selection.indices, selection.weights)
             log.debug("round %d: grad_error %s, the strategy's own matching error %s",
                       round_id, grad_error, selection.match_error)
-            answer, busy_s = self._answer(state, selection, grad_error, select_s, start)
+            answer, busy_s = self._answer(state, selection, grad_error, select_s, start, cpu_start)
         except Exception as exc:  # the trainer is told, the service stays up
             log.exception("round %d failed", round_id)
             with self._lock:
@@ -360,13 +360,19 @@ class SelectorService:
         self._deliver(state, answer, busy_s)
 
     @staticmethod
-    def _answer(state: _Round, selection: Selection, grad_error, select_s: float, start: float) -> tuple[dict, float]:
-        """The round's validated answer (after the configured delay and fault) and the seconds it took."""
+    def _answer(state: _Round, selection: Selection, grad_error, select_s: float, start: float,
+                cpu_start: float) -> tuple[dict, float]:
+        """The round's validated answer (after the configured delay and fault) and the seconds it took.
+
+        ``start`` is the round thread's ``perf_counter`` at its start, ``cpu_start`` its ``thread_time``: the
+        message carries both the wall seconds and the CPU seconds of the round's thread (its work, without
+        the time it waited for a core)."""
         config = state.config
+        cpu_s = time.thread_time() - cpu_start
         if config.delay_s:
             time.sleep(config.delay_s)
         busy_s = time.perf_counter() - start
-        answer = _message(config.strategy, state.request, selection, grad_error, select_s, busy_s)
+        answer = _message(config.strategy, state.request, selection, grad_error, select_s, busy_s, cpu_s)
         return _inject_fault(config.fault, answer, state.request), busy_s
 
     def _deliver(self, state: _Round, answer: dict, busy_s: float) -> None:
@@ -398,7 +404,7 @@ def _round_of(payload) -> int | None:
 
 
 def _message(strategy: str, request: RoundRequest, selection: Selection, grad_error: float | None,
-             select_s: float, busy_s: float) -> dict:
+             select_s: float, busy_s: float, cpu_s: float | None = None) -> dict:
     message = SubsetMessage.model_validate(
         {
             "round_id": request.round_id,
@@ -411,6 +417,7 @@ def _message(strategy: str, request: RoundRequest, selection: Selection, grad_er
             "target": selection.target,
             "select_s": select_s,
             "busy_s": busy_s,
+            "cpu_s": cpu_s,
         },
         context={"request": request},
     )

@@ -1155,7 +1155,7 @@ class ShardedSelector(SelectorService):
         return lambda: self._deadlines.get(round_id, started + DEFAULT_WAIT_S)
 
     def _run(self, round_id: int, state: _Round) -> None:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         job = None
         try:
             with self._lock:
@@ -1174,7 +1174,7 @@ class ShardedSelector(SelectorService):
             selection = select_sharded(config, job, self.calls)
             select_s = time.perf_counter() - select_start
             grad_error = sharded_gradient_error(job, self.calls, selection)
-            answer, busy_s = self._answer(state, selection, grad_error, select_s, start)
+            answer, busy_s = self._answer(state, selection, grad_error, select_s, start, cpu_start)
         except Exception as exc:  # the trainer is told, the service stays up
             reason = exc.reason if isinstance(exc, RoundFailed) else f"{type(exc).__name__}: {exc}"
             log.warning("round %d failed: %s", round_id, reason)

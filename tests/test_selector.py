@@ -44,6 +44,16 @@ def test_round_trip_with_chunks_before_the_request_and_out_of_order():
     assert service.status()["answered"] == 1 and service.status()["busy_s"] > 0
 
 
+def test_answers_carry_the_cpu_time_of_the_round_apart_from_its_waits():
+    service = SelectorService({"strategy": "gradmatch-pb", "delay_s": 0.3})
+    service.start_round(request())
+    send_chunks(service, 0)
+    answer = service.result(0, timeout_s=30)
+    # the delay is a sleep: it is in the wall seconds, not in the CPU seconds of the round's thread
+    assert answer["busy_s"] >= 0.3 and 0 < answer["cpu_s"] < 0.3
+    assert answer["cpu_s"] <= answer["busy_s"] - 0.3 + 0.01
+
+
 def test_plan_declares_needs():
     assert SelectorService({"strategy": "gradmatch-pb"}).plan() == {
         "strategy": "gradmatch-pb", "rounds": True, "ground": "batch", "summaries": "batch",
