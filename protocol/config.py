@@ -142,6 +142,10 @@ class ScheduleConfig(Strict):
     chunk_examples: int = Field(
         1024, ge=1, description="examples per streamed gradient chunk (and per forward pass of a summary pass)"
     )
+    pool: float = Field(
+        1.0, gt=0, le=1, description="share of the ground set (mini-batches for PB, examples otherwise) each round "
+        "draws at random, summarises and chooses from; 1: all of it, as the paper"
+    )
 
     @field_validator("lead", mode="before")
     @classmethod

@@ -42,9 +42,13 @@ class RoundRecord(Strict):
     worker_nodes: list[str] | None = Field(None, description="Ray node ids of the workers that made the chunks")
     selector_s: float | None = Field(None, description="seconds the selector worked on the round")
     select_s: float | None = Field(None, description="seconds of the strategy itself")
+    selector_cpu_s: float | None = Field(
+        None, description="CPU seconds of the selector's round thread (selector_s less the waits for a core)"
+    )
     grad_error: float | None = None
     target: str | None = Field(None, description="the gradient that was matched: train or val")
     subset_size: int | None = Field(None, description="examples in the adopted subset")
+    n_ground: int | None = Field(None, description="elements the round chose from: the ground set or its --pool")
     n_padded: int | None = None
 
 

@@ -58,6 +58,8 @@ def test_every_help_line_shows_its_default():
         (["--budget", "nan"], "--budget 'nan': Input should be a finite number"),
         (["--select-every", "20", "--epochs", "10", "--kappa", "0"], "--select-every 20: no selection round fits"),
         (["--dataset", "digits", "--batch-size", "2000"], "--batch-size 2000: the budget of"),
+        (["--dataset", "digits", "--budget", "0.05", "--pool", "0.02"], "--pool 0.02: a pool of 1 of the"),
+        (["--pool", "0"], "--pool '0': Input should be greater than 0"),
         (["--seed", str(2**70)], "--seed"),
         (["--shards", "11", "--dataset", "digits"], "--shards 11: more shards than the 10 classes of digits"),
         (["--strategy", "craig-typo"], "--strategy 'craig-typo': must be one of 'full', 'full-earlystop', 'random'"),

@@ -109,8 +109,35 @@ def test_round_schedule_warm_and_cold():
 def test_budgets():
     assert budget_size(0.1, 4500) == 450
     assert budget_size(1e-6, 100) == 1
-    assert batch_budget(450, 32, 141) == math.ceil(450 / 32)
+    # the whole number of batches closest to k, so PB trains on about as many examples as the budget allows
+    assert batch_budget(450, 32, 141) == 14  # 14.06 batches: 448 examples
+    assert batch_budget(35, 32, 110) == 1  # 1.09: 32 examples (rounding up would train on 64)
+    assert batch_budget(175, 32, 110) == 5 and batch_budget(350, 32, 110) == 11  # 5.47 and 10.94
+    assert batch_budget(48, 32, 110) == 2  # a half rounds up
+    assert batch_budget(3, 32, 110) == 1  # never none
     assert batch_budget(10_000, 32, 20) == 20
+
+
+def test_a_round_pool_is_drawn_from_its_seed_and_round_and_maps_back_to_examples():
+    from protocol.messages import StrategyPlan
+    from trainer.rounds import ground_layout, pool_layout
+
+    pb = ground_layout(StrategyPlan(strategy="gradmatch-pb", rounds=True, ground="batch", summaries="batch"),
+                       1000, 100, 32, seed=3)
+    pool = pool_layout(pb, 0.25, seed=3, round_id=2)
+    assert pool.n_ground == 8 and pool.n_select == pb.n_select == 3 and len(pool.batches) == 8
+    chosen = [next(i for i, b in enumerate(pb.batches) if torch.equal(b, p)) for p in pool.batches]
+    assert chosen == sorted(set(chosen)) and list(pool.sizes) == [len(pb.batches[i]) for i in chosen]
+    again = pool_layout(pb, 0.25, seed=3, round_id=2)  # a resumed run draws the same pool
+    assert all(torch.equal(a, b) for a, b in zip(again.batches, pool.batches))
+    other = pool_layout(pb, 0.25, seed=3, round_id=3)
+    assert any(not torch.equal(a, b) for a, b in zip(other.batches, pool.batches))
+    assert pool_layout(pb, 1.0, seed=3, round_id=2) is pb
+
+    examples = ground_layout(StrategyPlan(strategy="gradmatch", rounds=True), 1000, 100, 32, seed=3)
+    pool = pool_layout(examples, 0.3, seed=3, round_id=0)
+    assert pool.n_ground == 300 and pool.ids.unique().numel() == 300 and bool((pool.ids.diff() > 0).all())
+    assert int(pool.ids.max()) < 1000
 
 
 def test_epoch_cosine_schedule_values():

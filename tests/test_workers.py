@@ -19,10 +19,12 @@ def blobs(n=300, seed=0):
     return TensorDataset(x, y)
 
 
-def run(workers: int, strategy: str, kill_after: int | None = None, watch=None, **options):
-    """A short run; ``watch(subset)`` is called at the start of every epoch."""
+def run(workers: int, strategy: str, kill_after: int | None = None, watch=None, on_model=None, **options):
+    """A short run; ``watch(subset)`` is called at the start of every epoch, ``on_model(model)`` before it starts."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))
+    if on_model is not None:
+        on_model(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with AdaptiveSubset(model, blobs(), strategy=strategy, budget=0.2, epochs=10, select_every=2, kappa=0,
                         batch_size=20, lead=0, seed=1, summary_workers=workers, chunk_examples=100,
@@ -57,10 +59,12 @@ def run_sharded(workers: int, strategy: str):
     return records, subsets, maps, status
 
 
-@pytest.mark.parametrize("strategy", ["gradmatch-pb", "gradmatch"])
-def test_workers_give_the_same_rounds_as_the_trainer(ray_address, strategy):
-    inline, inline_weights, _ = run(0, strategy)
-    spread, spread_weights, pool = run(2, strategy)
+@pytest.mark.parametrize("strategy, pool", [("gradmatch-pb", 1.0), ("gradmatch", 1.0), ("gradmatch", 0.5)])
+def test_workers_give_the_same_rounds_as_the_trainer(ray_address, strategy, pool):
+    inline, inline_weights, _ = run(0, strategy, pool=pool)
+    spread, spread_weights, _ = run(2, strategy, pool=pool)
+    n_ground = 15 if strategy.endswith("-pb") else 300  # 300 examples in batches of 20
+    assert [r["n_ground"] for r in spread] == [r["n_ground"] for r in inline] == [round(n_ground * pool)] * 4
     assert [r["status"] for r in spread] == ["adopted"] * 4
     assert all(r["summary_where"] == "workers" and r["worker_s"] > 0 and len(r["worker_nodes"]) == 2 for r in spread)
     assert all(r["summary_where"] == "trainer" for r in inline)
@@ -69,6 +73,40 @@ def test_workers_give_the_same_rounds_as_the_trainer(ray_address, strategy):
     assert [r["subset_size"] for r in spread] == [r["subset_size"] for r in inline]
     for a, b in zip(spread_weights, inline_weights):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["gradmatch-pb", "gradmatch"])
+def test_a_pool_is_all_a_round_summarises_and_chooses_from(ray_address, strategy):
+    from protocol.messages import StrategyPlan
+    from trainer.rounds import ground_layout, pool_layout
+
+    adopted, started = {}, []
+    summarising = []  # examples of each forward pass in eval mode once the loop runs: the summary passes
+
+    def count(module, args):
+        if started and not module.training:
+            summarising.append(args[0].shape[0])
+
+    def watch(subset):
+        started.append(True)
+        current = subset.subset
+        if current.round is not None and current.round not in adopted:
+            adopted[current.round] = torch.cat(current.batches)
+
+    records, _, _ = run(0, strategy, watch=watch, on_model=lambda m: m[0].register_forward_pre_hook(count), pool=0.5)
+    assert [r["status"] for r in records] == ["adopted"] * 4
+    pb = strategy.endswith("-pb")
+    plan = StrategyPlan(strategy=strategy, ground="batch" if pb else "example",
+                        summaries="batch" if pb else "example", rounds=True)
+    ground = ground_layout(plan, 300, 60, 20, 1)
+    expected = []
+    for record in records:
+        pool = pool_layout(ground, 0.5, 1, record["round"])
+        assert record["n_ground"] == pool.n_ground == (8 if pb else 150)
+        examples = torch.cat(pool.batches) if pb else pool.ids
+        expected.append(len(examples))
+        assert set(adopted[record["round"]].tolist()) <= set(examples.tolist()), record["round"]
+    assert sum(summarising) == sum(expected)  # only the pool was forwarded, once per round
 
 
 @pytest.mark.parametrize("shards", [1, 2])

@@ -19,6 +19,8 @@ and trained as they are. Summaries come from a forward hook on the model's class
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -26,11 +28,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from protocol.config import RunConfig, ScheduleConfig, TrainConfig
+from protocol.config import PB_STRATEGIES, ROUND_STRATEGIES, RunConfig, ScheduleConfig, TrainConfig
 from trainer.cli import ConfigError, config_error, load_yaml
 from trainer.launch import actor_options, connect_ray, release, start_selector
 from trainer.models import find_classifier
-from trainer.rounds import RoundClient
+from trainer.rounds import RoundClient, check_schedule
 from trainer.summaries import SummarySource
 
 STATE_VERSION = 1
@@ -186,6 +188,13 @@ class AdaptiveSubset:
         if self.config.selector.shards > self.n_classes:
             raise ConfigError(f"shards {self.config.selector.shards}: more shards than the {self.n_classes} classes "
                               f"(selection is sharded by class); use shards={self.n_classes} or fewer")
+        strategy = self.config.selector.strategy
+        errors, notes = check_schedule(self.config, len(self.labels), pb=strategy in PB_STRATEGIES,
+                                       rounds=strategy in ROUND_STRATEGIES)
+        if errors:
+            raise ConfigError(_as_keywords(errors[0]))
+        for note in notes:
+            warnings.warn(_as_keywords(note), stacklevel=2)
         summary_set = train_set if summary_set is None else summary_set
         if len(summary_set) != len(train_set):
             raise DatasetError(f"summary_set has {len(summary_set)} examples, must have as many as train_set "
@@ -343,6 +352,11 @@ class AdaptiveSubset:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _as_keywords(message: str) -> str:
+    """A schedule check's message with its command-line flags as the keywords of ``AdaptiveSubset``."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
 
 def _check_range(labels: torch.Tensor, n_classes: int, name: str) -> None:

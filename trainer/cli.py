@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="at a boundary whose subset is not ready [continue, wait] (default: continue)")
     add("--summary-workers", dest="schedule.summary_workers", metavar="W",
         help="Ray actors that make the summary passes from a model snapshot while training goes on (default: 0)")
+    add("--pool", dest="schedule.pool", metavar="F",
+        help="share of the mini-batches (PB) or examples each round draws at random and summarises; "
+             "1: all, as the paper (default: 1)")
     add("--round-timeout-s", dest="schedule.round_timeout_s", metavar="S",
         help="a round not answered by then fails and its selector is restarted (default: 600)")
     add("--on-selector-loss", dest="schedule.on_selector_loss", metavar="MODE",

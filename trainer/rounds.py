@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60.0  # cheap selector calls (plan, reconfigure)
 RESULT_MARGIN_S = 5.0  # the selector gives up this much after the trainer, so the trainer's timeout fires
 INITIAL_SUBSET_STREAM = 2**31  # seed stream of the initial random subset, apart from every round's stream
+POOL_STREAM = 2**31 + 1  # seed stream of the rounds' random pools
 AUTO_MARGIN = 2.0  # lead auto: a round starts when the epochs left before its boundary give it less than
 AUTO_SLACK_S = 0.05  # AUTO_MARGIN times its expected time plus AUTO_SLACK_S, if it waited one epoch more
 
@@ -92,8 +93,13 @@ def budget_size(budget: float, n_train: int) -> int:
 
 
 def batch_budget(k: int, batch_size: int, n_batches: int) -> int:
-    """PB budget: the number of mini-batches that holds ``k`` examples."""
-    return max(1, min(n_batches, math.ceil(k / batch_size)))
+    """PB budget: the whole number of mini-batches closest to ``k`` examples (halves up, at least one).
+
+    Not rounded up as the reference implementation does: at a 1% budget of 3,500 examples in batches of 32
+    that would train on 64 examples, 1.8 times the budget, and make every comparison with a per-example
+    strategy at the same budget unfair. The adopted subset's size is in each round's record.
+    """
+    return max(1, min(n_batches, math.floor(k / batch_size + 0.5)))
 
 
 def check_schedule(config: RunConfig, n_train: int, pb: bool, rounds: bool) -> tuple[list[str], list[str]]:
@@ -118,6 +124,14 @@ def check_schedule(config: RunConfig, n_train: int, pb: bool, rounds: bool) -> t
                       f"of the {n_train} training examples, so nothing is selected; use a smaller --batch-size")
     elif k >= n_train:
         warnings.append(f"--budget {schedule.budget:g}: the subset is the whole training set ({n_train} examples)")
+    if schedule.pool < 1:
+        n_ground, n_select, what = (n_batches, batch_budget(k, train.batch_size, n_batches), "mini-batches") if pb \
+            else (n_train, k, "examples")
+        m = pool_size(schedule.pool, n_ground)
+        if m <= n_select:
+            errors.append(f"--pool {schedule.pool:g}: a pool of {m} of the {n_ground} {what} leaves nothing to choose "
+                          f"for the budget of {n_select}; use a --pool of at least {2 * n_select / n_ground:.3g} "
+                          f"(ten times the budget, {min(1.0, 10 * n_select / n_ground):.3g}, chooses well)")
     late = [c.epoch for c in config.strategy_schedule if c.epoch >= plan.total]
     if late:
         warnings.append(f"--strategy-schedule: entries at epochs {late} are at or after the last epoch "
@@ -127,12 +141,18 @@ def check_schedule(config: RunConfig, n_train: int, pb: bool, rounds: bool) -> t
 
 @dataclass(frozen=True)
 class GroundLayout:
-    """What a strategy chooses from: the fixed mini-batches (PB) or the training examples."""
+    """What a strategy chooses from: the fixed mini-batches (PB) or the training examples.
+
+    ``ids`` holds the training example ids of a pool of examples (element ``i`` of the round is example
+    ``ids[i]``); None when the elements are all the examples, in order. A pool of mini-batches is a shorter
+    ``batches`` list.
+    """
 
     batches: list[torch.Tensor] | None
     n_ground: int
     n_select: int
     sizes: np.ndarray | None
+    ids: torch.Tensor | None = None
 
 
 def ground_layout(plan: StrategyPlan, n_train: int, k: int, batch_size: int, seed: int) -> GroundLayout:
@@ -141,6 +161,24 @@ def ground_layout(plan: StrategyPlan, n_train: int, k: int, batch_size: int, see
         return GroundLayout(batches, len(batches), batch_budget(k, batch_size, len(batches)),
                             np.array([len(b) for b in batches]))
     return GroundLayout(None, n_train, k, None)
+
+
+def pool_size(pool: float, n_ground: int) -> int:
+    """Elements a round's pool holds: ``pool`` of the ground set, rounded, at least one."""
+    return max(1, min(n_ground, round(pool * n_ground)))
+
+
+def pool_layout(ground: GroundLayout, pool: float, seed: int, round_id: int) -> GroundLayout:
+    """The round's random pool: ``pool_size(pool, n_ground)`` elements of ``ground`` drawn without replacement
+    from a stream of (seed, round), so a resumed run draws the same pool. ``pool == 1`` is ``ground`` itself."""
+    m = pool_size(pool, ground.n_ground)
+    if m >= ground.n_ground:
+        return ground
+    rng = np.random.default_rng([seed, POOL_STREAM, round_id])
+    chosen = np.sort(rng.choice(ground.n_ground, size=m, replace=False))
+    if ground.batches is not None:
+        return GroundLayout([ground.batches[i] for i in chosen], m, min(ground.n_select, m), ground.sizes[chosen])
+    return GroundLayout(None, m, min(ground.n_select, m), None, torch.from_numpy(chosen))
 
 
 # --- the client ---------------------------------------------------------------------------------
@@ -237,9 +275,17 @@ class RoundClient:
         chosen = np.sort(rng.choice(self.ground.n_ground, size=self.ground.n_select, replace=False))
         return self._subset(self.ground, chosen, np.ones(self.ground.n_select), None)
 
+    def _round_ground(self, ground: GroundLayout, plan: StrategyPlan, round_id: int) -> GroundLayout:
+        """The ground set of one round: its random pool (``--pool``) when the strategy reads summaries."""
+        if plan.summaries == "none":
+            return ground
+        return pool_layout(ground, self.config.schedule.pool, self.config.seed, round_id)
+
     def _subset(self, ground: GroundLayout, indices, weights, round_id: int | None) -> Subset:
         if ground.batches is not None:
             return subset_from_batches(ground.batches, indices, weights, self.n_train, round_id)
+        if ground.ids is not None:
+            indices = ground.ids[torch.from_numpy(np.array(indices, dtype=np.int64))].numpy()
         return subset_from_examples(indices, weights, self.n_train, round_id)
 
     # the boundary ------------------------------------------------------------------------------
@@ -319,7 +365,8 @@ class RoundClient:
         """Snapshot: stream what the strategy needs to the selector, then ask for the answer."""
         start = time.perf_counter()
         self._resend_config()
-        plan, ground = self.plan, self.ground
+        plan = self.plan
+        ground = self._round_ground(self.ground, plan, slot.round_id)
         chunk_rows = self._chunk_rows(plan)
         n_chunks = math.ceil(ground.n_ground / chunk_rows) if plan.summaries != "none" else 0
         request = RoundRequest(
@@ -353,7 +400,7 @@ class RoundClient:
         if plan.summaries == "batch":
             chunks = self.source.batch_chunks(ground.batches, chunk_rows)
         elif plan.summaries == "example":
-            chunks = self.source.example_chunks(chunk_rows)
+            chunks = self.source.example_chunks(chunk_rows, ground.ids)
         else:
             chunks = iter(())
         for index, chunk in enumerate(chunks):
@@ -367,7 +414,8 @@ class RoundClient:
             jobs = [("batch", i, start, ground.batches[start:start + chunk_rows])
                     for i, start in enumerate(range(0, ground.n_ground, chunk_rows))]
         else:
-            jobs = [("example", i, start, min(start + chunk_rows, ground.n_ground))
+            jobs = [("example", i, start, min(start + chunk_rows, ground.n_ground),
+                     None if ground.ids is None else ground.ids[start:start + chunk_rows])
                     for i, start in enumerate(range(0, ground.n_ground, chunk_rows))]
         refs, _ = self.workers.start(round_id, self.source.model, jobs, self.selector)
         if plan.needs_validation:
@@ -448,7 +496,8 @@ class RoundClient:
         self.round_s.append(workers.get("worker_s", 0.0) + message.busy_s)
         self._record(
             pending, "adopted", adopted_epoch=epoch, staleness=epoch - pending.trigger_epoch,
-            selector_s=message.busy_s, select_s=message.select_s, grad_error=message.grad_error,
+            selector_s=message.busy_s, select_s=message.select_s, selector_cpu_s=message.cpu_s,
+            grad_error=message.grad_error,
             target=message.target, subset_size=self.subset.n_examples, n_padded=message.n_padded, **workers,
         )
 
@@ -503,7 +552,8 @@ class RoundClient:
         self._append(RoundRecord(
             round=pending.slot.round_id, strategy=pending.strategy, model_step=pending.request.model_step,
             trigger_epoch=pending.trigger_epoch, due_epoch=pending.slot.due, status=status,
-            stall_s=pending.stall_s, summary_s=pending.summary_s, summary_where=pending.where, **fields,
+            stall_s=pending.stall_s, summary_s=pending.summary_s, summary_where=pending.where,
+            n_ground=pending.ground.n_ground, **fields,
         ))
 
     def _append(self, record: RoundRecord) -> None:
@@ -594,8 +644,9 @@ class RoundClient:
         p = state["pending"]
         if p is not None:
             plan = StrategyPlan.model_validate(p["plan"])
+            ground = self._round_ground(self._layout(plan), plan, p["slot"]["round_id"])
             self.pending = PendingRound(
-                RoundSlot(**p["slot"]), p["strategy"], self._layout(plan), RoundRequest.model_validate(p["request"]),
+                RoundSlot(**p["slot"]), p["strategy"], ground, RoundRequest.model_validate(p["request"]),
                 None, p["trigger_epoch"], time.perf_counter(), p["summary_s"], p["stall_s"], p["payload"],
                 where=p.get("where", "trainer"),
             )

@@ -176,11 +176,13 @@ class SummarySource:
                                                self.device, self.layer)
         return {"ids": (ids + start).numpy(), "labels": labels.cpu().numpy(), "rows": rows.numpy()}
 
-    def example_chunk(self, start: int, stop: int) -> dict:
-        """The chunk of examples ``start .. stop - 1``."""
+    def example_chunk(self, start: int, stop: int, ids: torch.Tensor | None = None) -> dict:
+        """The chunk of ground elements ``start .. stop - 1``: the examples of those ids, or, for a pool,
+        the examples ``ids`` (one per element)."""
         fetch, y = as_fetch(self.train_inputs), self.train_labels
-        (_, labels, errors, features), = example_summaries(self.model, lambda ids: fetch(ids + start),
-                                                           y[start:stop], stop - start, self.device, self.layer)
+        examples = torch.arange(start, stop) if ids is None else torch.as_tensor(ids, dtype=torch.long)
+        (_, labels, errors, features), = example_summaries(self.model, lambda local: fetch(examples[local]),
+                                                           y[examples], stop - start, self.device, self.layer)
         return {"ids": np.arange(start, stop, dtype=np.int64), "labels": labels.numpy(), "errors": errors.numpy(),
                 "features": features.numpy()}
 
@@ -188,10 +190,12 @@ class SummarySource:
         for start in range(0, len(batches), chunk_rows):
             yield self.batch_chunk(batches[start:start + chunk_rows], start)
 
-    def example_chunks(self, chunk_rows: int) -> Iterator[dict]:
-        n = int(self.train_labels.shape[0])
+    def example_chunks(self, chunk_rows: int, ids: torch.Tensor | None = None) -> Iterator[dict]:
+        """All the examples in chunks, or those of ``ids`` (a pool), numbered 0 .. len(ids) - 1."""
+        n = int(self.train_labels.shape[0]) if ids is None else len(ids)
         for start in range(0, n, chunk_rows):
-            yield self.example_chunk(start, min(start + chunk_rows, n))
+            stop = min(start + chunk_rows, n)
+            yield self.example_chunk(start, stop, None if ids is None else ids[start:stop])
 
     def validation(self) -> dict:
         if self.val_labels is None or len(self.val_labels) == 0:

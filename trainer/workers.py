@@ -46,8 +46,10 @@ class SummaryWorkerService:
         return ray.get_runtime_context().get_node_id()
 
     def summarise(self, round_id: int, state: dict, jobs: list, selector, route: list | None = None) -> dict:
-        """Compute ``jobs`` (``("batch", index, start, group)`` or ``("example", index, start, stop)``) from the
-        weights ``state`` and send each chunk on; returns where and how long.
+        """Compute ``jobs`` from the weights ``state`` and send each chunk on; returns where and how long.
+
+        A job is ``("batch", index, start, group)`` or ``("example", index, start, stop, ids)``, ``ids`` the
+        example ids of a pool's elements ``start .. stop - 1`` (None: the examples of those numbers).
 
         ``route`` holds the ref of the selector's ``routes`` answer for the round (in a list, so it arrives
         unresolved): a class map sends each chunk's parts straight to the shards, None whole chunks to
@@ -63,8 +65,8 @@ class SummaryWorkerService:
                 _, index, start, group = job
                 chunk = self.source.batch_chunk(group, start)
             else:
-                _, index, start, stop = job
-                chunk = self.source.example_chunk(start, stop)
+                _, index, start, stop, ids = job
+                chunk = self.source.example_chunk(start, stop, ids)
             chunk = {"round_id": round_id, "chunk_index": index, **chunk}
             if plan is None:
                 selector.add_chunk.remote(chunk)
@@ -146,7 +148,8 @@ class SummaryPool:
             n_ground = sum(len(job[3]) for job in jobs)
             return {"kind": "batch", "n_classes": self.n_classes, "n_features": self.n_features, "n_ground": n_ground}
         n_ground = max(job[3] for job in jobs)
-        counts = np.bincount(self.labels[:n_ground], minlength=self.n_classes)
+        labels = self.labels[:n_ground] if jobs[0][4] is None else self.labels[np.concatenate([job[4] for job in jobs])]
+        counts = np.bincount(labels, minlength=self.n_classes)
         return {"kind": "example", "n_classes": self.n_classes, "n_features": self.n_features, "n_ground": n_ground,
                 "counts": counts}
 
