@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 420
 SMALL = ["--dataset", "digits", "--model", "mlp", "--threads", "1"]
 # long enough (mnist5k, LeNet) that a signal sent at start lands before the end, synchronous rounds (lead 0)
-# so that adoption does not depend on timing
+# so that adoption does not depend on timing; a pool per round, so a resumed run must draw the same pools
 SYNC = ["--dataset", "mnist5k", "--model", "lenet", "--epochs", "24", "--select-every", "3", "--lead", "0",
-        "--budget", "0.1", "--threads", "1", "--seed", "3", "--checkpoint-every", "2"]
+        "--budget", "0.1", "--pool", "0.5", "--threads", "1", "--seed", "3", "--checkpoint-every", "2"]
 
 
 def cli(*args, address=None, **popen):
@@ -80,10 +80,11 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(ray_address, tmp_path):
     done, expected = summary(cut), summary(whole)
     assert done["status"] == "completed" and done["epochs_run"] == expected["epochs_run"] == 14  # 2 full + 12 subset
     assert done["acc"] == expected["acc"]
-    keys = ("round", "status", "subset_size", "grad_error")
+    keys = ("round", "status", "subset_size", "grad_error", "n_ground")
     assert [{k: r[k] for k in keys} for r in lines(cut / "rounds.jsonl")] == \
         [{k: r[k] for k in keys} for r in lines(whole / "rounds.jsonl")]
     assert [e["loss"] for e in lines(cut / "epochs.jsonl")] == [e["loss"] for e in lines(whole / "epochs.jsonl")]
+    assert {r["n_ground"] for r in lines(whole / "rounds.jsonl")} == {55}  # half of the 110 mini-batches
 
 
 def test_sigkill_then_resume_finishes_and_model_pt_reproduces_the_accuracy(ray_address, tmp_path):
