@@ -62,7 +62,9 @@ def run_sharded(workers: int, strategy: str):
 @pytest.mark.parametrize("strategy, pool", [("gradmatch-pb", 1.0), ("gradmatch", 1.0), ("gradmatch", 0.5)])
 def test_workers_give_the_same_rounds_as_the_trainer(ray_address, strategy, pool):
     inline, inline_weights, _ = run(0, strategy, pool=pool)
-    spread, spread_weights, _ = run(2, strategy, pool=pool)
+    spread, spread_weights, workers = run(2, strategy, pool=pool)
+    # the pool waited for its workers to be built and warm before the first round, and knows their nodes
+    assert sorted(workers.nodes) == sorted(spread[0]["worker_nodes"])
     n_ground = 15 if strategy.endswith("-pb") else 300  # 300 examples in batches of 20
     assert [r["n_ground"] for r in spread] == [r["n_ground"] for r in inline] == [round(n_ground * pool)] * 4
     assert [r["status"] for r in spread] == ["adopted"] * 4

@@ -41,6 +41,7 @@ class SummaryWorkerService:
         self.model = model.to(self.device)
         layer = dict(self.model.named_modules())[layer_name]
         self.source = SummarySource(self.model, inputs, labels, self.device, layer=layer)
+        self.source.example_chunk(0, min(2, len(labels)))  # first-call costs of the forward pass, paid here
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -104,6 +105,8 @@ class SummaryPool:
         self.n_classes, self.n_features = layer.out_features, layer.in_features
         self.labels = labels.cpu().numpy()
         self.workers = [self._place(i) for i in range(n)]
+        # wait until every worker is built and warm, so that the first round does not wait for them
+        self.nodes = ray.get([worker.node.remote() for worker in self.workers], timeout=PLACE_TIMEOUT_S)
         self.last: dict[int, ray.ObjectRef] = {}  # each worker's last call, to find the lost ones
         self.replaced = 0
 
