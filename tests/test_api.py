@@ -153,6 +153,21 @@ def test_invalid_options_are_one_line_config_errors(options, expected):
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+def wait_until_dead(actor, timeout_s: float = 60.0) -> None:
+    import time
+
+    import ray
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            ray.get(actor.status.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the actor was still answering {timeout_s:g} s after ray.kill")
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("on_loss", ["fail", "continue"])
 def test_a_selector_gone_for_good_is_said_loudly(ray_address, on_loss):
@@ -177,6 +192,7 @@ def test_a_selector_gone_for_good_is_said_loudly(ray_address, on_loss):
                     opt.step()
                 if epoch == 2:
                     ray.kill(subset.selector, no_restart=True)
+                    wait_until_dead(subset.selector)  # ray.kill returns at once; round 1 must meet a dead actor
         summary, records = subset.summary(), subset.records
     finally:
         subset.close()
