@@ -39,13 +39,18 @@ MODES = {
 }
 
 
+def pool_of(args, budget: float) -> float:
+    """The asynchronous run's --pool: ``--pool-x`` times the budget, at most the whole set."""
+    return min(1.0, args.pool_x * budget) if args.pool_x else 1.0
+
+
 def config(mode: str, args, seed: int, budget: float) -> RunConfig:
     schedule = {"budget": budget, "select_every": args.select_every, **MODES[mode].get("schedule", {})}
     if mode.startswith("gm_"):
         schedule["summary_workers"] = args.summary_workers
     if mode == "gm_async":
         schedule["lead"] = args.lead
-        schedule["pool"] = min(1.0, args.pool_x * budget) if args.pool_x else 1.0
+        schedule["pool"] = pool_of(args, budget)
     tree = {
         "seed": seed,
         "data": {"dataset": args.dataset},
@@ -142,7 +147,7 @@ def main() -> int:
             print(f"budget {budget:g}", flush=True)
             results = measure(args, budget, full)
             full = results["full"]  # FULL does not depend on the budget: measured once
-            table, last = report(results, budget, min(1.0, args.pool_x * budget) if args.pool_x else 1.0)
+            table, last = report(results, budget, pool_of(args, budget))
             print(table, flush=True)
             lasts.append(last)
     finally:
