@@ -72,7 +72,8 @@ class RunSummary(Strict):
     stall_s: float
     selector_busy_s: float
     summary_s: float
-    overlap: float | None = Field(description="1 - stall_s / selector_busy_s")
+    workers_busy_s: float = Field(0.0, description="seconds of the slowest summary worker, summed over rounds")
+    overlap: float | None = Field(description="1 - stall_s / (selector_busy_s + workers_busy_s)")
     rounds: int = Field(description="rounds adopted")
     rounds_rejected: int = Field(description="rounds rejected, failed or timed out")
     rounds_skipped: int = Field(0, description="rounds not started because their boundary had passed")

@@ -39,7 +39,7 @@ def run(workers: int, strategy: str, kill_after: int | None = None, watch=None, 
                 opt.step()
             if kill_after is not None and epoch == kill_after:
                 ray.kill(subset.workers.workers[0])
-        return subset.records, [p.detach().clone() for p in model.parameters()], subset.workers
+        return subset.records, [p.detach().clone() for p in model.parameters()], subset
 
 
 def run_sharded(workers: int, strategy: str):
@@ -61,10 +61,10 @@ def run_sharded(workers: int, strategy: str):
 
 @pytest.mark.parametrize("strategy, pool", [("gradmatch-pb", 1.0), ("gradmatch", 1.0), ("gradmatch", 0.5)])
 def test_workers_give_the_same_rounds_as_the_trainer(ray_address, strategy, pool):
-    inline, inline_weights, _ = run(0, strategy, pool=pool)
-    spread, spread_weights, workers = run(2, strategy, pool=pool)
+    inline, inline_weights, inline_run = run(0, strategy, pool=pool)
+    spread, spread_weights, spread_run = run(2, strategy, pool=pool)
     # the pool waited for its workers to be built and warm before the first round, and knows their nodes
-    assert sorted(workers.nodes) == sorted(spread[0]["worker_nodes"])
+    assert sorted(spread_run.workers.nodes) == sorted(spread[0]["worker_nodes"])
     n_ground = 15 if strategy.endswith("-pb") else 300  # 300 examples in batches of 20
     assert [r["n_ground"] for r in spread] == [r["n_ground"] for r in inline] == [round(n_ground * pool)] * 4
     assert [r["status"] for r in spread] == ["adopted"] * 4
@@ -75,6 +75,14 @@ def test_workers_give_the_same_rounds_as_the_trainer(ray_address, strategy, pool
     assert [r["subset_size"] for r in spread] == [r["subset_size"] for r in inline]
     for a, b in zip(spread_weights, inline_weights):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # overlap's denominator is all the selection work off the trainer: the workers' passes too when there are any
+    inline_summary, spread_summary = inline_run.summary(), spread_run.summary()
+    assert inline_summary["workers_busy_s"] == 0
+    assert inline_summary["overlap"] == pytest.approx(1 - inline_summary["stall_s"] / inline_summary["selector_busy_s"])
+    assert spread_summary["workers_busy_s"] == pytest.approx(sum(r["worker_s"] for r in spread))
+    assert spread_summary["stall_s"] > 0  # lead 0: the trainer waits for every round
+    assert spread_summary["overlap"] == pytest.approx(
+        1 - spread_summary["stall_s"] / (spread_summary["selector_busy_s"] + spread_summary["workers_busy_s"]))
 
 
 @pytest.mark.parametrize("strategy", ["gradmatch-pb", "gradmatch"])
@@ -113,7 +121,8 @@ def test_a_pool_is_all_a_round_summarises_and_chooses_from(ray_address, strategy
 
 @pytest.mark.parametrize("shards", [1, 2])
 def test_a_lost_worker_fails_its_round_and_is_replaced(ray_address, shards):
-    records, _, pool = run(2, "gradmatch-pb", kill_after=2, shards=shards, shard_cpus=0.01)
+    records, _, finished = run(2, "gradmatch-pb", kill_after=2, shards=shards, shard_cpus=0.01)
+    pool = finished.workers
     statuses = [r["status"] for r in records]
     assert statuses[0] == "adopted" and statuses.count("failed") == 1, records
     failed = next(r for r in records if r["status"] == "failed")

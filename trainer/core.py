@@ -338,6 +338,7 @@ class Trainer:
             epochs_full=self.plan.full, epochs_subset=self.plan.subset, epochs_run=n_epochs,
             acc=test_acc if math.isfinite(test_acc) else 0.0, wall_s=self.elapsed_s,
             stall_s=rounds["stall_s"], selector_busy_s=rounds["selector_busy_s"], summary_s=rounds["summary_s"],
+            workers_busy_s=rounds["workers_busy_s"],
             overlap=rounds["overlap"], rounds=rounds["rounds"], rounds_rejected=rounds["rounds_rejected"],
             rounds_skipped=rounds["rounds_skipped"], late_adoptions=rounds["late_adoptions"],
             staleness=rounds["staleness"], selector_lost=rounds["selector_lost"], grad_error=rounds["grad_error"],

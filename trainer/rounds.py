@@ -206,6 +206,18 @@ class RoundStats:
     selector_busy_s: float = 0.0
     records: list[dict] = field(default_factory=list)
     measure_s: float = 0.0  # summary passes made only to measure grad_error (left out of wall time)
+    workers_busy_s: float = 0.0  # the slowest summary worker's seconds, summed over rounds
+
+
+def overlap(stats: RoundStats) -> float | None:
+    """``1 - stall_s / selection_s``: the share of the selection work the trainer did not wait for.
+
+    The selection work off the trainer is the selector's busy time plus, when summary workers make the
+    passes, the slowest worker's time of each round (a stall can wait for either). Without workers it is
+    DESIGN's ``1 - stall_s / selector_busy_s``. None before any selection work.
+    """
+    selection_s = stats.selector_busy_s + stats.workers_busy_s
+    return 1.0 - stats.stall_s / selection_s if selection_s > 0 else None
 
 
 class RoundClient:
@@ -486,13 +498,14 @@ class RoundClient:
         busy_s = payload.get("busy_s") if isinstance(payload, dict) else None
         if isinstance(busy_s, (int, float)) and math.isfinite(busy_s):
             self.stats.selector_busy_s += float(busy_s)
+        workers = self._worker_report(pending)
+        self.stats.workers_busy_s += workers.get("worker_s", 0.0)
         try:
             message = SubsetMessage.model_validate(payload, context={"request": pending.request})
         except ValidationError as exc:
-            self._record(pending, "rejected", reason=one_line(exc), selector_s=_finite_or_none(busy_s))
+            self._record(pending, "rejected", reason=one_line(exc), selector_s=_finite_or_none(busy_s), **workers)
             return
         self.subset = self._subset(pending.ground, message.indices, message.weights, message.round_id)
-        workers = self._worker_report(pending)
         self.round_s.append(workers.get("worker_s", 0.0) + message.busy_s)
         self._record(
             pending, "adopted", adopted_epoch=epoch, staleness=epoch - pending.trigger_epoch,
@@ -575,7 +588,7 @@ class RoundClient:
             "late_adoptions": sum(r["adopted_epoch"] > r["due_epoch"] for r in adopted),
             "staleness": float(np.mean(staleness)) if staleness else None,
             "stall_s": stats.stall_s, "summary_s": stats.summary_s, "selector_busy_s": stats.selector_busy_s,
-            "overlap": (1.0 - stats.stall_s / stats.selector_busy_s) if stats.selector_busy_s > 0 else None,
+            "workers_busy_s": stats.workers_busy_s, "overlap": overlap(stats),
             "grad_error": float(np.mean(errors)) if errors else None,
             "redundant": 1.0 - float(self.ever_used.float().mean()),
             "strategy_changes": list(self.applied_changes),
@@ -601,6 +614,7 @@ class RoundClient:
             "plan": self.plan.model_dump(), "next_slot": self.next_slot, "ever_used": self.ever_used.clone(),
             "records": list(self.stats.records), "stall_s": self.stats.stall_s, "summary_s": self.stats.summary_s,
             "selector_busy_s": self.stats.selector_busy_s, "measure_s": self.stats.measure_s,
+            "workers_busy_s": self.stats.workers_busy_s,
             "applied_changes": list(self.applied_changes),
             "resend_config": self.resend_config.model_dump() if self.resend_config is not None else None,
             "selector_lost": self.selector_lost, "pending": pending,
@@ -629,7 +643,7 @@ class RoundClient:
         self.next_slot = state["next_slot"]
         self.ever_used = state["ever_used"].clone()
         self.stats = RoundStats(state["stall_s"], state["summary_s"], state["selector_busy_s"], list(state["records"]),
-                                state.get("measure_s", 0.0))
+                                state.get("measure_s", 0.0), state.get("workers_busy_s", 0.0))
         self.applied_changes = list(state["applied_changes"])
         self.selector_lost = state["selector_lost"]
         if state["resend_config"] is not None:

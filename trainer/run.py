@@ -116,7 +116,9 @@ def format_summary(summary: dict, out: Path) -> str:
         ("epochs", f"{summary['epochs_run']} of {summary['epochs_full']} full + {summary['epochs_subset']} subset"),
         ("test accuracy", f"{summary['acc']:.2f} %"),
         ("wall time", f"{summary['wall_s']:.1f} s (summaries {summary['summary_s']:.1f} s)"),
-        ("stall time", f"{summary['stall_s']:.2f} s of {summary['selector_busy_s']:.2f} s selector work (overlap {overlap})"),
+        ("stall time", f"{summary['stall_s']:.2f} s of {summary['selector_busy_s']:.2f} s selector work"
+                       + (f" + {summary['workers_busy_s']:.2f} s on summary workers" if summary.get("workers_busy_s") else "")
+                       + f" (overlap {overlap})"),
         ("rounds", f"{summary['rounds']} adopted ({summary['late_adoptions']} late), {summary['rounds_rejected']} "
                    f"rejected or failed, {summary['rounds_skipped']} skipped"),
         ("energy", energy),
