@@ -13,12 +13,16 @@ Claim: overhead_async <= 1.05 at every budget, and the asynchronous accuracy wit
 actors from a model snapshot (the trainer keeps training); RANDOM's measure-only summary pass is left out of
 its wall time either way. ``--pool-x M`` makes the asynchronous run summarise and choose from a random pool of
 M times the budget each round (``--pool``); the synchronous run stays the paper's, over the whole training set,
-so the accuracy is compared against it.
+so the accuracy is compared against it. Beside the ratio of mean wall times, ``overhead_async_paired`` is the
+geometric mean of the seed-by-seed ratios and ``overhead_async_ci95`` its 95% t-interval: identical runs differ by
+10-20% on a small shared machine, and the interval says whether a figure near 1.05 is resolved at all (more
+``--seeds`` narrow it).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -27,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
+import scipy.stats  # noqa: E402
 
 from protocol.config import RunConfig  # noqa: E402
 from trainer.launch import connect_ray, execute  # noqa: E402
@@ -93,6 +98,18 @@ def lead_arg(value: str):
     return value if value == "auto" else int(value)
 
 
+def paired_ratio(async_runs: list[dict], random_runs: list[dict]) -> tuple[float, float, float]:
+    """The asynchronous run's wall time over RANDOM-WARM's, seed by seed: (geometric mean, low, high) of a 95%
+    t-interval on the log ratios. Each seed's two runs are measured back to back, so a drift of the machine
+    over the benchmark cancels in the pair; the interval says how far identical runs disagree here."""
+    logs = [math.log(a["wall_s"] / r["wall_s"]) for a, r in zip(async_runs, random_runs)]
+    centre = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(centre), float("nan"), float("nan")
+    half = scipy.stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(centre), math.exp(centre - half), math.exp(centre + half)
+
+
 def report(results: dict[str, list[dict]], budget: float, pool: float) -> tuple[str, str]:
     wall = {mode: mean(runs, "wall_s") for mode, runs in results.items()}
     stall = mean(results["gm_async"], "stall_s")
@@ -117,11 +134,15 @@ def report(results: dict[str, list[dict]], budget: float, pool: float) -> tuple[
     lines.append(f"sync stall {mean(results['gm_sync'], 'stall_s'):.3f} s; async stall {stall:.3f} s of "
                  f"{busy + workers:.3f} s selection work (selector {busy:.3f} s, summary workers {workers:.3f} s); "
                  f"acc std over seeds (sync) {std_sync:.2f}")
+    paired, low, high = paired_ratio(results["gm_async"], results["random"])
+    lines.append(f"overhead_async seed by seed: {paired:.3f} (geometric mean), 95% interval {low:.3f}..{high:.3f} "
+                 f"over {len(results['random'])} seeds")
     checks = [figures["overhead_async"] <= 1.05, abs(figures["acc_async"] - figures["acc_sync"]) <= std_sync]
     lines.append(f"claim at budget {budget:g} (overhead_async <= 1.05, |acc_async - acc_sync| <= std): "
                  f"{' '.join('PASS' if c else 'FAIL' for c in checks)}")
     last = f"budget={budget:g} " + " ".join(f"{k}={v:.3f}" if "acc" not in k else f"{k}={v:.2f}"
-                                            for k, v in figures.items()) + f" acc_std_sync={std_sync:.2f} pool={pool:g}"
+                                            for k, v in figures.items()) + f" acc_std_sync={std_sync:.2f} pool={pool:g}" \
+        + f" overhead_async_paired={paired:.3f} overhead_async_ci95={low:.3f}..{high:.3f}"
     return "\n".join(lines), last
 
 

@@ -12,7 +12,9 @@ same_round_ratio=d``: ``ratio`` is max / min over every adopted round, ``same_ro
 of one round index over the runs (round i of every run solves a problem of the same kind and size, so
 this one shows the machine's jitter apart from how the problems differ from round to round), ``cpu_ratio``
 max / min of the CPU seconds of the selector's round thread (``selector_cpu_s``: the work itself, without the
-time the thread waited for a core).
+time the thread waited for a core). It also prints how often the round thread was preempted
+(``selector_preempted``: another runnable thread took its core), which is where a round's wall time goes
+beyond its CPU time.
 
 ``--alone N`` runs N identical rounds of the default run's size (110 mini-batches of LeNet's last layer,
 850 values each, 11 chosen) through the selector service in this process, one thread, no Ray and no
@@ -110,6 +112,14 @@ def main() -> int:
     print(f"selector CPU time of the round thread: {min(cpu, default=0):.4f}..{max(cpu, default=0):.4f} s, "
           f"max/min {cpu_ratio:.2f}; wall minus CPU (waits for a core, sleeps): "
           f"{min(waited, default=0):.4f}..{max(waited, default=0):.4f} s")
+    counted = [r for r in adopted if r.get("selector_preempted") is not None and r.get("selector_cpu_s") is not None]
+    if counted:
+        worst = max(counted, key=lambda r: r["selector_s"] - r["selector_cpu_s"])
+        print(f"preemptions of the round thread (another runnable thread took its core): "
+              f"{sum(r['selector_preempted'] > 0 for r in counted)} of {len(counted)} rounds preempted, "
+              f"{min(r['selector_preempted'] for r in counted)}..{max(r['selector_preempted'] for r in counted)} "
+              f"times; the round that waited longest ({worst['selector_s'] - worst['selector_cpu_s']:.4f} s) was "
+              f"preempted {worst['selector_preempted']} times")
     ok = skipped == 0 and late == 0 and ratio < 3 and len(adopted) == len(rounds)
     print(f"claim (no round skipped or late, selector time within 3x): {'PASS' if ok else 'FAIL'}")
     print(f"rounds_on_time: runs={args.runs} rounds={len(rounds)} skipped={skipped} late={late} "

@@ -176,6 +176,9 @@ class SubsetMessage(ArrayMessage):
     cpu_s: float | None = Field(
         None, ge=0, description="CPU seconds of the selector's round thread: its work without waits for a core"
     )
+    preempted: int | None = Field(
+        None, ge=0, description="times the round thread was preempted for another runnable thread (Linux)"
+    )
 
     @field_validator("indices")
     @classmethod

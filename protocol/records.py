@@ -45,6 +45,9 @@ class RoundRecord(Strict):
     selector_cpu_s: float | None = Field(
         None, description="CPU seconds of the selector's round thread (selector_s less the waits for a core)"
     )
+    selector_preempted: int | None = Field(
+        None, description="times the selector's round thread was preempted for another runnable thread (Linux)"
+    )
     grad_error: float | None = None
     target: str | None = Field(None, description="the gradient that was matched: train or val")
     subset_size: int | None = Field(None, description="examples in the adopted subset")

@@ -11,6 +11,7 @@ fails validation here is not raised back to it: the rejection fails its round, a
 from __future__ import annotations
 
 import logging
+import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,30 @@ class _GroundBuffer:
             raise ValueError(f"chunks cover {n_seen} distinct ids, must cover 0..{self.n_ground - 1} once, each "
                              "with the same summaries")
         return GroundSet(**{name: self.arrays.get(name) for name in self.FIELDS}, validation=validation)
+
+
+def _preemptions() -> int | None:
+    """Involuntary context switches of the calling thread so far (Linux), else None."""
+    try:
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
+    except (AttributeError, OSError):
+        return None
+
+
+@dataclass(frozen=True)
+class RoundClock:
+    """Where a round thread's time goes, from the moment it was started: wall and CPU seconds, and the
+    times the thread was preempted (taken off its core for another runnable thread)."""
+
+    wall: float = field(default_factory=time.perf_counter)
+    cpu: float = field(default_factory=time.thread_time)
+    switches: int | None = field(default_factory=_preemptions)
+
+    def read(self) -> tuple[float, float, int | None]:
+        """(wall seconds, CPU seconds, preemptions) since the start; call it from the round's own thread."""
+        now = _preemptions()
+        preempted = now - self.switches if now is not None and self.switches is not None else None
+        return time.perf_counter() - self.wall, time.thread_time() - self.cpu, preempted
 
 
 @dataclass
@@ -339,7 +364,7 @@ class SelectorService:
         ).start()
 
     def _run(self, round_id: int, state: _Round) -> None:
-        start, cpu_start = time.perf_counter(), time.thread_time()
+        clock = RoundClock()
         try:
             ground = _assemble(state.request, state.buffer, state.validation)
             state.buffer, state.validation = None, None
@@ -350,29 +375,28 @@ class SelectorService:
             grad_error = subset_gradient_error(ground, state.request.sizes, selection.indices, selection.weights)
             log.debug("round %d: grad_error %s, the strategy's own matching error %s",
                       round_id, grad_error, selection.match_error)
-            answer, busy_s = self._answer(state, selection, grad_error, select_s, start, cpu_start)
+            answer, busy_s = self._answer(state, selection, grad_error, select_s, clock)
         except Exception as exc:  # the trainer is told, the service stays up
             log.exception("round %d failed", round_id)
             with self._lock:
-                self._busy_s += time.perf_counter() - start
+                self._busy_s += clock.read()[0]
                 self._fail(state, f"{type(exc).__name__}: {exc}")
             return
         self._deliver(state, answer, busy_s)
 
     @staticmethod
-    def _answer(state: _Round, selection: Selection, grad_error, select_s: float, start: float,
-                cpu_start: float) -> tuple[dict, float]:
+    def _answer(state: _Round, selection: Selection, grad_error, select_s: float,
+                clock: RoundClock) -> tuple[dict, float]:
         """The round's validated answer (after the configured delay and fault) and the seconds it took.
 
-        ``start`` is the round thread's ``perf_counter`` at its start, ``cpu_start`` its ``thread_time``: the
-        message carries both the wall seconds and the CPU seconds of the round's thread (its work, without
-        the time it waited for a core)."""
+        ``clock`` was started by the round's thread: the message carries the wall seconds, the CPU seconds of
+        that thread (its work, without the time it waited for a core) and how often it was preempted."""
         config = state.config
-        cpu_s = time.thread_time() - cpu_start
+        _, cpu_s, preempted = clock.read()
         if config.delay_s:
             time.sleep(config.delay_s)
-        busy_s = time.perf_counter() - start
-        answer = _message(config.strategy, state.request, selection, grad_error, select_s, busy_s, cpu_s)
+        busy_s = clock.read()[0]
+        answer = _message(config.strategy, state.request, selection, grad_error, select_s, busy_s, cpu_s, preempted)
         return _inject_fault(config.fault, answer, state.request), busy_s
 
     def _deliver(self, state: _Round, answer: dict, busy_s: float) -> None:
@@ -404,7 +428,7 @@ def _round_of(payload) -> int | None:
 
 
 def _message(strategy: str, request: RoundRequest, selection: Selection, grad_error: float | None,
-             select_s: float, busy_s: float, cpu_s: float | None = None) -> dict:
+             select_s: float, busy_s: float, cpu_s: float | None = None, preempted: int | None = None) -> dict:
     message = SubsetMessage.model_validate(
         {
             "round_id": request.round_id,
@@ -418,6 +442,7 @@ def _message(strategy: str, request: RoundRequest, selection: Selection, grad_er
             "select_s": select_s,
             "busy_s": busy_s,
             "cpu_s": cpu_s,
+            "preempted": preempted,
         },
         context={"request": request},
     )

@@ -48,7 +48,7 @@ from protocol.messages import GradientChunk, RoundRequest, ValidationSet
 from service import craig
 from service.omp import omp_gram
 from service.selector import (
-    CHUNK_GRACE_S, REQUEST_GRACE_S, SelectorService, _Round,
+    CHUNK_GRACE_S, REQUEST_GRACE_S, RoundClock, SelectorService, _Round,
 )
 from service.strategies import (
     GroundSet, Selection, _omp, class_budgets, class_rows, class_target, flat_gradient, pad_selection, round_rng,
@@ -1155,7 +1155,7 @@ class ShardedSelector(SelectorService):
         return lambda: self._deadlines.get(round_id, started + DEFAULT_WAIT_S)
 
     def _run(self, round_id: int, state: _Round) -> None:
-        start, cpu_start = time.perf_counter(), time.thread_time()
+        clock = RoundClock()
         job = None
         try:
             with self._lock:
@@ -1174,12 +1174,12 @@ class ShardedSelector(SelectorService):
             selection = select_sharded(config, job, self.calls)
             select_s = time.perf_counter() - select_start
             grad_error = sharded_gradient_error(job, self.calls, selection)
-            answer, busy_s = self._answer(state, selection, grad_error, select_s, start, cpu_start)
+            answer, busy_s = self._answer(state, selection, grad_error, select_s, clock)
         except Exception as exc:  # the trainer is told, the service stays up
             reason = exc.reason if isinstance(exc, RoundFailed) else f"{type(exc).__name__}: {exc}"
             log.warning("round %d failed: %s", round_id, reason)
             with self._lock:
-                self._busy_s += time.perf_counter() - start
+                self._busy_s += clock.read()[0]
                 self._fail(state, reason)
             return
         finally:

@@ -1,6 +1,9 @@
 """The selector service without Ray: streaming, background work, supersession, faults."""
 
+import multiprocessing
+import os
 import pickle
+import sys
 import threading
 import time
 
@@ -10,7 +13,7 @@ from pydantic import ValidationError
 
 from protocol.errors import RoundFailed
 from protocol.messages import RoundRequest, SubsetMessage
-from service.selector import SelectorService
+from service.selector import RoundClock, SelectorService
 from service.strategies import GroundSet, subset_gradient_error
 
 RNG = np.random.default_rng(0)
@@ -52,6 +55,40 @@ def test_answers_carry_the_cpu_time_of_the_round_apart_from_its_waits():
     # the delay is a sleep: it is in the wall seconds, not in the CPU seconds of the round's thread
     assert answer["busy_s"] >= 0.3 and 0 < answer["cpu_s"] < 0.3
     assert answer["cpu_s"] <= answer["busy_s"] - 0.3 + 0.01
+    # a sleep gives the core up: that is not a preemption
+    assert answer["preempted"] is None or 0 <= answer["preempted"] <= 10
+
+
+def _spin(seconds):
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread preemption counts are Linux's")
+def test_the_round_clock_counts_the_preemptions_of_a_thread_sharing_its_core():
+    """A thread spinning on a core that another process also spins on is taken off it again and again: the clock
+    counts those preemptions and leaves the time the thread waited out of its CPU seconds."""
+    core = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    rival = multiprocessing.get_context("spawn").Process(target=_spin, args=(3.0,), daemon=True)
+    rival.start()
+    try:
+        os.sched_setaffinity(rival.pid, {core})
+        os.sched_setaffinity(0, {core})  # this thread, on the rival's core
+        time.sleep(0.3)  # the rival is up and spinning
+        clock = RoundClock()
+        _spin(0.4)
+        wall_s, cpu_s, preempted = clock.read()
+    finally:
+        os.sched_setaffinity(0, before)
+        rival.terminate()
+        rival.join(timeout=10)
+    assert preempted >= 5, (wall_s, cpu_s, preempted)
+    assert cpu_s < 0.8 * wall_s  # half the core's time went to the rival
+    alone = RoundClock()
+    _spin(0.05)
+    assert alone.read()[1] > 0.03
 
 
 def test_plan_declares_needs():

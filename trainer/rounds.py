@@ -510,6 +510,7 @@ class RoundClient:
         self._record(
             pending, "adopted", adopted_epoch=epoch, staleness=epoch - pending.trigger_epoch,
             selector_s=message.busy_s, select_s=message.select_s, selector_cpu_s=message.cpu_s,
+            selector_preempted=message.preempted,
             grad_error=message.grad_error,
             target=message.target, subset_size=self.subset.n_examples, n_padded=message.n_padded, **workers,
         )
