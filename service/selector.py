@@ -11,7 +11,6 @@ fails validation here is not raised back to it: the rejection fails its round, a
 from __future__ import annotations
 
 import logging
-import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,11 @@ from protocol.config import SelectorConfig
 from protocol.errors import RoundFailed, one_line
 from protocol.messages import GradientChunk, RoundRequest, SubsetMessage, ValidationSet
 from service.strategies import GroundSet, Selection, implementation, subset_gradient_error
+
+try:
+    import resource  # POSIX only
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 log = logging.getLogger(__name__)
 REQUEST_GRACE_S = 10.0  # a round's request arrives right after the trainer asks for its result
@@ -80,8 +84,8 @@ class _GroundBuffer:
 def _preemptions() -> int | None:
     """Involuntary context switches of the calling thread so far (Linux), else None."""
     try:
-        return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
-    except (AttributeError, OSError):
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw  # RUSAGE_THREAD: Linux
+    except (AttributeError, OSError):  # no resource module, or no per-thread usage
         return None
 
 
