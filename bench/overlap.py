@@ -38,6 +38,7 @@ import scipy.stats  # noqa: E402
 
 from protocol.config import RunConfig  # noqa: E402
 from trainer.launch import connect_ray, execute  # noqa: E402
+from trainer.rounds import RoundStats, overlap  # noqa: E402
 
 MODES = {
     "full": {"selector": {"strategy": "full"}},
@@ -128,6 +129,10 @@ def mean(runs: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in runs) if runs else float("nan")
 
 
+def nan_if_none(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
 def lead_arg(value: str):
     return value if value == "auto" else int(value)
 
@@ -155,7 +160,7 @@ def report(results: dict[str, list[dict]], budget: float, pool: float) -> tuple[
     figures = {
         "overhead_async": wall["gm_async"] / wall["random"],
         "overhead_sync": wall["gm_sync"] / wall["random"],
-        "overlap": 1 - stall / (busy + workers) if busy + workers > 0 else float("nan"),
+        "overlap": nan_if_none(overlap(RoundStats(stall_s=stall, selector_busy_s=busy, workers_busy_s=workers))),
         "speedup_vs_full": wall["full"] / wall["gm_async"] if results["full"] else float("nan"),
         "acc_async": statistics.fmean(acc_async),
         "acc_sync": statistics.fmean(acc_sync),

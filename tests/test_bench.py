@@ -47,3 +47,23 @@ def test_paired_ratio_is_the_geometric_mean_of_the_seed_ratios_with_its_interval
     assert centre == pytest.approx(math.exp((math.log(1.1) + math.log(1.2)) / 3))
     assert low < centre < high
     assert math.isnan(overlap.paired_ratio(runs_async[:1], runs_random[:1])[1])  # no interval from one seed
+
+
+def test_report_gives_the_last_line_with_the_run_summaries_overlap():
+    overlap = load("overlap")
+
+    def runs(walls, accs, stall=0.0, busy=0.0, workers=0.0, cost=0.0):
+        return [{"wall_s": w, "acc": a, "stall_s": stall, "selector_busy_s": busy, "workers_busy_s": workers,
+                 "summary_s": 0.0, "inrun_cost_s": cost} for w, a in zip(walls, accs)]
+
+    results = {"full": [], "random": runs([10.0, 10.0], [90.0, 92.0]),
+               "gm_sync": runs([12.0, 12.0], [91.0, 93.0], stall=1.0, busy=0.5, workers=0.5),
+               "gm_async": runs([10.5, 10.5], [91.0, 92.0], stall=0.25, busy=0.5, workers=0.5, cost=0.5)}
+    table, last = overlap.report(results, 0.1, 1.0)
+    fields = dict(item.split("=") for item in last.split())
+    assert fields["budget"] == "0.1" and fields["overhead_async"] == "1.050" and fields["overhead_sync"] == "1.200"
+    assert fields["overlap"] == "0.750"  # 1 - 0.25 / (0.5 selector + 0.5 workers)
+    assert fields["overhead_async_paired"] == "1.050" and fields["overhead_async_inrun"] == "1.050"  # 10.5 / 10
+    assert "PASS PASS" in table
+    results["gm_async"] = runs([10.5, 10.5], [91.0, 92.0], stall=1.0, busy=0.5, workers=0.5)
+    assert "overlap=0.000" in overlap.report(results, 0.1, 1.0)[1]  # a stall as long as the work: 0, not missing
