@@ -1,5 +1,5 @@
 """Generated ``SubsetMessage`` and ``GradientChunk`` payloads against an oracle written here from the rules of the
-round (DESIGN.md §3), not from ``protocol/``: no invalid payload is accepted, every valid one is, and every
+round (docs/design.md §3), not from ``protocol/``: no invalid payload is accepted, every valid one is, and every
 rejection is a ``ValidationError`` that names only fields the oracle finds at fault.
 
 Each case starts from a valid payload for a generated ``RoundRequest`` and applies up to three mutations (wrong

@@ -1,4 +1,4 @@
-"""Energy metering through pyJoules (DESIGN.md §5): RAPL package and dram counters of every socket, NVML counters
+"""Energy metering through pyJoules (docs/design.md §5): RAPL package and dram counters of every socket, NVML counters
 of every NVIDIA GPU. Counters are read at each start/stop/phase boundary and every ``poll_s`` seconds in between;
 a step backwards is a wrap-around, corrected with the domain's ``max_energy_range_uj`` (a package counter wraps
 after about 262 kJ, every 20-60 minutes under load). No method raises because of pyJoules, NVML or sysfs: a reading

@@ -1,6 +1,6 @@
 """Classifier networks by name, and a way to find any classifier's last linear layer.
 
-The selection algorithms work on last-layer gradients (DESIGN.md §4), so every model here ends in an
+The selection algorithms work on last-layer gradients (docs/design.md §4), so every model here ends in an
 ``nn.Linear`` that :func:`last_linear` finds; it also works for torchvision classifiers built elsewhere.
 """
 

@@ -1,4 +1,4 @@
-"""Last-layer gradient summaries, computed without autograd (DESIGN.md §4).
+"""Last-layer gradient summaries, computed without autograd (docs/design.md §4).
 
 For cross-entropy on logits ``z = W h + b`` the gradient of one example's loss is
 ``g_b = softmax(z) - onehot(y)`` for the bias and ``g_b ⊗ h`` for ``W``. A row of a summary is laid out
