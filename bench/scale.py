@@ -20,7 +20,8 @@ included; the chunks are already in the object store); ``peak_mb``, the largest 
 above its size before the round (the single selector's, for it); ``moved_mb``, the bytes of arrays that
 crossed between the coordinator and its shards (the chunks' way in is the same for every S and not counted);
 whether the answer is identical to the single selector's (same indices, weights within 1e-6 relative,
-grad_error within 1e-6).
+``grad_error``, ``grad_error_rel`` and ``grad_error_trained`` within 1e-6, relative to the value when it is
+above 1: ``grad_error`` is absolute).
 
 Claim, on the last line: ``identical=true``, and the peak memory per shard at S = 4 at most 0.35x that at
 S = 1. Each shard computes with one BLAS thread; on a 2-core machine S = 4 shares two cores, so the time
@@ -168,11 +169,21 @@ def _sharded(ray, strategy: str, n_shards: int, chunks: list, n_ground: int, n_s
         release(selector)
 
 
+GRAD_ERRORS = ("grad_error", "grad_error_rel", "grad_error_trained")
+
+
 def identical(reference: dict, other: dict) -> bool:
     if not np.array_equal(reference["indices"], other["indices"]):
         return False
     close = np.allclose(other["weights"], reference["weights"], rtol=1e-6, atol=0)
-    return bool(close and abs(other["grad_error"] - reference["grad_error"]) <= 1e-6)
+    return bool(close and all(_near(other.get(key), reference.get(key)) for key in GRAD_ERRORS))
+
+
+def _near(value: float | None, reference: float | None) -> bool:
+    """Both missing, or within 1e-6 (relative to the reference when it is above 1)."""
+    if value is None or reference is None:
+        return value is reference
+    return abs(value - reference) <= 1e-6 * max(1.0, abs(reference))
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -238,7 +249,8 @@ def _print(strategy: str, name: str, run: dict, single: dict | None) -> None:
     same = "" if single is None else f"  identical {str(run['identical']).lower()}"
     nodes = f" on {run['nodes']} nodes" if "nodes" in run else ""
     print(f"{strategy:13s} {name:7s}{nodes:12s} round_s {run['round_s']:7.2f}  select_s {answer['select_s']:7.2f}  "
-          f"peak_mb {run['peak_mb']:8.1f}  moved_mb {run['moved_mb']:8.1f}  grad_error {answer['grad_error']:.6f}"
+          f"peak_mb {run['peak_mb']:8.1f}  moved_mb {run['moved_mb']:8.1f}  grad_error {answer['grad_error']:.6f} "
+          f"(rel {answer['grad_error_rel']:.6f}, as trained {answer['grad_error_trained']:.6f})"
           f"{same}", flush=True)
     if "shard_s" in run:  # where the coordinator waited on its shards
         print(" " * 22 + "waits: " + ", ".join(f"{k} {v:.2f} s" for k, v in run["shard_s"].items()), flush=True)

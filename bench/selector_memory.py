@@ -49,11 +49,11 @@ SHAPES = {
 }
 PHASES = {  # module, function name, phase label
     (selector_module, "_assemble"): "assemble chunks",
-    (selector_module, "subset_gradient_error"): "full-gradient error",
+    (selector_module, "gradient_errors"): "gradient errors",
     (strategies_module, "train_target"): "target",
     (strategies_module, "class_rows"): "class rows",
     (strategies_module, "_omp"): "OMP",
-    (strategies_module, "matching_error"): "matching error",
+    (strategies_module, "residual_sq"): "matching error",
 }
 
 
@@ -65,7 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 class PhaseLog:
-    """tracemalloc peak of each wrapped phase (phases do not nest) above what was allocated when it started.
+    """tracemalloc peak of each wrapped phase above what was allocated when it started; a wrapped function called
+    inside another's phase counts in that phase.
 
     Each phase resets tracemalloc's peak, so the overall peak is folded together here: the peak before each
     phase, during it, and (read by the caller) after the last one.
@@ -75,6 +76,7 @@ class PhaseLog:
         self.rows: dict[str, list] = {}  # label -> [calls, held at start (max), extra peak (max)]
         self.overall = 0
         self._originals: dict = {}
+        self._inside = False
 
     @contextmanager
     def phase(self, label: str):
@@ -94,8 +96,14 @@ class PhaseLog:
         function = self._originals[module, name] = getattr(module, name)
 
         def wrapped(*args, **kwargs):
-            with self.phase(label):
+            if self._inside:
                 return function(*args, **kwargs)
+            self._inside = True
+            try:
+                with self.phase(label):
+                    return function(*args, **kwargs)
+            finally:
+                self._inside = False
 
         setattr(module, name, wrapped)
 

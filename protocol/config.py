@@ -116,7 +116,7 @@ class TrainConfig(Strict):
 
 
 class ScheduleConfig(Strict):
-    """When rounds happen and how the trainer treats their answers (DESIGN.md §3)."""
+    """When rounds happen and how the trainer treats their answers (docs/design.md §3)."""
 
     budget: float = Field(0.1, gt=0, le=1, description="subset size as a share of the training set")
     kappa: float = Field(
@@ -128,7 +128,13 @@ class ScheduleConfig(Strict):
         "measured round and epoch times allow)"
     )
     on_late: Literal["continue", "wait"] = Field(
-        "continue", description="at a boundary whose subset is not ready: keep training or wait"
+        "wait", description="at a boundary whose subset is not ready: wait for it (reproducible: the same seed "
+        "gives the same subsets and accuracy) or keep training on the current one (continue: no stall, but "
+        "the epoch of adoption depends on timing)"
+    )
+    divergence_guard: bool = Field(
+        True, description="fall back to the previous subset when an adopted subset makes the training loss "
+        "exceed max(10 x the loss before adoption, ln(C) / 4) for two epochs in a row (off: for ablations)"
     )
     round_timeout_s: float = Field(600.0, gt=0, description="a round not answered by then is failed")
     on_selector_loss: Literal["fail", "continue"] = Field(
@@ -224,11 +230,19 @@ class FullEarlyStopSelector(SelectorBase):
 
 
 class RandomSelector(SelectorBase):
-    strategy: Literal["random"] = Field("random", description="RANDOM: a seeded uniform subset each round")
+    strategy: Literal["random"] = Field(
+        "random", description="RANDOM: one seeded uniform subset, fixed for the whole run"
+    )
+
+
+class RandomOnlineSelector(SelectorBase):
+    strategy: Literal["random-online"] = Field(
+        "random-online", description="RANDOM-ONLINE: a seeded uniform subset re-drawn every epoch"
+    )
 
 
 class OMPOptions(SelectorBase):
-    lam: float = Field(0.5, ge=0, description="ridge regularisation lambda of OMP")
+    lam: float = Field(0.5, ge=0, description="ridge regularisation lambda of OMP (per-class GRAD-MATCH: 0.5)")
     eps: float = Field(1e-10, ge=0, description="OMP stops when the regularised error is below eps")
     positive: bool = Field(True, description="non-negative weights")
     valid: bool = Field(False, description="match the validation gradient instead of the training one")
@@ -243,6 +257,8 @@ class OMPOptions(SelectorBase):
 
 class GradMatchPBSelector(OMPOptions):
     strategy: Literal["gradmatch-pb"] = Field("gradmatch-pb", description="selection strategy")
+    lam: float = Field(0.0, ge=0, description="ridge regularisation lambda of OMP (0 for PB, as the reference "
+                       "implementation: after a warm start the target is small and lambda would shrink the weights)")
 
 
 class GradMatchSelector(OMPOptions):
@@ -272,6 +288,7 @@ SELECTOR_TABLE: dict[type[SelectorBase], tuple[str, bool]] = {
     FullSelector: ("FULL", False),
     FullEarlyStopSelector: ("FULL-EARLYSTOP", False),
     RandomSelector: ("RANDOM", True),
+    RandomOnlineSelector: ("RANDOM-ONLINE", True),
     GradMatchPBSelector: ("GRAD-MATCH-PB", True),
     GradMatchSelector: ("GRAD-MATCH", True),
     CraigSelector: ("CRAIG", True),
@@ -291,6 +308,10 @@ STRATEGIES = tuple(strategy_name(selector) for selector in SELECTOR_TABLE)
 ROUND_STRATEGIES = tuple(strategy_name(selector) for selector, (_, rounds) in SELECTOR_TABLE.items() if rounds)
 PAPER_NAMES = {strategy_name(selector): paper for selector, (paper, _) in SELECTOR_TABLE.items()}
 FULL, FULL_EARLYSTOP = strategy_name(FullSelector), strategy_name(FullEarlyStopSelector)
+RANDOM, RANDOM_ONLINE = strategy_name(RandomSelector), strategy_name(RandomOnlineSelector)
+# seed stream of RANDOM's fixed subset and of a cold start's initial random subset (apart from every round's):
+# the trainer and the selector draw the same subset from ``numpy.random.default_rng([seed, RANDOM_STREAM])``
+RANDOM_STREAM = 2**31
 PB_STRATEGIES = (strategy_name(GradMatchPBSelector), strategy_name(CraigPBSelector))  # ground set: mini-batches
 
 
@@ -303,9 +324,10 @@ class StrategyChange(Strict):
     @field_validator("selector")
     @classmethod
     def _has_rounds(cls, selector):
-        if selector.strategy not in ROUND_STRATEGIES:
+        if selector.strategy not in ROUND_STRATEGIES or selector.strategy == RANDOM_ONLINE:
             raise ValueError(
-                f"strategy == {selector.strategy!r} cannot be scheduled; must be one of {', '.join(ROUND_STRATEGIES)}"
+                f"strategy == {selector.strategy!r} cannot be scheduled; must be one of "
+                f"{', '.join(s for s in ROUND_STRATEGIES if s != RANDOM_ONLINE)}"
             )
         return selector
 

@@ -1,4 +1,4 @@
-"""Messages that cross the trainer/selector boundary (DESIGN.md §3).
+"""Messages that cross the trainer/selector boundary (docs/design.md §3).
 
 Every message is validated where it is received: the selector validates requests and chunks, the
 trainer validates each ``SubsetMessage`` against the round it asked for, passing the request as
@@ -39,6 +39,9 @@ class StrategyPlan(Strict):
         False, description="the summaries only measure grad_error (RANDOM): their time is left out of wall_s"
     )
     time_budget_s: float | None = Field(None, description="stop training after this much wall time")
+    online: bool = Field(
+        False, description="no rounds: the trainer draws a seeded random subset every subset epoch (RANDOM-ONLINE)"
+    )
 
 
 class RoundRequest(ArrayMessage):
@@ -168,7 +171,14 @@ class SubsetMessage(ArrayMessage):
     strategy: str
     indices: Int64Vector
     weights: Float64Vector
-    grad_error: float | None = Field(None, ge=0, description="||sum w_i g_i - target|| / ||target||")
+    grad_error: float | None = Field(
+        None, ge=0, description="paper Eq. 1 with the raw weights: ||sum_S w_i g_i - target|| over the gradient the "
+        "strategy matched (docs/metrics.md)"
+    )
+    grad_error_rel: float | None = Field(None, ge=0, description="grad_error / ||target||")
+    grad_error_trained: float | None = Field(
+        None, ge=0, description="the subset as trained against the full training gradient, relative"
+    )
     n_padded: int = Field(0, ge=0, description="elements added at random because the solver stopped early")
     target: Literal["train", "val"] | None = Field(None, description="the gradient that was matched")
     select_s: float = Field(ge=0, description="seconds the strategy computed")

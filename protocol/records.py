@@ -48,7 +48,11 @@ class RoundRecord(Strict):
     selector_preempted: int | None = Field(
         None, description="times the selector's round thread was preempted for another runnable thread (Linux)"
     )
-    grad_error: float | None = None
+    grad_error: float | None = Field(None, description="paper Eq. 1, absolute, with the raw weights (docs/metrics.md)")
+    grad_error_rel: float | None = Field(None, description="grad_error relative to the norm of the target matched")
+    grad_error_trained: float | None = Field(
+        None, description="relative error of the subset as trained against the full training gradient"
+    )
     target: str | None = Field(None, description="the gradient that was matched: train or val")
     subset_size: int | None = Field(None, description="examples in the adopted subset")
     n_ground: int | None = Field(None, description="elements the round chose from: the ground set or its --pool")
@@ -80,10 +84,20 @@ class RunSummary(Strict):
     rounds: int = Field(description="rounds adopted")
     rounds_rejected: int = Field(description="rounds rejected, failed or timed out")
     rounds_skipped: int = Field(0, description="rounds not started because their boundary had passed")
+    rounds_harmful: int = Field(0, description="adopted rounds the divergence guard undid (the training loss rose "
+                                "above its bound for two epochs; the previous subset came back)")
+    harmful: list[dict] = Field(default_factory=list, description="each undone round: round, epoch, loss_before, "
+                                "loss, bound, fallback_round")
     late_adoptions: int = Field(0, description="adopted rounds adopted after their due epoch")
     staleness: float | None = Field(None, description="mean epochs between snapshot and adoption, adopted rounds")
     selector_lost: str | None = Field(None, description="why selection stopped for good, if it did")
-    grad_error: float | None = Field(None, description="mean gradient error (paper Table 8) over adopted rounds")
+    grad_error: float | None = Field(
+        None, description="mean gradient error, paper Eq. 1 absolute (Table 8), over adopted rounds"
+    )
+    grad_error_rel: float | None = Field(None, description="mean relative gradient error over adopted rounds")
+    grad_error_trained: float | None = Field(
+        None, description="mean relative gradient error of the subsets as trained, over adopted rounds"
+    )
     redundant: float | None = Field(
         None, description="share of training examples never trained on in the whole run (paper Table 9)"
     )

@@ -22,7 +22,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from protocol.config import SelectorConfig
 from protocol.errors import RoundFailed, one_line
 from protocol.messages import GradientChunk, RoundRequest, SubsetMessage, ValidationSet
-from service.strategies import GroundSet, Selection, implementation, subset_gradient_error
+from service.strategies import GradientErrors, GroundSet, Selection, gradient_errors, implementation
 
 try:
     import resource  # POSIX only
@@ -376,10 +376,9 @@ class SelectorService:
             config = state.config
             selection = state.strategy.select(config, state.request, ground, self.device)
             select_s = time.perf_counter() - select_start
-            grad_error = subset_gradient_error(ground, state.request.sizes, selection.indices, selection.weights)
-            log.debug("round %d: grad_error %s, the strategy's own matching error %s",
-                      round_id, grad_error, selection.match_error)
-            answer, busy_s = self._answer(state, selection, grad_error, select_s, clock)
+            errors = gradient_errors(config, ground, state.request.sizes, selection.indices, selection.weights)
+            log.debug("round %d: %s, the strategy's own matching error %s", round_id, errors, selection.match_error)
+            answer, busy_s = self._answer(state, selection, errors, select_s, clock)
         except Exception as exc:  # the trainer is told, the service stays up
             log.exception("round %d failed", round_id)
             with self._lock:
@@ -389,7 +388,7 @@ class SelectorService:
         self._deliver(state, answer, busy_s)
 
     @staticmethod
-    def _answer(state: _Round, selection: Selection, grad_error, select_s: float,
+    def _answer(state: _Round, selection: Selection, errors: GradientErrors, select_s: float,
                 clock: RoundClock) -> tuple[dict, float]:
         """The round's validated answer (after the configured delay and fault) and the seconds it took.
 
@@ -400,7 +399,7 @@ class SelectorService:
         if config.delay_s:
             time.sleep(config.delay_s)
         busy_s = clock.read()[0]
-        answer = _message(config.strategy, state.request, selection, grad_error, select_s, busy_s, cpu_s, preempted)
+        answer = _message(config.strategy, state.request, selection, errors, select_s, busy_s, cpu_s, preempted)
         return _inject_fault(config.fault, answer, state.request), busy_s
 
     def _deliver(self, state: _Round, answer: dict, busy_s: float) -> None:
@@ -431,7 +430,7 @@ def _round_of(payload) -> int | None:
         return None
 
 
-def _message(strategy: str, request: RoundRequest, selection: Selection, grad_error: float | None,
+def _message(strategy: str, request: RoundRequest, selection: Selection, errors: GradientErrors,
              select_s: float, busy_s: float, cpu_s: float | None = None, preempted: int | None = None) -> dict:
     message = SubsetMessage.model_validate(
         {
@@ -440,7 +439,7 @@ def _message(strategy: str, request: RoundRequest, selection: Selection, grad_er
             "strategy": strategy,
             "indices": selection.indices,
             "weights": selection.weights,
-            "grad_error": grad_error,
+            **errors.fields(),
             "n_padded": selection.n_padded,
             "target": selection.target,
             "select_s": select_s,

@@ -12,7 +12,9 @@ columns (bias column c and weight block c), so the work divides by class without
   GRAD-MATCH-PB's weights are then re-solved exactly on the support from float64 partial products.
 - RANDOM needs no summaries to choose (the coordinator draws it); GLISTER's greedy couples all classes
   through the look-ahead step, so its whole ground set goes to shard 0.
-- ``grad_error`` (docs/metrics.md) is summed from per-shard partial sums for every strategy.
+- ``grad_error``, ``grad_error_rel`` and ``grad_error_trained`` (docs/metrics.md) are summed from per-shard
+  partial sums for every strategy; per-class GRAD-MATCH's Eq. 1 from per-class residuals each shard computes
+  for its classes' final (padded) picks.
 
 Routing: a chunk from the trainer arrives at the coordinator, is split by shard and each part is sent to its
 shard at once (Ray stores it in the object store); the coordinator keeps only the ids and labels. The class
@@ -28,7 +30,6 @@ load only: any map gives the same subset. See docs/scaling.md.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 import time
@@ -51,8 +52,9 @@ from service.selector import (
     CHUNK_GRACE_S, REQUEST_GRACE_S, RoundClock, SelectorService, _Round,
 )
 from service.strategies import (
-    GroundSet, Selection, _omp, class_budgets, class_rows, class_target, flat_gradient, pad_selection, round_rng,
-    select_glister, select_random, train_target, validation_target, weighted_row_sum,
+    GradientErrors, GroundSet, Selection, _omp, batch_error_sums, class_budgets, class_error_sums, class_picks,
+    class_rows, class_target, flat_error_sums, flat_gradient, matched_in_class_columns, pad_selection, round_rng,
+    select_glister, select_random, train_target, validation_target,
 )
 
 log = logging.getLogger(__name__)
@@ -372,6 +374,7 @@ class _ShardGround:
     features: np.ndarray | None = None  # (n_s, D) float32
     rows: np.ndarray | None = None  # (n_batches, cols_s) float32, always in id order
     goal: np.ndarray | None = None  # GRAD-MATCH-PB: its part of the target, in the rows' dtype
+    _by_class: tuple | None = field(default=None, repr=False)  # storage rows by class and where each class starts
 
     def stored(self, ids: np.ndarray | None = None) -> np.ndarray:
         """Storage rows of ``ids`` (all ids when None), in the order given."""
@@ -380,6 +383,15 @@ class _ShardGround:
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.ids, self.labels, self.errors, self.features, self.rows) if a is not None)
+
+    def members(self, c: int) -> np.ndarray:
+        """Storage rows of class ``c``'s examples, in ground id order."""
+        if self._by_class is None:
+            stored = self.stored()  # storage rows in id order
+            by_class = stored[np.argsort(self.labels[stored], kind="stable")]  # by class, ids ascending within
+            self._by_class = by_class, np.searchsorted(self.labels[by_class], np.arange(self.errors.shape[1] + 1))
+        by_class, starts = self._by_class
+        return by_class[starts[c]:starts[c + 1]]
 
 
 class _Fill:
@@ -489,12 +501,9 @@ class ShardService:
         their weights, before any padding.
         """
         ground = self._ground(round_id)
-        stored = ground.stored()  # storage rows in id order
-        by_class = stored[np.argsort(ground.labels[stored], kind="stable")]  # by class, ids ascending within
-        starts = np.searchsorted(ground.labels[by_class], np.arange(ground.errors.shape[1] + 1))
         answers = {}
         for c, k_c in budgets.items():
-            members = by_class[starts[c]:starts[c + 1]]
+            members = ground.members(c)
             if isinstance(config, CraigSelector):
                 gram = craig.gradient_gram(ground.errors[members], ground.features[members])
                 answers[c] = craig.select_craig(gram, int(k_c))
@@ -542,30 +551,43 @@ class ShardService:
         return rows @ rows.T, rows @ ground.goal.astype(np.float64)
 
     # grad_error --------------------------------------------------------------------------------
-    def error_sums(self, round_id: int, indices: np.ndarray, weights: np.ndarray, sizes: np.ndarray | None) -> dict:
-        """Partial sums of ``grad_error`` (docs/metrics.md) over this shard's data, and its memory figures.
+    def error_sums(self, round_id: int, indices: np.ndarray, weights: np.ndarray, sizes: np.ndarray | None,
+                   target: np.ndarray | None = None) -> dict:
+        """Partial sums of the gradient errors (docs/metrics.md) over this shard's data, and its memory figures.
 
-        Examples: ``indices`` are ground ids held here and ``weights`` their rescaled weights; returns the
-        flat full gradient and subset gradient of these examples (``C + C*D``,). Mini-batches: ``indices`` and
-        ``weights`` are the whole subset; returns the squared norms of (subset - full) and of full over
-        this shard's columns.
+        Examples: ``indices`` are ground ids held here and ``weights`` their raw weights; returns ``full`` and
+        ``subset``, ``service.strategies.example_sums`` of these examples ((C + C*D,) each). Mini-batches:
+        ``indices`` and ``weights`` are the whole subset and ``target`` this shard's columns of Eq. 1's target
+        (None: the training gradient); returns ``service.strategies.batch_error_sums`` over this shard's columns.
         """
         ground = self._ground(round_id)
         if ground.rows is not None:
-            counts = np.ones(len(ground.rows)) if sizes is None else np.asarray(sizes, dtype=np.float64)
-            full = weighted_row_sum(ground.rows, counts)
-            chosen = weights * counts[indices]
-            subset = counts.sum() * weighted_row_sum(ground.rows[indices], chosen) / chosen.sum()
-            sums = {"diff_sq": float((subset - full) @ (subset - full)), "full_sq": float(full @ full)}
+            sums = batch_error_sums(ground.rows, sizes, indices, weights, target)
         else:
             local = ground.stored(indices)
-            scaled = ground.errors[local].astype(np.float64) * np.asarray(weights)[:, None]
+            scaled = ground.errors[local].astype(np.float64) * np.asarray(weights, dtype=np.float64)[:, None]
             sums = {"full": _blocked_flat_gradient(ground.errors, ground.features),
                     "subset": flat_gradient(scaled, ground.features[local])}
         peak = _status_kib("VmHWM")
         sums["peak_bytes"] = None if peak is None or self._base_kib is None else (peak - self._base_kib) * 1024
         sums["held_bytes"] = ground.nbytes()
         return sums
+
+    def class_errors(self, round_id: int, picks: dict, validation: ValidationSet | None) -> dict:
+        """Per-class GRAD-MATCH's Eq. 1 for classes held here (``service.strategies.class_error_sums``).
+
+        ``picks`` is ``{c: (local, weights)}``: the final (padded) picks of class c as positions among its
+        examples in ground id order, and their raw weights (empty for a class with none chosen).
+        ``validation`` holds this shard's classes' validation examples, or None to match training gradients.
+        Returns ``{c: (residual^2, ||target||^2)}``.
+        """
+        ground = self._ground(round_id)
+        answers = {}
+        for c, (local, weights) in picks.items():
+            members = ground.members(c)
+            answers[c] = class_error_sums(ground.errors[members], ground.features[members], int(c), local,
+                                          np.asarray(weights, dtype=np.float64), validation)
+        return answers
 
     def _ground(self, round_id: int) -> _ShardGround:
         with self._lock:
@@ -924,30 +946,63 @@ def ridge_weights(gram: np.ndarray, correlation: np.ndarray, lam: float, positiv
     return w
 
 
-def sharded_gradient_error(job: ShardedRound, calls: ShardCalls, selection: Selection) -> float | None:
-    """``service.strategies.subset_gradient_error`` from the shards' partial sums (docs/metrics.md); the shards
-    report their memory figures with them (``job.stats``)."""
+def sharded_gradient_errors(config, job: ShardedRound, calls: ShardCalls, selection: Selection) -> GradientErrors:
+    """``service.strategies.gradient_errors`` from the shards' partial sums (docs/metrics.md); the shards report
+    their memory figures with them (``job.stats``)."""
     weights = np.asarray(selection.weights, dtype=np.float64)
-    if job.routes is None or weights.size == 0 or not np.isfinite(weights.sum()) or weights.sum() <= 0:
-        return None
-    indices, sizes = np.asarray(selection.indices, dtype=np.int64), job.request.sizes
+    if job.routes is None or weights.size == 0 or not np.isfinite(weights).all():
+        return GradientErrors()
+    indices = np.asarray(selection.indices, dtype=np.int64)
     if job.routes.kind == "batch":
-        args = {i: (job.round_id, indices, weights, sizes) for i in range(job.routes.n_shards)}
-    else:
-        scaled = len(job.labels) * weights / weights.sum()
-        shard_of = job.routes.owner[job.labels[indices]]
-        args = {i: (job.round_id, indices[shard_of == i], scaled[shard_of == i]) + (None,)
-                for i in range(job.routes.n_shards) if job.routes.sent[i] > 0}
+        return GradientErrors.from_sums(**_batch_error_sums(config, job, calls, indices, weights))
+    sums = _example_error_sums(job, calls, indices, weights)
+    if matched_in_class_columns(config):
+        sums.update(_class_error_sums(config, job, calls, indices, weights))
+    return GradientErrors.from_sums(**sums)
+
+
+def _batch_error_sums(config, job: ShardedRound, calls: ShardCalls, indices, weights) -> dict:
+    """``batch_error_sums`` of the whole rows, added up from each shard's columns."""
+    targets = _pb_targets(config, job)  # None (the training gradient) unless GRAD-MATCH-PB matched validation
+    args = {i: (job.round_id, indices, weights, job.request.sizes, targets[i]) for i in range(job.routes.n_shards)}
+    sums = _error_sums(job, calls, args)
+    total = {key: float(sum(sums[i][key] for i in sorted(sums))) for key in ("residual_sq", "target_sq", "full_sq")}
+    trained = [sums[i]["trained_sq"] for i in sorted(sums)]
+    total["trained_sq"] = None if any(t is None for t in trained) else float(sum(trained))
+    return total
+
+
+def _example_error_sums(job: ShardedRound, calls: ShardCalls, indices, weights) -> dict:
+    """``flat_error_sums`` from each shard's ``example_sums`` of the examples it holds."""
+    shard_of = job.routes.owner[job.labels[indices]]
+    args = {i: (job.round_id, indices[shard_of == i], weights[shard_of == i], None)
+            for i in range(job.routes.n_shards) if job.routes.sent[i] > 0}
+    sums = _error_sums(job, calls, args)
+    full = sum(sums[i]["full"] for i in sorted(sums))
+    subset = sum(sums[i]["subset"] for i in sorted(sums))
+    return flat_error_sums(full, subset, len(job.labels), float(weights.sum()))
+
+
+def _class_error_sums(config, job: ShardedRound, calls: ShardCalls, indices, weights) -> dict:
+    """Per-class GRAD-MATCH's Eq. 1 residual and target, squared and summed over the classes in class order."""
+    owner = job.routes.owner
+    asks = {i: {} for i in range(job.routes.n_shards)}
+    for c, pick in class_picks(job.labels, indices, weights).items():
+        asks[int(owner[c])][c] = pick
+    args = {i: (job.round_id, ask, _validation_of(job.validation, owner, i) if config.valid else None)
+            for i, ask in asks.items() if ask}
+    per_class = {c: sums for result in calls.each(job.round_id, "class_errors", args, job.deadline()).values()
+                 for c, sums in result.items()}
+    return {"residual_sq": float(sum(per_class[c][0] for c in sorted(per_class))),
+            "target_sq": float(sum(per_class[c][1] for c in sorted(per_class)))}
+
+
+def _error_sums(job: ShardedRound, calls: ShardCalls, args: dict) -> dict:
+    """The shards' ``error_sums``; their memory figures go to ``job.stats``."""
     sums = calls.each(job.round_id, "error_sums", args, job.deadline())
     job.stats["shard_peak_bytes"] = [sums[i]["peak_bytes"] if i in sums else None for i in range(job.routes.n_shards)]
     job.stats["shard_held_bytes"] = [sums[i]["held_bytes"] if i in sums else 0 for i in range(job.routes.n_shards)]
-    if job.routes.kind == "batch":
-        diff_sq, full_sq = (sum(sums[i][key] for i in sorted(sums)) for key in ("diff_sq", "full_sq"))
-        return float(math.sqrt(diff_sq / full_sq)) if full_sq > 0 else None
-    full = sum(sums[i]["full"] for i in sorted(sums))
-    subset = sum(sums[i]["subset"] for i in sorted(sums))
-    norm = np.linalg.norm(full)
-    return float(np.linalg.norm(subset - full) / norm) if norm > 0 else None
+    return sums
 
 
 # --- the coordinator ------------------------------------------------------------------------------
@@ -1173,8 +1228,8 @@ class ShardedSelector(SelectorService):
             select_start = time.perf_counter()
             selection = select_sharded(config, job, self.calls)
             select_s = time.perf_counter() - select_start
-            grad_error = sharded_gradient_error(job, self.calls, selection)
-            answer, busy_s = self._answer(state, selection, grad_error, select_s, clock)
+            errors = sharded_gradient_errors(config, job, self.calls, selection)
+            answer, busy_s = self._answer(state, selection, errors, select_s, clock)
         except Exception as exc:  # the trainer is told, the service stays up
             reason = exc.reason if isinstance(exc, RoundFailed) else f"{type(exc).__name__}: {exc}"
             log.warning("round %d failed: %s", round_id, reason)

@@ -3,11 +3,11 @@
 A strategy declares what it needs (``StrategyPlan``); given a ``RoundRequest`` and the ground set's
 summaries it returns a ``Selection``: indices into the ground set and their weights. Every strategy that
 selects asks for the summaries of its ground set, even one that does not need them to choose (RANDOM),
-so that ``subset_gradient_error`` (paper Table 8, ``docs/metrics.md``) can score every subset alike.
+so that ``gradient_errors`` (paper Table 8, ``docs/metrics.md``) can score every subset alike.
 
 Scale of targets and weights: a target is the gradient *sum* over the ground set (``n_ground`` times the
 mean example gradient), so weights count how many ground elements each chosen one stands for, as CRAIG's
-cluster sizes do. Training normalises weights by their mean, so only their ratios matter there.
+cluster sizes do. Training normalises weights over each mini-batch, so only their ratios matter there.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from protocol.config import (
-    ROUND_STRATEGIES, CraigPBSelector, CraigSelector, FullEarlyStopSelector, FullSelector, GlisterSelector,
-    GradMatchPBSelector, GradMatchSelector, OMPOptions, RandomSelector, SelectorBase,
+    RANDOM_STREAM, ROUND_STRATEGIES, CraigPBSelector, CraigSelector, FullEarlyStopSelector, FullSelector,
+    GlisterSelector, GradMatchPBSelector, GradMatchSelector, OMPOptions, RandomOnlineSelector, RandomSelector,
+    SelectorBase,
 )
 from protocol.messages import RoundRequest, StrategyPlan, ValidationSet
 from service import craig
@@ -52,7 +53,7 @@ class GroundSet:
 class Selection:
     indices: np.ndarray  # (k,) int64 into the ground set
     weights: np.ndarray  # (k,) float64, >= 0
-    match_error: float | None = None  # the strategy's own objective (GRAD-MATCH's matching error), not Table 8's
+    match_error: float | None = None  # the strategy's own objective, relative (GRAD-MATCH's matching error; logged)
     n_padded: int = 0
     target: str | None = None  # what was matched: "train" or "val"
 
@@ -120,53 +121,14 @@ def class_rows(errors: np.ndarray, features: np.ndarray, c: int) -> np.ndarray:
 
 def matching_error(rows: np.ndarray, target: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> float:
     """``||sum_i w_i rows[i] - target|| / ||target||`` (paper Eq. 1, relative)."""
-    residual = weights @ rows[indices].astype(np.float64) - target
     norm = np.linalg.norm(target)
-    return float(np.linalg.norm(residual) / norm) if norm > 0 else 0.0
+    return float(np.sqrt(residual_sq(rows, target, indices, weights)) / norm) if norm > 0 else 0.0
 
 
-def subset_gradient_error(
-    ground: GroundSet | None, sizes: np.ndarray | None, indices: np.ndarray, weights: np.ndarray
-) -> float | None:
-    """Paper Table 8: how far the subset's gradient, weighted as it is trained, is from the full one.
-
-    ``||sum_{i in S} w^_i g_i - sum_{i in U} g_i|| / ||sum_{i in U} g_i||`` over the full last-layer gradient
-    (all ``C + C*D`` columns) at the round's snapshot, ``U`` every training example. Training divides each
-    weight by the subset's mean example weight, so the weights are rescaled to stand for ``n`` examples:
-    ``w^_i = w_i * n / sum_S w`` for examples; for mini-batches of ``s_b`` examples with mean gradient
-    ``r_b`` each example of a chosen batch gets ``w_b``, so the subset's sum is
-    ``n * sum_S w_b s_b r_b / sum_S w_b s_b``. A subset that trains like the full epoch scores 0.
-
-    Parameters
-    ----------
-    ground : GroundSet or None
-        Example factors (``errors``, ``features``) or mini-batch ``rows``; None or neither: no error.
-    sizes : (n_ground,) int array or None
-        Examples per mini-batch (``RoundRequest.sizes``); None counts every element as one example.
-    indices, weights : (k,) arrays
-        The subset and its weights as sent to the trainer.
-
-    Returns
-    -------
-    float or None
-        The relative error, or None when the summaries are missing or the full gradient is zero.
-    """
-    weights = np.asarray(weights, dtype=np.float64)
-    if ground is None or weights.size == 0 or not np.isfinite(weights.sum()) or weights.sum() <= 0:
-        return None
-    if ground.rows is not None:
-        counts = np.ones(len(ground.rows)) if sizes is None else np.asarray(sizes, dtype=np.float64)
-        full = weighted_row_sum(ground.rows, counts)
-        chosen = weights * counts[indices]
-        subset = counts.sum() * weighted_row_sum(ground.rows[indices], chosen) / chosen.sum()
-    elif ground.errors is not None and ground.features is not None:
-        full = flat_gradient(ground.errors, ground.features)
-        scaled = ground.errors[indices].astype(np.float64) * (len(ground.errors) * weights / weights.sum())[:, None]
-        subset = flat_gradient(scaled, ground.features[indices])
-    else:
-        return None
-    norm = np.linalg.norm(full)
-    return float(np.linalg.norm(subset - full) / norm) if norm > 0 else None
+def residual_sq(rows: np.ndarray, target: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> float:
+    """``||sum_i w_i rows[i] - target||^2`` (paper Eq. 1, squared); rows (n, dim), target (dim,), (k,) the rest."""
+    residual = np.asarray(weights, dtype=np.float64) @ rows[indices].astype(np.float64) - target
+    return float(residual @ residual)
 
 
 # --- budgets and padding -----------------------------------------------------------------------
@@ -196,8 +158,15 @@ def pad_selection(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Fill a short selection up to ``n_select`` with random unchosen elements of ``pool``.
 
-    Padded elements get the mean weight of the chosen ones (``len(pool) / n_select`` when none was
-    chosen), so they sit on the same scale.
+    Padded elements get weight 1, as the reference implementation (CORDS) pads: each stands for itself,
+    whatever the weights of the chosen ones.
+
+    Returns
+    -------
+    indices : (n_select,) int64
+        The chosen ones first, then the padded ones.
+    weights : (n_select,) float64
+    n_padded : int
     """
     pool = np.arange(n_ground) if pool is None else pool
     n_missing = n_select - indices.size
@@ -205,10 +174,9 @@ def pad_selection(
         return indices, weights, 0
     free = np.setdiff1d(pool, indices)
     extra = rng.choice(free, size=n_missing, replace=False)
-    fill = float(weights.mean()) if weights.size else len(pool) / n_select
     return (
         np.concatenate([indices, extra]).astype(np.int64),
-        np.concatenate([weights, np.full(n_missing, fill)]),
+        np.concatenate([weights, np.ones(n_missing)]),
         n_missing,
     )
 
@@ -218,8 +186,12 @@ def pad_selection(
 def select_random(
     config: RandomSelector, request: RoundRequest, ground: GroundSet | None, device: str = "cpu"
 ) -> Selection:
-    """RANDOM: a uniform subset of ``n_select`` elements re-drawn each round, weights 1."""
-    rng = round_rng(request.seed, request.round_id)
+    """RANDOM: one uniform subset of ``n_select`` elements for the whole run (the same in every round), weights 1.
+
+    Drawn from the run seed's ``RANDOM_STREAM``, as the trainer draws a cold start's initial subset, so a
+    run without a warm start trains on this one subset from its first epoch.
+    """
+    rng = np.random.default_rng([request.seed, RANDOM_STREAM])
     indices = np.sort(rng.choice(request.n_ground, size=request.n_select, replace=False))
     return Selection(indices.astype(np.int64), np.ones(request.n_select))
 
@@ -284,21 +256,21 @@ def select_gradmatch(
     classes, counts = np.unique(ground.labels, return_counts=True)
     budgets = class_budgets(counts, request.n_select)
     rng = round_rng(request.seed, request.round_id)
-    picked, weights, n_padded, residual_sq, target_sq = [], [], 0, 0.0, 0.0
+    picked, weights, n_padded, missed_sq, target_sq = [], [], 0, 0.0, 0.0
     for c, k_c in zip(classes, budgets):
         members = np.flatnonzero(ground.labels == c)
         rows = class_rows(ground.errors[members], ground.features[members], int(c))
         target = class_target(rows, int(c), ground.validation if config.valid else None)
         target_sq += float(target @ target)
         if k_c == 0:
-            residual_sq += float(target @ target)
+            missed_sq += float(target @ target)
             continue
         local, w, pad = _class_omp(config, rows, target, int(k_c), rng, device)
-        residual_sq += (matching_error(rows, target, local, w) * np.linalg.norm(target)) ** 2
+        missed_sq += residual_sq(rows, target, local, w)
         picked.append(members[local])
         weights.append(w)
         n_padded += pad
-    error = float(np.sqrt(residual_sq / target_sq)) if target_sq > 0 else 0.0
+    error = float(np.sqrt(missed_sq / target_sq)) if target_sq > 0 else 0.0
     return Selection(np.concatenate(picked).astype(np.int64), np.concatenate(weights), error, n_padded,
                      "val" if config.valid else "train")
 
@@ -355,6 +327,172 @@ def select_glister(
     return Selection(np.asarray(indices, dtype=np.int64), np.ones(len(indices)), target="val")
 
 
+# --- Table 8: the gradient error of a subset (docs/metrics.md) ------------------------------------
+
+@dataclass(frozen=True)
+class GradientErrors:
+    """The three gradient errors of a round's subset; None where one cannot be computed.
+
+    absolute : paper Eq. 1, ``||sum_S w_i g_i - target||`` with the strategy's raw weights (``grad_error``).
+    relative : the same divided by ``||target||`` (``grad_error_rel``).
+    trained : the subset as it is trained against the full training gradient, relative (``grad_error_trained``).
+    """
+
+    absolute: float | None = None
+    relative: float | None = None
+    trained: float | None = None
+
+    @classmethod
+    def from_sums(cls, residual_sq: float, target_sq: float, trained_sq: float | None,
+                  full_sq: float) -> "GradientErrors":
+        """From squared norms: Eq. 1's residual and target, the as-trained residual and the full gradient."""
+        return cls(
+            absolute=float(np.sqrt(residual_sq)),
+            relative=float(np.sqrt(residual_sq / target_sq)) if target_sq > 0 else None,
+            trained=float(np.sqrt(trained_sq / full_sq)) if trained_sq is not None and full_sq > 0 else None,
+        )
+
+    def fields(self) -> dict:
+        """The message's fields: ``grad_error``, ``grad_error_rel``, ``grad_error_trained``."""
+        return {"grad_error": self.absolute, "grad_error_rel": self.relative, "grad_error_trained": self.trained}
+
+
+def matched_in_class_columns(config: SelectorBase) -> bool:
+    """Whether ``config`` matches per class in each class's own logit column (per-class GRAD-MATCH)."""
+    return isinstance(config, GradMatchSelector)
+
+
+def matched_validation_rows(config: SelectorBase) -> bool:
+    """Whether ``config`` matches mini-batch rows against the validation gradient (GRAD-MATCH-PB ``valid``)."""
+    return isinstance(config, GradMatchPBSelector) and config.valid
+
+
+def batch_error_sums(rows: np.ndarray, sizes: np.ndarray | None, indices: np.ndarray, weights: np.ndarray,
+                     target: np.ndarray | None = None) -> dict:
+    """Squared norms behind the errors of a subset of mini-batches, over the columns of ``rows``.
+
+    Every quantity is column by column, so shards holding some columns each return parts that add up.
+
+    Parameters
+    ----------
+    rows : (n_b, dim) float
+        Mean gradient ``r_b`` of each mini-batch.
+    sizes : (n_b,) int or None
+        Examples ``s_b`` per mini-batch (None: one each).
+    indices, weights : (k,)
+        The subset and the strategy's raw weights.
+    target : (dim,) float64 or None
+        Eq. 1's target (GRAD-MATCH-PB's validation gradient); None: the training gradient ``train_target``.
+
+    Returns
+    -------
+    dict
+        ``residual_sq`` ``||sum_S w_b r_b - target||^2``, ``target_sq`` ``||target||^2``, ``trained_sq``
+        ``||n mean_{b in S} r_b - sum_b s_b r_b||^2`` (S: the batches of positive weight, each trained as one
+        mini-batch whose weight cancels; n = sum_b s_b; None when no weight is positive) and ``full_sq``
+        ``||sum_b s_b r_b||^2``.
+    """
+    counts = np.ones(len(rows)) if sizes is None else np.asarray(sizes, dtype=np.float64)
+    full = weighted_row_sum(rows, counts)
+    goal = full * (len(rows) / counts.sum()) if target is None else np.asarray(target, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    chosen = rows[indices]
+    matched = weighted_row_sum(chosen, weights) - goal
+    live = weights > 0
+    trained = (counts.sum() * weighted_row_sum(chosen, live / max(1, live.sum())) - full) if live.any() else None
+    return {"residual_sq": float(matched @ matched), "target_sq": float(goal @ goal),
+            "trained_sq": None if trained is None else float(trained @ trained), "full_sq": float(full @ full)}
+
+
+def example_sums(errors: np.ndarray, features: np.ndarray, indices: np.ndarray,
+                 weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(sum_U g_i, sum_S w_i g_i)`` over the whole last layer, each (C + C*D,) float64.
+
+    errors (n, C), features (n, D): every example ``U`` here; indices, weights (k,): the subset, raw weights.
+    """
+    scaled = errors[indices].astype(np.float64) * np.asarray(weights, dtype=np.float64)[:, None]
+    return flat_gradient(errors, features), flat_gradient(scaled, features[indices])
+
+
+def flat_error_sums(full: np.ndarray, subset: np.ndarray, n: int, weight_sum: float) -> dict:
+    """``batch_error_sums``'s squared norms for examples, from ``example_sums`` of all n examples.
+
+    Eq. 1 against the full training gradient: ``residual = subset - full``. As trained, the weights are
+    rescaled to stand for the n examples, ``w^_i = n w_i / sum_S w``: ``n subset / weight_sum - full``.
+    """
+    residual = subset - full
+    trained = subset * (n / weight_sum) - full if weight_sum > 0 else None
+    full_sq = float(full @ full)
+    return {"residual_sq": float(residual @ residual), "target_sq": full_sq,
+            "trained_sq": None if trained is None else float(trained @ trained), "full_sq": full_sq}
+
+
+def class_error_sums(errors: np.ndarray, features: np.ndarray, c: int, local: np.ndarray, weights: np.ndarray,
+                     validation: ValidationSet | None) -> tuple[float, float]:
+    """Per-class GRAD-MATCH's Eq. 1 in class ``c``'s own column: ``(residual^2, ||target||^2)``.
+
+    errors (n_c, C), features (n_c, D): the class's examples in ground id order; local, weights (k_c,): its
+    chosen ones (positions among them) and their raw weights; validation: as ``class_target`` takes it.
+    """
+    rows = class_rows(errors, features, c)
+    target = class_target(rows, c, validation)
+    return residual_sq(rows, target, np.asarray(local, dtype=np.int64), weights), float(target @ target)
+
+
+def class_picks(labels: np.ndarray, indices: np.ndarray, weights: np.ndarray) -> dict:
+    """``{c: (local, weights)}`` for every class of ``labels`` (n,): the subset's members of class c as positions
+    among that class's examples in ground id order (empty for a class with none chosen)."""
+    chosen = labels[indices]
+    picks = {}
+    for c in np.unique(labels):
+        mine = chosen == c
+        picks[int(c)] = (np.searchsorted(np.flatnonzero(labels == c), indices[mine]), weights[mine])
+    return picks
+
+
+def gradient_errors(config: SelectorBase, ground: GroundSet | None, sizes: np.ndarray | None,
+                    indices: np.ndarray, weights: np.ndarray) -> GradientErrors:
+    """The three errors of a subset (paper Table 8, ``docs/metrics.md``) on the round's whole ground set.
+
+    Eq. 1 is taken over what ``config``'s strategy matches: per-class GRAD-MATCH per class in its own column
+    against its class target (combined as ``sqrt(sum_c residual_c^2)``); GRAD-MATCH-PB against its target
+    over the rows; every other strategy against the full last-layer training gradient.
+
+    Parameters
+    ----------
+    config : SelectorBase
+        The strategy that chose the subset.
+    ground : GroundSet or None
+        Example factors (``errors``, ``features``) or mini-batch ``rows``; None or neither: no error.
+    sizes : (n_ground,) int array or None
+        Examples per mini-batch (``RoundRequest.sizes``); None counts every element as one example.
+    indices, weights : (k,) arrays
+        The subset and its raw weights as sent to the trainer.
+    """
+    indices, weights = np.asarray(indices, dtype=np.int64), np.asarray(weights, dtype=np.float64)
+    if ground is None or weights.size == 0 or not np.isfinite(weights).all():
+        return GradientErrors()
+    if ground.rows is not None:
+        target = validation_target(ground.validation, len(ground.rows)) if matched_validation_rows(config) else None
+        return GradientErrors.from_sums(**batch_error_sums(ground.rows, sizes, indices, weights, target))
+    if ground.errors is None or ground.features is None:
+        return GradientErrors()
+    full, subset = example_sums(ground.errors, ground.features, indices, weights)
+    sums = flat_error_sums(full, subset, len(ground.errors), float(weights.sum()))
+    if matched_in_class_columns(config):
+        sums.update(_per_class_sums(ground, ground.validation if config.valid else None, indices, weights))
+    return GradientErrors.from_sums(**sums)
+
+
+def _per_class_sums(ground: GroundSet, validation, indices: np.ndarray, weights: np.ndarray) -> dict:
+    """``class_error_sums`` of every class, added up in class order: ``residual_sq`` and ``target_sq``."""
+    per_class = []
+    for c, (local, w) in class_picks(ground.labels, indices, weights).items():
+        members = ground.labels == c
+        per_class.append(class_error_sums(ground.errors[members], ground.features[members], c, local, w, validation))
+    return {"residual_sq": float(sum(p[0] for p in per_class)), "target_sq": float(sum(p[1] for p in per_class))}
+
+
 # --- registry ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -366,18 +504,20 @@ class Strategy:
     summaries: str = "none"
     validation: bool = False
     measure_only: bool = False  # the summaries serve only to measure the Table 8 error
+    online: bool = False  # no rounds: the trainer re-draws a random subset every epoch
 
     def plan(self, config: SelectorBase) -> StrategyPlan:
         return StrategyPlan(strategy=config.strategy, rounds=config.strategy in ROUND_STRATEGIES,
                             ground=self.ground, summaries=self.summaries, measure_only=self.measure_only,
                             needs_validation=self.validation or bool(getattr(config, "valid", False)),
-                            time_budget_s=getattr(config, "time_budget_s", None))
+                            time_budget_s=getattr(config, "time_budget_s", None), online=self.online)
 
 
 IMPLEMENTATIONS: dict[type[SelectorBase], Strategy] = {  # keyed by config class, so names stay in protocol.config
     FullSelector: Strategy(None),
     FullEarlyStopSelector: Strategy(None),
     RandomSelector: Strategy(select_random, summaries="example", measure_only=True),
+    RandomOnlineSelector: Strategy(None, online=True),
     GradMatchSelector: Strategy(select_gradmatch, summaries="example"),
     GradMatchPBSelector: Strategy(select_gradmatch_pb, ground="batch", summaries="batch"),
     CraigSelector: Strategy(select_craig, summaries="example"),

@@ -71,6 +71,97 @@ def test_own_loop_adopts_rounds_and_weights_have_mean_one(ray_address):
 
 
 @pytest.mark.ray
+def test_the_step_on_a_yielded_batch_is_the_references_sum_w_l_over_sum_w(ray_address):
+    """Non-uniform GRAD-MATCH weights, through the client, into a plain SGD step: checked by hand per batch."""
+    torch.manual_seed(0)
+    data = Blobs(240)
+    model = Net()
+    lr, checked = 0.05, 0
+    with AdaptiveSubset(model, torch.utils.data.TensorDataset(data.x, data.y), strategy="gradmatch", budget=0.2,
+                        epochs=6, select_every=2, kappa=0.5, batch_size=16) as subset:
+        for epoch, batches in subset:
+            raw = subset.subset.weights  # the adopted subset's weights as the selector sent them, per example
+            for x, y, w in batches:
+                ids = torch.cdist(x, data.x).argmin(1)
+                assert torch.equal(data.x[ids], x)
+                expected = [torch.zeros_like(p) for p in model.parameters()]
+                for i, example in enumerate(ids):  # sum_i w_i grad l_i / sum_i w_i, one example at a time
+                    model.zero_grad()
+                    F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+                    share = float(raw[example] / raw[ids].sum()) if epoch >= subset.epoch_plan.full else 1 / len(ids)
+                    expected = [e + share * p.grad for e, p in zip(expected, model.parameters())]
+                before = [p.detach().clone() for p in model.parameters()]
+                loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
+                model.zero_grad()
+                loss.backward()
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p -= lr * p.grad
+                for p, b, e in zip(model.parameters(), before, expected):
+                    torch.testing.assert_close(p.detach() - b, -lr * e, rtol=1e-4, atol=1e-7)
+                checked += epoch >= subset.epoch_plan.full and bool(raw[ids].std() > 0)
+    assert subset.summary()["rounds"] >= 1
+    assert checked > 0  # some batches really carried unequal weights
+
+
+@pytest.mark.ray
+def test_the_same_seed_gives_the_same_subsets_and_model_by_default(ray_address):
+    """Default adoption waits for a round computed at a fixed epoch: two runs of one config are identical."""
+    def run():
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        with AdaptiveSubset(model, Blobs(), strategy="gradmatch", budget=0.1, epochs=12, select_every=2, kappa=0.5,
+                            batch_size=16, seed=4) as subset:
+            train(subset, model, opt)
+            weights = subset.subset.weights.clone()
+        return subset.records, weights, [p.detach().clone() for p in model.parameters()]
+
+    (records_a, weights_a, params_a), (records_b, weights_b, params_b) = run(), run()
+    keys = ("round", "status", "trigger_epoch", "adopted_epoch", "subset_size", "grad_error")
+    assert len(records_a) >= 3 and all(r["status"] == "adopted" for r in records_a)
+    assert [{k: r[k] for k in keys} for r in records_a] == [{k: r[k] for k in keys} for r in records_b]
+    assert torch.equal(weights_a, weights_b) and weights_a.std() > 0
+    assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("guard, blowup_epochs, undone", [(True, 2, True), (True, 1, False), (False, 2, False)])
+def test_the_divergence_guard_undoes_a_subset_that_blows_the_loss_up(ray_address, guard, blowup_epochs, undone):
+    """The loss of the epochs after the first adoption is reported 100x too high (a collapse): for two epochs in
+    a row the guard brings back the subset trained before; for one epoch, or with the guard off, it does not."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with AdaptiveSubset(model, Blobs(), strategy="gradmatch-pb", budget=0.2, epochs=12, select_every=4, kappa=0.5,
+                        batch_size=16, divergence_guard=guard) as subset:
+        rounds_trained = []
+        for epoch, batches in subset:
+            total = 0.0
+            for x, y, w in batches:
+                loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item()
+            first_adopted = subset.records[0]["adopted_epoch"] if subset.records else None
+            blown = first_adopted is not None and first_adopted <= epoch < first_adopted + blowup_epochs
+            rounds_trained.append(subset.subset.round)
+            subset.report_loss(100 * (total + 1.0) if blown else total)
+        summary = subset.summary()
+    first = subset.records[0]
+    assert first["status"] == "adopted" and first["round"] == 0
+    assert summary["rounds_harmful"] == int(undone)
+    after = rounds_trained[first["adopted_epoch"] + 2]  # the epoch after the two reported epochs
+    if undone:
+        event = summary["harmful"][0]
+        assert event["round"] == 0 and event["epoch"] == first["adopted_epoch"] + 1 and event["loss"] > event["bound"]
+        assert after is None  # back to the subset trained before round 0: the initial random one
+    else:
+        assert after == 0
+
+
+@pytest.mark.ray
 def test_state_dict_resumes_selection(ray_address):
     def client(model):
         return AdaptiveSubset(model, Blobs(), strategy="random", budget=0.25, epochs=8, select_every=2, kappa=0,
@@ -225,7 +316,7 @@ def test_lead_auto_starts_rounds_early_enough_for_the_time_they_took(ray_address
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with AdaptiveSubset(model, Blobs(), strategy="gradmatch-pb", delay_s=0.4, budget=0.25, epochs=80,
-                        select_every=20, kappa=0, batch_size=20, lead="auto") as subset:
+                        select_every=20, kappa=0, batch_size=20, lead="auto", on_late="continue") as subset:
         for epoch, batches in subset:
             for x, y, w in batches:
                 loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()

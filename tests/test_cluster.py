@@ -105,7 +105,8 @@ def _same(single: dict, other: dict) -> dict:
     same_indices = bool(np.array_equal(single["indices"], other["indices"]))
     return {"indices": same_indices,
             "weights": same_indices and bool(np.allclose(other["weights"], single["weights"], rtol=1e-6, atol=0)),
-            "grad_error": abs(other["grad_error"] - single["grad_error"]) <= 1e-6}
+            "grad_error": all(abs(other[key] - single[key]) <= 1e-6 * max(1.0, abs(single[key]))  # Eq. 1 is absolute
+                              for key in ("grad_error", "grad_error_rel", "grad_error_trained"))}
 
 
 def _local(strategy: str) -> dict:

@@ -1,6 +1,7 @@
 """End to end: the real CLI as a subprocess, joining the session's Ray like a user's `ray start --head`."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,7 +46,9 @@ def test_cli_runs_gradmatch_pb_on_the_running_cluster(ray_address, tmp_path):
     assert [r["status"] for r in rounds] == ["adopted", "adopted"] and summary["rounds"] == 2
     assert 0 <= summary["acc"] <= 100 and summary["wall_s"] > 0
     config = json.loads((out / "config.json").read_text())
-    assert config["schedule"]["budget"] == 0.25 and config["selector"]["lam"] == 0.5
+    assert config["schedule"]["budget"] == 0.25 and config["selector"]["lam"] == 0.0  # PB: the reference's lambda
+    # the cosine runs over the nominal epochs of T = 8: the full epoch at lr(0), the subset epochs at lr(4 .. 7)
+    assert [e["lr"] for e in epochs] == pytest.approx([0.005 * (1 + math.cos(math.pi * t / 8)) for t in (0, 4, 5, 6, 7)])
     for key in ("strategy", "budget", "epochs", "acc", "wall_s", "stall_s", "selector_busy_s", "rounds",
                 "rounds_rejected", "energy_j", "energy_note", "ray_address"):
         assert key in summary
@@ -56,7 +59,7 @@ def test_cli_runs_gradmatch_pb_on_the_running_cluster(ray_address, tmp_path):
 ROUND_STRATEGIES = ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister"]
 
 
-@pytest.mark.parametrize("strategy", ["full", *ROUND_STRATEGIES])
+@pytest.mark.parametrize("strategy", ["full", "random-online", *ROUND_STRATEGIES])
 def test_every_strategy_runs_through_the_cli(ray_address, tmp_path, strategy):
     # warm start (kappa 0.5) exercises both phases; runs without warm start are covered below
     out = tmp_path / strategy
@@ -69,9 +72,12 @@ def test_every_strategy_runs_through_the_cli(ray_address, tmp_path, strategy):
         assert rounds == [] and all(e["phase"] == "full" and e["n_examples"] == 1258 for e in epochs)
         assert summary["acc"] > 30  # digits is easy: even 4 epochs learn something
         return
+    sizes = {e["n_examples"] for e in epochs if e["phase"] == "subset"}
+    if strategy == "random-online":  # a new random subset every epoch, no rounds
+        assert rounds == [] and sizes == {126} and summary["rounds"] == 0 and summary["acc"] > 30
+        return
     assert [r["status"] for r in rounds] == ["adopted"] * len(rounds) and rounds
     assert all(r["strategy"] == strategy for r in rounds)
-    sizes = {e["n_examples"] for e in epochs if e["phase"] == "subset"}
     # 10% of 1258 = 126 examples; PB: 4 batches of 32, one of which may be the short batch of 10
     assert sizes == {126} if not strategy.endswith("-pb") else sizes <= {128, 106}
     assert 0 <= summary["redundant"] < 1

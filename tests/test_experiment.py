@@ -17,10 +17,10 @@ def test_grid_expansion_counts_and_matches():
     trials = expand(grid)
     combos = {(t.strategy, t.budget, t.kappa, t.select_every, t.seed) for t in trials if t.strategy != "full"}
     assert {(s, b, k, 10, seed) for s in ("random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister")
-            for b in (0.05, 0.1, 0.3) for k in (0, 0.5) for seed in (0, 1, 2)} <= combos
-    assert sorted(t.seed for t in trials if t.strategy == "full") == [0, 1, 2]
+            for b in (0.05, 0.1, 0.3) for k in (0, 0.5) for seed in range(5)} <= combos
+    assert sorted(t.seed for t in trials if t.strategy == "full") == [0, 1, 2, 3, 4]
     # per seed: FULL + 6 strategies x 3 budgets x 2 kappas + FULL-EARLYSTOP x 3 budgets
-    assert len(trials) == 3 * (1 + 6 * 3 * 2 + 3)
+    assert len(trials) == 5 * (1 + 6 * 3 * 2 + 3)
     assert len({t.key for t in trials}) == len(trials)
     by_key = {t.key: t for t in trials}
     for trial in trials:
@@ -165,6 +165,8 @@ def test_results_and_report_carry_tables_8_9_and_staleness(tmp_path):
         summary = {"acc": 90.0 + i, "wall_s": 10.0 - i, "energy_j": None, "stall_s": 0.0, "selector_busy_s": 1.0,
                    "overlap": 1.0, "grad_error": grad_error, "redundant": redundant, "epochs_run": 4,
                    "energy_phases": {}, "energy_note": "no counters"}
+        if trial.seed == 0:  # seed 1's summaries were written before the relative and as-trained errors existed
+            summary.update(grad_error_rel=grad_error and grad_error / 10, grad_error_trained=grad_error and 0.5 + i)
         (folder / "summary.json").write_text(json.dumps(summary))
         rounds = [_round("adopted", 1, 2, 2 + i % 3, 1 + i % 3), _round("adopted", 3, 4, 4, 1)] if selects else []
         (folder / "rounds.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
@@ -178,13 +180,24 @@ def test_results_and_report_carry_tables_8_9_and_staleness(tmp_path):
             assert pd.isna(row.grad_error) and pd.isna(row.staleness) and pd.isna(row.late_adoptions)
         else:
             assert (row.grad_error, row.redundant) == pytest.approx((grad_error, redundant))
+            if row.seed == 0:
+                assert (row.grad_error_rel, row.grad_error_trained) == pytest.approx((grad_error / 10, row.acc - 89.5))
+            else:
+                assert pd.isna(row.grad_error_rel) and pd.isna(row.grad_error_trained)
             assert (row.staleness, row.late_adoptions) == pytest.approx((staleness, late))
     report = _report_text(experiment, frame, {}, "cmd", 0.0, [])
     table8 = {row[0]: row[1] for row in _markdown_section(report, "(paper Table 8)")}
     assert set(table8) == {"RANDOM", "GRAD-MATCH"}  # every strategy that selects, FULL has none
+    table8_rel = {row[0]: row[2] for row in _markdown_section(report, "(paper Table 8)")}
+    as_trained = {row[0]: row[1] for row in _markdown_section(report, "## Gradient error of the subsets as trained")}
+    assert "| strategy | 0.1 | 0.1 rel |" in report and set(as_trained) == {"RANDOM", "GRAD-MATCH"}
     for name, strategy in (("RANDOM", "random"), ("GRAD-MATCH", "gradmatch")):
         errors = frame[frame.strategy == strategy].grad_error
         assert table8[name] == f"{errors.mean():.3f} ± {errors.std():.3f}"
+        rel = frame[frame.strategy == strategy].grad_error_rel.dropna()  # one seed: std is missing
+        assert table8_rel[name] == f"{rel.mean():.3f} ± -" and len(rel) == 1
+        trained = frame[frame.strategy == strategy].grad_error_trained.dropna()
+        assert as_trained[name] == f"{trained.mean():.3f} ± -"
     table9 = {row[0]: row[1] for row in _markdown_section(report, "(paper Table 9)")}
     redundant = frame[frame.strategy == "gradmatch"].redundant
     assert table9["GRAD-MATCH"] == f"{redundant.mean():.3f} ± {redundant.std():.3f}"
@@ -195,7 +208,7 @@ def test_results_and_report_carry_tables_8_9_and_staleness(tmp_path):
     late = {row[0]: row[1] for row in _markdown_section(report, "(rounds adopted after their due epoch)")}
     assert late["GRAD-MATCH"] == f"{frame[frame.strategy == 'gradmatch'].late_adoptions.mean():.2f} ± " \
                                  f"{frame[frame.strategy == 'gradmatch'].late_adoptions.std():.2f}"
-    assert "by construction, not measurements" in report  # the grid ran with on_late = continue
+    assert "All trials ran with on_late = wait" in report  # the default: stall_s is a measurement
 
 
 def test_missing_data_stops_the_experiment_before_ray(tmp_path, capsys):

@@ -51,6 +51,27 @@ def test_invalid_message_names_field(changes, field, rule):
     assert field in text and rule in text
 
 
+@pytest.mark.parametrize("field", ["grad_error", "grad_error_rel", "grad_error_trained"])
+def test_gradient_errors_are_non_negative_finite_or_missing(field):
+    assert getattr(validate(**{field: None}), field) is None
+    assert getattr(validate(**{field: 0.0}), field) == 0.0
+    assert getattr(validate(**{field: 12.5}), field) == 12.5  # Eq. 1 is absolute: no upper bound
+    for bad in (-1e-9, float("nan"), float("inf")):
+        with pytest.raises(ValidationError) as info:
+            validate(**{field: bad})
+        assert field in str(info.value)
+
+
+def test_records_and_summaries_carry_the_three_gradient_errors():
+    from protocol.records import RoundRecord, RunSummary
+
+    errors = {"grad_error": 3.5, "grad_error_rel": 0.1, "grad_error_trained": 0.4}
+    record = RoundRecord(round=0, strategy="gradmatch", model_step=0, trigger_epoch=0, due_epoch=1,
+                         status="adopted", **errors)
+    assert {k: record.model_dump()[k] for k in errors} == errors
+    assert {k: RunSummary.model_fields[k].default for k in errors} == dict.fromkeys(errors)  # old runs: missing
+
+
 def test_message_without_context_checks_only_intrinsic_rules():
     SubsetMessage.model_validate({**GOOD, "round_id": 9, "indices": [100, 200, 300]})
     with pytest.raises(ValidationError, match="unique"):

@@ -57,7 +57,8 @@ def test_round_trip_adopts_every_round(ray_address):
     # synthetic 1500 -> 1050 training examples; budget 210 examples = ceil(210 / 32) = 7 batches of 32
     # (one of the 33 batches is short: 26 examples)
     assert all(224 - 6 <= r["subset_size"] <= 224 for r in rounds)
-    assert 0 <= rounds[0]["grad_error"] < 1
+    assert 0 <= rounds[0]["grad_error"] and 0 <= rounds[0]["grad_error_rel"] < 1
+    assert rounds[0]["grad_error_trained"] >= 0
     epochs = result["progress"]["epochs"]
     assert [e["subset_round"] for e in epochs] == [None] * 3 + [0] * 3 + [1] * 3 + [2] * 3
     assert summary["selector_busy_s"] > 0
@@ -68,7 +69,7 @@ def test_trainer_keeps_stepping_while_a_slow_selector_works(ray_address):
     # the round starts at epoch 299 and is due at 300; epochs take 2-10 ms here, so a 0.25 s selection
     # is late by many epochs (the test needs an epoch shorter than 0.25 s) and is adopted within the 300
     # epochs left (it needs epochs longer than 0.25 s / 300 = 0.8 ms)
-    config = make_config({"strategy": "gradmatch-pb", "delay_s": 0.25}, epochs=600, select_every=300)
+    config = make_config({"strategy": "gradmatch-pb", "delay_s": 0.25}, epochs=600, select_every=300, on_late="continue")
     result = run(config)
     first = rounds_of(result)[0]
     epochs = result["progress"]["epochs"]
@@ -130,7 +131,7 @@ def test_selector_killed_mid_round_does_not_stop_the_run(ray_address):
 def test_rounds_overtaken_by_a_slow_selector_are_skipped(ray_address):
     # a round every epoch, each taking ~0.3 s while an epoch takes a few ms: most boundaries pass while
     # a round is out; those rounds are skipped instead of being run late one per epoch
-    config = make_config({"strategy": "random", "delay_s": 0.3}, epochs=400, select_every=1)
+    config = make_config({"strategy": "random", "delay_s": 0.3}, epochs=400, select_every=1, on_late="continue")
     rounds = rounds_of(run(config))
     statuses = [r["status"] for r in rounds]
     assert statuses.count("skipped") > statuses.count("adopted") >= 1

@@ -14,7 +14,8 @@ from pydantic import ValidationError
 from protocol.errors import RoundFailed
 from protocol.messages import RoundRequest, SubsetMessage
 from service.selector import RoundClock, SelectorService
-from service.strategies import GroundSet, subset_gradient_error
+from protocol.config import GradMatchPBSelector
+from service.strategies import GroundSet, gradient_errors
 
 RNG = np.random.default_rng(0)
 ROWS = (RNG.normal(size=(30, 12)) + 0.3).astype(np.float32)
@@ -94,7 +95,8 @@ def test_the_round_clock_counts_the_preemptions_of_a_thread_sharing_its_core():
 def test_plan_declares_needs():
     assert SelectorService({"strategy": "gradmatch-pb"}).plan() == {
         "strategy": "gradmatch-pb", "rounds": True, "ground": "batch", "summaries": "batch",
-        "needs_validation": False, "measure_only": False, "time_budget_s": None}
+        "needs_validation": False, "measure_only": False, "time_budget_s": None, "online": False}
+    assert SelectorService({"strategy": "random-online"}).plan()["online"] is True  # no rounds: the trainer draws
     assert SelectorService({"strategy": "gradmatch-pb", "valid": True}).plan()["needs_validation"] is True
     assert SelectorService({"strategy": "full"}).plan()["rounds"] is False
     assert SelectorService({"strategy": "random"}).plan()["summaries"] == "example"  # for its grad_error
@@ -312,14 +314,18 @@ def test_a_rejected_validation_set_fails_its_round_at_once():
     _fails_at_once(service, 0, "validation set rejected: .*logits contain 6 non-finite values")
 
 
-def test_answers_carry_the_comparable_gradient_error():
+def test_answers_carry_the_three_gradient_errors():
     service = SelectorService({"strategy": "gradmatch-pb"})
     service.start_round(request(n_select=5))
     send_chunks(service, 0)
     answer = service.result(0, timeout_s=30)
-    expected = subset_gradient_error(GroundSet(labels=np.zeros(30), rows=ROWS), None, answer["indices"],
-                                     answer["weights"])
-    assert answer["grad_error"] == pytest.approx(expected) and 0 < answer["grad_error"] < 1
+    expected = gradient_errors(GradMatchPBSelector(), GroundSet(labels=np.zeros(30), rows=ROWS), None,
+                               answer["indices"], answer["weights"])
+    assert (answer["grad_error"], answer["grad_error_rel"], answer["grad_error_trained"]) == pytest.approx(
+        (expected.absolute, expected.relative, expected.trained))
+    assert 0 < answer["grad_error_rel"] < 1 and 0 < answer["grad_error_trained"] < 1
+    norm = np.linalg.norm(ROWS.astype(np.float64).sum(0))  # the training target of batches without sizes
+    assert answer["grad_error"] == pytest.approx(answer["grad_error_rel"] * norm)
 
 
 @pytest.mark.parametrize("strategy", ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister"])

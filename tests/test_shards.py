@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from protocol.config import GradMatchSelector, RunConfig
 from protocol.errors import RoundFailed, RunFailed
 from service.selector import SelectorService
+from service.strategies import class_rows
 from service.shards import (
     ShardedSelector, ShardService, assign_classes, class_ranges, infer_n_classes, range_columns, ridge_weights,
     send_routed, split_chunk,
@@ -59,7 +60,8 @@ def batch_chunks(size: int = 16) -> list[dict]:
 
 
 def run_round(service, strategy: str, round_id: int = 0, order=None, validation: bool = False,
-              chunks: list[dict] | None = None, routed: bool = False, counts: np.ndarray | None = None) -> dict:
+              chunks: list[dict] | None = None, routed: bool = False, counts: np.ndarray | None = None,
+              n_select: int | None = None) -> dict:
     """One round: the request, the validation set if asked, the chunks in ``order``; returns the answer.
 
     ``routed``: the sender splits the chunks by the map ``routes`` hands out, asked before the request (on the
@@ -70,7 +72,7 @@ def run_round(service, strategy: str, round_id: int = 0, order=None, validation:
     route = service.routes(round_id, layout_of(strategy, counts)) if routed else None
     service.start_round({
         "round_id": round_id, "model_step": 1, "ground": "batch" if pb else "example", "n_ground": n,
-        "n_select": n // 10, "n_chunks": len(chunks), "seed": 3, "strategy": strategy, "lr": 0.05,
+        "n_select": n_select or n // 10, "n_chunks": len(chunks), "seed": 3, "strategy": strategy, "lr": 0.05,
         "sizes": np.full(n, BATCH) if pb else None, "with_validation": validation,
     })
     if validation:
@@ -100,10 +102,14 @@ def sharded(config: dict, n_shards: int) -> ShardedSelector:
     return ShardedSelector({**config, "shards": n_shards}, [ShardService(i) for i in range(n_shards)])
 
 
+GRAD_ERRORS = ("grad_error", "grad_error_rel", "grad_error_trained")
+
+
 def assert_same_answer(single: dict, other: dict) -> None:
     np.testing.assert_array_equal(other["indices"], single["indices"])
     np.testing.assert_allclose(other["weights"], single["weights"], rtol=1e-6, atol=0)
-    assert other["grad_error"] == pytest.approx(single["grad_error"], abs=1e-6, rel=0)
+    for key in GRAD_ERRORS:  # Eq. 1 is absolute (its scale is the target's): within 1e-6 of it, or relatively
+        assert single[key] is not None and other[key] == pytest.approx(single[key], abs=1e-6, rel=1e-6), key
     assert (other["n_padded"], other["target"]) == (single["n_padded"], single["target"])
 
 
@@ -187,7 +193,34 @@ def test_sharded_selection_equals_the_single_selector(strategy, options, validat
     order = np.random.default_rng(n_shards).permutation(len(chunks))  # chunks arrive in any order
     answer = run_round(sharded(config, n_shards), strategy, validation=validation, order=order)
     assert_same_answer(single, answer)
-    assert 0 < single["grad_error"] < 2 and len(single["indices"]) == (len(ROWS) if "pb" in strategy else 600) // 10
+    assert 0 < single["grad_error"] and 0 < single["grad_error_rel"] < 2 and 0 < single["grad_error_trained"] < 2
+    assert len(single["indices"]) == (len(ROWS) if "pb" in strategy else 600) // 10
+
+
+@pytest.mark.parametrize("options, validation", [({}, False), ({"valid": True}, True), ({"eps": 1e3}, False)])
+@pytest.mark.parametrize("n_shards", [2, 3])
+def test_gradmatch_classes_without_budget_count_in_eq1_as_in_the_single_selector(options, validation, n_shards):
+    config = {"strategy": "gradmatch", **options}
+    single = run_round(SelectorService(config), "gradmatch", validation=validation, n_select=4)  # 6 classes
+    assert len(np.unique(LABELS[single["indices"]])) < N_CLASSES  # some classes choose nothing
+    assert_same_answer(single, run_round(sharded(config, n_shards), "gradmatch", validation=validation, n_select=4))
+
+
+def test_sharded_eq1_of_gradmatch_is_the_per_class_residual_of_its_padded_picks():
+    config = {"strategy": "gradmatch", "eps": 1e3}  # every class stops early and pads with weight 1
+    answer = run_round(sharded(config, 3), "gradmatch")
+    assert answer["n_padded"] > 0 and 1.0 in answer["weights"].tolist()
+    residual_sq, target_sq = 0.0, 0.0
+    for c in range(N_CLASSES):
+        members = np.flatnonzero(LABELS == c)
+        rows = class_rows(ERRORS[members], FEATURES[members], c)
+        target = rows.astype(np.float64).sum(0)  # the class's training gradient in its own column
+        mine = LABELS[answer["indices"]] == c
+        local = np.searchsorted(members, answer["indices"][mine])
+        residual = answer["weights"][mine] @ rows[local].astype(np.float64) - target
+        residual_sq, target_sq = residual_sq + residual @ residual, target_sq + target @ target
+    assert answer["grad_error"] == pytest.approx(np.sqrt(residual_sq), rel=1e-9)
+    assert answer["grad_error_rel"] == pytest.approx(np.sqrt(residual_sq / target_sq), rel=1e-9)
 
 
 @pytest.mark.parametrize("strategy", ["gradmatch-pb", "gradmatch"])
@@ -272,7 +305,8 @@ def test_the_answer_does_not_depend_on_which_shard_owns_a_class(strategy, option
     for answer in answers[1:]:
         np.testing.assert_array_equal(answer["indices"], answers[0]["indices"])
         np.testing.assert_array_equal(answer["weights"], answers[0]["weights"])
-        assert answer["grad_error"] == pytest.approx(answers[0]["grad_error"], rel=1e-12)
+        for key in GRAD_ERRORS:
+            assert answer[key] == pytest.approx(answers[0][key], rel=1e-12)
 
 
 def test_the_map_handed_out_is_fixed_for_the_round_and_splits_as_the_coordinator_would():
@@ -568,4 +602,5 @@ def test_a_users_own_loop_drives_the_sharded_selector_unchanged(ray_address):
                 opt.step()
         records = subset.records
     assert [r["status"] for r in records] == ["adopted"] * len(records) and len(records) >= 1, records
-    assert all(0 <= r["grad_error"] < 2 for r in records)
+    assert all(0 <= r["grad_error"] and 0 <= r["grad_error_rel"] < 2 and 0 <= r["grad_error_trained"] < 2
+               for r in records)

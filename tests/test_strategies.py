@@ -6,8 +6,7 @@ import pytest
 from protocol.config import GradMatchPBSelector, RandomSelector
 from protocol.messages import RoundRequest
 from service.strategies import (
-    GroundSet, matching_error, pad_selection, select_gradmatch_pb, select_random, subset_gradient_error,
-    train_target,
+    GroundSet, gradient_errors, matching_error, pad_selection, select_gradmatch_pb, select_random, train_target,
 )
 
 
@@ -17,13 +16,19 @@ def request(n_ground, n_select, round_id=0, seed=0, sizes=None, ground="batch"):
                         n_chunks=1, seed=seed, sizes=sizes)
 
 
-def test_random_is_seeded_per_round():
+def test_random_is_one_seeded_subset_for_the_whole_run():
+    """RANDOM is the reference's fixed random subset: every round answers the same, and it is the subset the
+    trainer starts a cold run on (the same seed stream)."""
+    from protocol.config import RANDOM_STREAM
+
     config = RandomSelector()
     a = select_random(config, request(100, 10, round_id=1), None)
-    b = select_random(config, request(100, 10, round_id=1), None)
-    c = select_random(config, request(100, 10, round_id=2), None)
+    b = select_random(config, request(100, 10, round_id=2), None)
+    c = select_random(config, request(100, 10, round_id=1, seed=8), None)
     assert np.array_equal(a.indices, b.indices) and not np.array_equal(a.indices, c.indices)
     assert a.indices.size == 10 and np.unique(a.indices).size == 10 and np.all(a.weights == 1)
+    initial = np.sort(np.random.default_rng([0, RANDOM_STREAM]).choice(100, size=10, replace=False))
+    assert np.array_equal(a.indices, initial)
 
 
 def test_train_target_weights_batches_by_size():
@@ -34,13 +39,15 @@ def test_train_target_weights_batches_by_size():
     np.testing.assert_allclose(train_target(rows, None), [3.0, 3.0])
 
 
-def test_padding_fills_exactly_on_the_same_scale():
+def test_padding_fills_exactly_with_weight_one():
     rng = np.random.default_rng(0)
     indices, weights, n = pad_selection(np.array([3, 5]), np.array([2.0, 4.0]), 10, 5, rng)
     assert n == 3 and indices.size == 5 and np.unique(indices).size == 5
-    assert np.all(weights[2:] == 3.0)
+    assert weights.tolist() == [2.0, 4.0, 1.0, 1.0, 1.0]  # as CORDS pads, not the chosen ones' mean (3)
     indices, weights, n = pad_selection(np.array([], dtype=np.int64), np.array([]), 10, 4, rng)
-    assert n == 4 and np.all(weights == 2.5)
+    assert n == 4 and np.all(weights == 1.0)
+    indices, weights, n = pad_selection(np.array([1, 2]), np.array([7.0, 9.0]), 6, 3, rng, pool=np.array([1, 2, 4]))
+    assert n == 1 and indices.tolist() == [1, 2, 4] and weights.tolist() == [7.0, 9.0, 1.0]
 
 
 def test_gradmatch_pb_finds_a_planted_combination():
@@ -261,73 +268,166 @@ def test_every_strategy_is_implemented_and_named_once():
         config = adapter.validate_python({"strategy": name, **({"time_budget_s": 1} if name == FULL_EARLYSTOP else {})})
         assert type(config) is selector
         plan = implementation(config).plan(config)
-        assert plan.rounds == (name in ROUND_STRATEGIES) == (implementation(config).select is not None)
+        assert plan.rounds == (name in ROUND_STRATEGIES)
+        # RANDOM-ONLINE trains subsets without rounds: the trainer draws one every epoch, the selector never selects
+        assert (implementation(config).select is not None) == (plan.rounds and not plan.online) and \
+            plan.online == (name == "random-online")
         # every strategy that selects asks for the summaries its Table 8 error needs
-        assert plan.summaries == ({"batch": "batch", "example": "example"}[plan.ground] if plan.rounds else "none")
+        assert plan.summaries == ({"batch": "batch", "example": "example"}[plan.ground]
+                                  if plan.rounds and not plan.online else "none")
 
 
-# --- Table 8: the gradient error of a subset as it is trained --------------------------------------------
+# --- Table 8: Eq. 1 with the raw weights, and the error as trained ----------------------------------------
 
-def test_gradient_error_of_a_planted_example_subset():
-    # three examples with C = 2, D = 1: g_i = e_i ⊗ [1, h_i] in the layout [bias (2), weight (2)]
+EXAMPLE_CONFIGS = {"random": RandomSelector(), "gradmatch": GradMatchSelector(), "craig": CraigSelector(),
+                   "glister": GlisterSelector()}
+BATCH_CONFIGS = {"gradmatch-pb": GradMatchPBSelector(), "craig-pb": CraigPBSelector()}
+
+
+def tiny_examples():
+    """Three examples, C = 2, D = 1: g_i = e_i ⊗ [1, h_i] in the layout [bias (2), weight (2)].
+
+    g_0 = [0.5, -0.5, 1, -1], g_1 = [-0.25, 0.25, -1, 1], g_2 = [0.1, -0.1, 0, 0]; sum_U g = [0.35, -0.35, 0, 0].
+    """
     errors = np.array([[0.5, -0.5], [-0.25, 0.25], [0.1, -0.1]])
-    features = np.array([[2.0], [4.0], [0.0]])
-    ground = GroundSet(labels=np.array([1, 0, 1]), errors=errors, features=features)
-    # g_0 = [0.5, -0.5, 1, -1]; g_1 = [-0.25, 0.25, -1, 1]; g_2 = [0.1, -0.1, 0, 0]
-    # full sum = [0.35, -0.35, 0, 0], norm 0.35 sqrt 2
-    # S = {0} with any weight: w^ = 3, so the subset sum is [1.5, -1.5, 3, -3]
-    # difference [1.15, -1.15, 3, -3]: error = sqrt(2 * 1.15^2 + 2 * 9) / (0.35 sqrt 2) = sqrt(1.3225 + 9) / 0.35
-    expected = np.sqrt(1.15 ** 2 + 9) / 0.35
-    for weight in (1.0, 7.5):
-        assert subset_gradient_error(ground, None, np.array([0]), np.array([weight])) == pytest.approx(expected)
-    # S = {1, 2} with weights 1 and 3: w^ = (0.75, 2.25); sum = 0.75 g_1 + 2.25 g_2
-    subset = 0.75 * np.array([-0.25, 0.25, -1, 1]) + 2.25 * np.array([0.1, -0.1, 0, 0])
-    expected = np.linalg.norm(subset - np.array([0.35, -0.35, 0, 0])) / (0.35 * np.sqrt(2))
-    assert subset_gradient_error(ground, None, np.array([1, 2]), np.array([1.0, 3.0])) == pytest.approx(expected)
+    return GroundSet(labels=np.array([1, 0, 1]), errors=errors, features=np.array([[2.0], [4.0], [0.0]]))
 
 
-def test_gradient_error_of_planted_batches_counts_their_examples():
-    # batch b has s_b examples with mean gradient r_b; full sum = sum_b s_b r_b = [4, 0] + [0, 2] + [2, 2] = [6, 4]
+def errors_of(config, ground, indices, weights, sizes=None):
+    found = gradient_errors(config, ground, sizes, np.asarray(indices), np.asarray(weights, dtype=np.float64))
+    return found.absolute, found.relative, found.trained
+
+
+@pytest.mark.parametrize("name", ["random", "craig", "glister"])
+def test_eq1_of_example_strategies_is_against_the_full_training_gradient(name):
+    # S = {0} with w = 2: sum_S w g = [1, -1, 2, -2]; residual [0.65, -0.65, 2, -2]
+    absolute, relative, trained = errors_of(EXAMPLE_CONFIGS[name], tiny_examples(), [0], [2.0])
+    assert absolute == pytest.approx(np.sqrt(2 * 0.65 ** 2 + 8))
+    assert relative == pytest.approx(np.sqrt(2 * 0.65 ** 2 + 8) / (0.35 * np.sqrt(2)))
+    # as trained w^ = 3 whatever w: [1.5, -1.5, 3, -3] - [0.35, -0.35, 0, 0] = [1.15, -1.15, 3, -3]
+    assert trained == pytest.approx(np.sqrt(1.15 ** 2 + 9) / 0.35)
+    # raw weights count: w = 1 is another Eq. 1 error, the same error as trained
+    absolute_1, _, trained_1 = errors_of(EXAMPLE_CONFIGS[name], tiny_examples(), [0], [1.0])
+    assert absolute_1 == pytest.approx(np.linalg.norm([0.15, -0.15, 1, -1])) and trained_1 == pytest.approx(trained)
+
+
+def test_eq1_of_gradmatch_is_per_class_in_the_class_column():
+    # own-column rows [e_c, e_c h]: class 0 = {1}: [-0.25, -1]; class 1 = {0, 2}: [-0.5, -1], [-0.1, 0]
+    # targets: class 0 [-0.25, -1], class 1 [-0.6, -1]. S = {0} with w = 2, none of class 0:
+    # class 1 residual 2 [-0.5, -1] - [-0.6, -1] = [-0.4, -1] (1.16); class 0 residual -target (1.0625)
+    absolute, relative, trained = errors_of(GradMatchSelector(), tiny_examples(), [0], [2.0])
+    assert absolute == pytest.approx(np.sqrt(1.16 + 1.0625))
+    assert relative == pytest.approx(np.sqrt(2.2225 / (1.0625 + 1.36)))
+    assert trained == pytest.approx(np.sqrt(1.15 ** 2 + 9) / 0.35)  # as trained: the whole last layer
+
+
+@pytest.mark.parametrize("name", ["gradmatch-pb", "craig-pb"])
+def test_eq1_of_batches_is_against_the_training_target_over_the_rows(name):
+    # sum_b s_b r_b = [6, 4], n = 8 examples; train_target = 3 [6, 4] / 8 = [2.25, 1.5]
     rows = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=np.float32)
-    sizes = np.array([4, 2, 2])
-    ground = GroundSet(labels=np.zeros(3), rows=rows)
-    # S = {0, 2} weights (1, 2): examples weighted 1 (4 of them) and 2 (2 of them); sum_S w s = 8, n = 8
-    # subset sum = 8 * (1 * 4 * [1, 0] + 2 * 2 * [1, 1]) / 8 = [8, 4]; error = ||[2, 0]|| / ||[6, 4]||
-    error = subset_gradient_error(ground, sizes, np.array([0, 2]), np.array([1.0, 2.0]))
-    assert error == pytest.approx(2 / np.sqrt(52))
-    # without sizes every batch counts as one example: full = [2, 2]; subset = 3 * ([1, 0] + 2 [1, 1]) / 3 = [3, 2]
-    assert subset_gradient_error(ground, None, np.array([0, 2]), np.array([1.0, 2.0])) == pytest.approx(1 / np.sqrt(8))
+    ground, sizes = GroundSet(labels=np.zeros(3), rows=rows), np.array([4, 2, 2])
+    # S = {0, 2} with w = (1, 2): sum_S w r = [3, 2]; residual [0.75, 0.5]
+    absolute, relative, trained = errors_of(BATCH_CONFIGS[name], ground, [0, 2], [1.0, 2.0], sizes)
+    assert absolute == pytest.approx(np.sqrt(0.8125)) and relative == pytest.approx(np.sqrt(0.8125 / 7.3125))
+    # as trained each chosen batch's weight cancels: n mean(r_0, r_2) = 8 [1, 0.5] = [8, 4]; minus [6, 4]
+    assert trained == pytest.approx(2 / np.sqrt(52))
+    assert errors_of(BATCH_CONFIGS[name], ground, [0, 2], [5.0, 0.1], sizes)[2] == pytest.approx(trained)
+    # without sizes every batch is one example: target [2, 2], sum_S w r = [3, 2]; as trained 3 [1, 0.5] - [2, 2]
+    assert errors_of(BATCH_CONFIGS[name], ground, [0, 2], [1.0, 2.0])[:3:2] == pytest.approx(
+        (1.0, np.sqrt(1.25) / np.sqrt(8)))
 
 
-@pytest.mark.parametrize("scale", [1.0, 0.01, 40.0])
-def test_the_whole_set_with_equal_weights_scores_zero(scale):
+def test_eq1_of_gradmatch_pb_valid_is_against_the_validation_target():
+    # one validation example, logits 0, label 0, h = 2: e = [-0.5, 0.5], flat [-0.5, 0.5, -1, 1]; x n_b = 2
+    validation = ValidationSet(round_id=0, logits=np.zeros((1, 2)), features=np.array([[2.0]]), labels=np.array([0]))
+    rows = np.array([[-1.0, 1.0, -2.0, 2.0], [1.0, 0.0, 0.0, 0.0]], dtype=np.float32)
+    ground = GroundSet(labels=np.zeros(2), rows=rows, validation=validation)
+    config = GradMatchPBSelector(valid=True)
+    assert errors_of(config, ground, [0], [1.0])[:2] == pytest.approx((0.0, 0.0))  # row 0 is the target
+    # S = {1} with w = 2: [2, 0, 0, 0] - [-1, 1, -2, 2] = [3, -1, 2, -2]
+    absolute, relative, trained = errors_of(config, ground, [1], [2.0])
+    assert absolute == pytest.approx(np.sqrt(18)) and relative == pytest.approx(np.sqrt(18 / 10))
+    # as trained against the training gradient: 2 r_1 - (r_0 + r_1) = [2, -1, 2, -2] vs [0, 1, -2, 2]
+    assert trained == pytest.approx(np.sqrt(13) / 3)
+    # without valid the target is the training one, r_0 + r_1: residual [2, -1, 2, -2]
+    assert errors_of(GradMatchPBSelector(), ground, [1], [2.0])[0] == pytest.approx(np.sqrt(13))
+
+
+@pytest.mark.parametrize("name", list(EXAMPLE_CONFIGS))
+def test_a_subset_that_reproduces_the_matched_gradient_reads_zero_examples(name):
     ground = example_ground(n=50)
-    every = np.arange(50)
-    assert subset_gradient_error(ground, None, every, np.full(50, scale)) == pytest.approx(0, abs=1e-12)
+    absolute, relative, trained = errors_of(EXAMPLE_CONFIGS[name], ground, np.arange(50), np.ones(50))
+    assert absolute == pytest.approx(0, abs=1e-9) and relative == pytest.approx(0, abs=1e-9)
+    assert trained == pytest.approx(0, abs=1e-12)
+    # a planted duplicate: example 7 twice (as 7 and 8), the ground set without 8 but 7 with weight 2
+    errors, features = ground.errors.copy(), ground.features.copy()
+    errors[8], features[8] = errors[7], features[7]
+    labels = ground.labels.copy()
+    labels[8] = labels[7]
+    twin = GroundSet(labels=labels, errors=errors, features=features)
+    keep = np.setdiff1d(np.arange(50), [8])
+    weights = np.where(keep == 7, 2.0, 1.0)
+    absolute, relative, _ = errors_of(EXAMPLE_CONFIGS[name], twin, keep, weights)
+    assert absolute == pytest.approx(0, abs=1e-6) and relative == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", list(BATCH_CONFIGS))
+def test_a_subset_that_reproduces_the_matched_gradient_reads_zero_batches(name):
     rows = np.random.default_rng(4).normal(size=(9, 7)).astype(np.float32)
     sizes = np.array([8] * 8 + [3])
-    batches = GroundSet(labels=np.zeros(9), rows=rows)
-    assert subset_gradient_error(batches, sizes, np.arange(9), np.full(9, scale)) == pytest.approx(0, abs=1e-6)
-    # unequal weights on the whole set are not the full gradient
-    weights = np.linspace(1, 3, 50)
-    assert subset_gradient_error(ground, None, every, weights) > 1e-3
+    ground = GroundSet(labels=np.zeros(9), rows=rows)
+    # train_target = 9 sum_b s_b r_b / sum_b s_b: every batch with weight 9 s_b / 67
+    absolute, relative, trained = errors_of(BATCH_CONFIGS[name], ground, np.arange(9), 9 * sizes / 67, sizes)
+    assert absolute == pytest.approx(0, abs=1e-5) and relative == pytest.approx(0, abs=1e-6)
+    # as trained, the whole set in equal batches trains like a full epoch, whatever the weights
+    equal = np.full(9, 8)
+    assert errors_of(BATCH_CONFIGS[name], ground, np.arange(9), np.linspace(1, 3, 9), equal)[2] == pytest.approx(
+        0, abs=1e-6)
+    # the planted combination of test_gradmatch_pb_finds_a_planted_combination: rows 5, 17, 33 with weight 1
+    planted = np.random.default_rng(1)
+    rows = np.zeros((41, 30), dtype=np.float32)
+    rows[[5, 17, 33]] = planted.normal(size=(3, 30))
+    half = planted.normal(size=(19, 30)) * 0.5
+    others = np.setdiff1d(np.arange(41), [5, 17, 33])
+    rows[others[:19]], rows[others[19:]] = half, -half
+    absolute, relative, _ = errors_of(BATCH_CONFIGS[name], GroundSet(labels=np.zeros(41), rows=rows), [5, 17, 33],
+                                      np.ones(3), np.full(41, 8))
+    assert absolute == pytest.approx(0, abs=1e-5) and relative == pytest.approx(0, abs=1e-6)
 
 
-def test_gradient_error_uses_every_column_not_the_class_column():
-    # gradmatch's own matching error looks at each class's own logit column; the comparable error sees all
+def test_the_whole_set_with_equal_weights_trains_like_a_full_epoch():
+    ground = example_ground(n=50)
+    for scale in (1.0, 0.01, 40.0):
+        assert errors_of(RandomSelector(), ground, np.arange(50), np.full(50, scale))[2] == pytest.approx(0, abs=1e-12)
+    # unequal weights on the whole set are not the full gradient as trained
+    assert errors_of(RandomSelector(), ground, np.arange(50), np.linspace(1, 3, 50))[2] > 1e-3
+    # Eq. 1 counts the raw weights: the whole set at weight 2 is twice the target, an error of one target
+    absolute, relative, _ = errors_of(RandomSelector(), ground, np.arange(50), np.full(50, 2.0))
+    assert relative == pytest.approx(1.0)
+
+
+def test_the_errors_agree_with_what_gradmatch_matched():
     ground = example_ground(n=80, n_classes=4, dim=5, seed=3)
     selection = select_gradmatch(GradMatchSelector(), request(80, 8, ground="example"), ground)
+    absolute, relative, trained = errors_of(GradMatchSelector(), ground, selection.indices, selection.weights)
+    assert relative == pytest.approx(selection.match_error, rel=1e-9)  # the strategy's own objective
+    # as trained: the whole last layer with rescaled weights, a different number
     full_rows = np.stack([flat_gradient(ground.errors[i:i + 1], ground.features[i:i + 1]) for i in range(80)])
-    weights = selection.weights * 80 / selection.weights.sum()
-    expected = matching_error(full_rows, full_rows.sum(0), selection.indices, weights)
-    error = subset_gradient_error(ground, None, selection.indices, selection.weights)
-    assert error == pytest.approx(expected, rel=1e-6)
-    assert error != pytest.approx(selection.match_error, rel=1e-3)
+    rescaled = selection.weights * 80 / selection.weights.sum()
+    assert trained == pytest.approx(matching_error(full_rows, full_rows.sum(0), selection.indices, rescaled), rel=1e-6)
+    assert trained != pytest.approx(relative, rel=1e-3)
+    rows = (np.random.default_rng(2).normal(size=(60, 20)) + 0.5).astype(np.float32)
+    batches = GroundSet(labels=np.zeros(60), rows=rows)
+    pb = select_gradmatch_pb(GradMatchPBSelector(), request(60, 6), batches)
+    assert errors_of(GradMatchPBSelector(), batches, pb.indices, pb.weights)[1] == pytest.approx(pb.match_error)
 
 
-def test_gradient_error_needs_summaries():
-    assert subset_gradient_error(None, None, np.array([0]), np.array([1.0])) is None
-    assert subset_gradient_error(GroundSet(labels=np.zeros(3)), None, np.array([0]), np.array([1.0])) is None
+def test_gradient_errors_need_summaries():
+    for ground in (None, GroundSet(labels=np.zeros(3))):
+        assert errors_of(RandomSelector(), ground, [0], [1.0]) == (None, None, None)
+    # a zero target has no relative error
+    zero = GroundSet(labels=np.zeros(2), rows=np.zeros((2, 4), np.float32))
+    assert errors_of(CraigPBSelector(), zero, [0], [1.0]) == (0.0, None, None)
 
 
 # --- which examples were chosen ------------------------------------------------------------------------

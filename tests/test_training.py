@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.rounds import EpochPlan, batch_budget, budget_size, plan_epochs, round_schedule
-from trainer.training import CosineSchedule, cosine_lr, fixed_batches, subset_from_batches, weighted_step
+from trainer.training import (
+    CosineSchedule, batch_weights, cosine_lr, fixed_batches, subset_from_batches, weighted_step,
+)
 
 
 def _step_delta(model, x, y, w, lr=0.1):
@@ -51,6 +53,23 @@ def test_weights_reach_the_step():
         torch.testing.assert_close(d2 - d1, -0.1 * extra)
 
 
+def test_batch_weights_make_the_step_the_references_sum_w_l_over_sum_w():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    w = torch.tensor([8.0, 0.5, 20.0, 1.5, 0.25, 0.75])
+    normalised = batch_weights(w)
+    assert normalised.mean() == pytest.approx(1.0)
+    reference = [g * len(y) / float(w.sum()) for g in _hand_gradient(model, x, y, w)]  # sum w grad / sum w
+    for delta, grad in zip(_step_delta(model, x, y, normalised), reference):
+        torch.testing.assert_close(delta, -0.1 * grad)
+    # scale-free: a heavy batch steps no further than a light one, and one weight for the whole batch
+    # (a chosen PB mini-batch) cancels to an unweighted step
+    torch.testing.assert_close(batch_weights(w * 1000), normalised)
+    torch.testing.assert_close(batch_weights(torch.full((6,), 37.0)), torch.ones(6))
+    torch.testing.assert_close(batch_weights(torch.zeros(3)), torch.ones(3))  # nothing to weigh: unweighted
+
+
 def test_non_finite_loss_takes_no_step():
     model = torch.nn.Linear(2, 2)
     before = [p.detach().clone() for p in model.parameters()]
@@ -80,14 +99,16 @@ def test_fixed_batches_partition_and_are_seeded():
 @pytest.mark.parametrize(
     "epochs, kappa, budget, rounds, expected",
     [
-        (200, 0.5, 0.1, True, EpochPlan(full=10, subset=100)),  # paper A.2.1
-        (300, 0.5, 0.1, True, EpochPlan(full=15, subset=150)),  # the paper's example
-        (20, 0.0, 0.1, True, EpochPlan(full=0, subset=20)),
-        (5, 0.5, 0.01, True, EpochPlan(full=1, subset=2)),
-        (200, 0.5, 0.01, True, EpochPlan(full=1, subset=100)),  # the paper's MNIST 1%: T_f = ceil(1.0)
-        (200, 0.5, 0.05, True, EpochPlan(full=5, subset=100)),
-        (100, 0.5, 0.05, True, EpochPlan(full=3, subset=50)),  # ceil(2.5), as the reference rounds
-        (7, 0.5, 0.1, False, EpochPlan(full=7, subset=0)),
+        (200, 0.5, 0.1, True, EpochPlan(full=10, subset=100, nominal_total=200)),  # paper A.2.1
+        (300, 0.5, 0.1, True, EpochPlan(full=15, subset=150, nominal_total=300)),  # the paper's example
+        (20, 0.0, 0.1, True, EpochPlan(full=0, subset=20, nominal_total=20)),
+        (5, 0.5, 0.01, True, EpochPlan(full=1, subset=3, nominal_total=5)),  # int(2.5) = 2: subsets from epoch 2
+        (200, 0.5, 0.01, True, EpochPlan(full=1, subset=100, nominal_total=200)),  # the paper's MNIST 1%
+        (200, 0.5, 0.05, True, EpochPlan(full=5, subset=100, nominal_total=200)),
+        (100, 0.5, 0.05, True, EpochPlan(full=2, subset=50, nominal_total=100)),  # round(2.5) == 2, as the reference
+        (100, 0.5, 0.01, True, EpochPlan(full=1, subset=50, nominal_total=100)),  # round(0.5) == 0: at least one
+        (100, 0.3, 0.1, True, EpochPlan(full=3, subset=70, nominal_total=100)),  # subsets from nominal epoch 30 on
+        (7, 0.5, 0.1, False, EpochPlan(full=7, subset=0, nominal_total=7)),
     ],
 )
 def test_plan_epochs(epochs, kappa, budget, rounds, expected):
@@ -140,19 +161,20 @@ def test_a_round_pool_is_drawn_from_its_seed_and_round_and_maps_back_to_examples
     assert int(pool.ids.max()) < 1000
 
 
-def test_epoch_cosine_schedule_values():
-    """lr(e) = lr0 (1 + cos(pi e / E)) / 2 per epoch: the paper's MNIST preset is at ~0.98 lr0 after 10 full epochs."""
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    schedule = CosineSchedule(optimizer, 0.5, "epoch", n_epochs=110, total_steps=10_000)
-    expected = {0: 0.5, 10: 0.5 * 0.5 * (1 + math.cos(math.pi * 10 / 110)), 55: 0.25, 109: None}
+def test_epoch_cosine_schedule_runs_over_nominal_epochs():
+    """A warm run at T = 40, kappa = 0.5: full epochs at lr(0), lr(1); the first subset epoch at lr(20) = lr0 / 2."""
+    plan = plan_epochs(40, 0.5, 0.1, rounds=True)
+    assert (plan.full, plan.subset) == (2, 20)
+    assert [plan.nominal(e) for e in (0, 1, 2, 3, 21)] == [0, 1, 20, 21, 39]
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.5)
+    schedule = CosineSchedule(optimizer, 0.5, "epoch", n_epochs=40, total_steps=10_000, nominal=plan.nominal)
+    expected = {0: 0.5, 1: 0.25 * (1 + math.cos(math.pi / 40)), 2: 0.5 * 0.5 * (1 + math.cos(math.pi * 20 / 40)),
+                21: 0.25 * (1 + math.cos(math.pi * 39 / 40))}
     for epoch, lr in expected.items():
         schedule.start_epoch(epoch, step=epoch * 90)
         schedule.after_step(epoch * 90 + 1)  # per-epoch: steps leave the rate alone
-        if lr is not None:
-            assert schedule.lr == pytest.approx(lr, rel=1e-12)
-    assert 0 < schedule.lr < 0.5 * 1e-3
-    assert expected[10] == pytest.approx(0.4898, abs=1e-4)  # 0.98 lr0, where per-step annealing gave 0.5 lr0
+        assert schedule.lr == pytest.approx(lr, rel=1e-12)
+    assert expected[2] == pytest.approx(0.25)
 
 
 def test_step_cosine_schedule_anneals_over_steps():

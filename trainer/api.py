@@ -34,6 +34,7 @@ from trainer.launch import actor_options, connect_ray, release, start_selector
 from trainer.models import find_classifier
 from trainer.rounds import RoundClient, check_schedule
 from trainer.summaries import SummarySource
+from trainer.training import batch_weights
 
 STATE_VERSION = 1
 
@@ -228,7 +229,8 @@ class AdaptiveSubset:
                 self.workers = SummaryPool(schedule.summary_workers, model, train_inputs, self.labels, self.layer,
                                            threads=schedule.summary_threads)
             if leader:
-                self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase, workers=self.workers)
+                self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase, workers=self.workers,
+                                          n_classes=self.n_classes)
             if self.group is not None:  # the other ranks learn the plan from rank 0
                 plan = self.group.share(self.rounds.plan if leader else None)
                 if not leader:
@@ -273,17 +275,15 @@ class AdaptiveSubset:
         return self._shared[1]
 
     def _batches(self, subset, epoch: int):
-        """``(x, y, w)`` for each mini-batch of ``subset`` in this epoch's order; ``w`` has mean 1 over the subset.
+        """``(x, y, w)`` for each mini-batch of ``subset`` in this epoch's order; ``w`` has mean 1 over the batch,
+        so ``(w * loss).mean()`` is the reference's ``sum w l / sum w`` per mini-batch (``batch_weights``).
 
         Data-parallel, each rank yields its share of every batch (``Group.part``), weights scaled to match."""
         order = subset.epoch_batches(self.config.train.batch_size, self.generator)
-        weights = subset.weights / subset.mean_weight
+        weights = [batch_weights(subset.weights[ids]) for ids in order]
         if self.group is not None:
-            parts = [self.group.part(ids) for ids in order]
-            order = [ids for ids, _ in parts]
-            weights = [weights[ids] * scale for ids, scale in parts]
-        else:
-            weights = [weights[ids] for ids in order]
+            parts = [self.group.part(ids, w) for ids, w in zip(order, weights)]
+            order, weights = [ids for ids, _ in parts], [w for _, w in parts]
         if isinstance(self.train_set, TensorDataset):
             inputs, labels = self.train_set.tensors[0], self.train_set.tensors[1]
             pairs = ((inputs[ids], labels[ids]) for ids in order)
@@ -295,6 +295,13 @@ class AdaptiveSubset:
             yield (x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device), w.to(self.device))
             self.step += 1
         self._epoch_done = True
+
+    def report_loss(self, loss: float) -> None:
+        """The mean training loss of the epoch just trained (optional): it arms the divergence guard, which undoes
+        an adopted subset that drives the loss above ``max(10 x the loss before it, ln(C) / 4)`` for two epochs
+        in a row (``divergence_guard=False`` turns it off; ``summary()["rounds_harmful"]`` counts them)."""
+        if self.group is None or self.group.leader:
+            self.rounds.observe_loss(self.epoch, float(loss))
 
     def finish(self) -> None:
         """End of training: the round still out is recorded as unused, rounds never started as skipped."""

@@ -59,13 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="live strategy changes, e.g. '0:random,20:gradmatch-pb' (default: none)")
     add("--budget", dest="schedule.budget", metavar="F", help="subset size as a share of the training set (default: 0.1)")
     add("--kappa", dest="schedule.kappa", metavar="F",
-        help="warm start: share kappa*T of epochs on subsets, 0: no warm start (default: 0.5)")
+        help="warm start: subsets from nominal epoch int(kappa*T) on, after round(int(kappa*T)*budget) full "
+             "epochs (as the reference trains), 0: no warm start (default: 0.5)")
     add("--select-every", dest="schedule.select_every", metavar="R", help="epochs between selection rounds (default: 20)")
     add("--lead", dest="schedule.lead", metavar="E",
         help="epochs before a boundary that its round starts, 0: synchronous, auto: as few as the measured "
              "round and epoch times allow (default: 1)")
     add("--on-late", dest="schedule.on_late", metavar="MODE",
-        help="at a boundary whose subset is not ready [continue, wait] (default: continue)")
+        help="at a boundary whose subset is not ready: wait for it (reproducible) or continue on the current "
+             "one (not reproducible) [wait, continue] (default: wait)")
+    add("--divergence-guard", dest="schedule.divergence_guard", metavar="BOOL",
+        help="undo an adopted subset that drives the training loss above max(10x the loss before it, ln(C)/4) "
+             "for two epochs [true, false] (default: true)")
     add("--summary-workers", dest="schedule.summary_workers", metavar="W",
         help="Ray actors that make the summary passes from a model snapshot while training goes on (default: 0)")
     add("--pool", dest="schedule.pool", metavar="F",
@@ -79,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--batch-size", dest="train.batch_size", metavar="B", help="mini-batch size (default: 32)")
     add("--lr", dest="train.lr", metavar="LR", help="initial SGD learning rate, cosine annealed (default: 0.01)")
     add("--lr-schedule", dest="train.lr_schedule", metavar="PER",
-        help="cosine annealing per [epoch, step] (default: epoch)")
+        help="cosine annealing per nominal [epoch] of T (a warm run's subset epochs continue at lr(kappa*T)) "
+             "or per optimizer [step] (default: epoch)")
     add("--checkpoint-every", dest="train.checkpoint_every", metavar="E",
         help="epochs between checkpoints, and one at the end (default: 10)")
     add("--seed", dest="seed", metavar="N", help="seed of splits, weights and subsets (default: 0)")

@@ -109,8 +109,8 @@ class Trainer:
         # augmentation draws: each rank its own stream (rank 0's is a single trainer's)
         self.generator = torch.Generator().manual_seed(config.seed + 1 + (group.rank if group else 0))
         self.optimizer = make_optimizer(self.model, config.train.lr, config.train.momentum, config.train.weight_decay)
-        self.lr_schedule = CosineSchedule(self.optimizer, config.train.lr, config.train.lr_schedule, self.plan.total,
-                                       self._total_steps())
+        self.lr_schedule = CosineSchedule(self.optimizer, config.train.lr, config.train.lr_schedule,
+                                          self.plan.nominal_total, self._total_steps(), nominal=self.plan.nominal)
         self.eval_s = self.elapsed_s = 0.0
         self._progress = Progress(total=self.plan.total)
         self._lock = threading.Lock()
@@ -176,6 +176,7 @@ class Trainer:
             self.lr_schedule.start_epoch(epoch, self.subset.step)
             lr = self.lr_schedule.lr
             loss = self._train_epoch(epoch, batches, out_of_time)
+            self.subset.report_loss(loss)
             train_s = time.perf_counter() - epoch_start
             if budget_s and epoch == 0 and self.config.train.lr_schedule == "epoch":
                 # FULL-EARLYSTOP anneals over the epochs its time budget affords, estimated from the first one
@@ -341,7 +342,9 @@ class Trainer:
             workers_busy_s=rounds["workers_busy_s"],
             overlap=rounds["overlap"], rounds=rounds["rounds"], rounds_rejected=rounds["rounds_rejected"],
             rounds_skipped=rounds["rounds_skipped"], late_adoptions=rounds["late_adoptions"],
+            rounds_harmful=rounds["rounds_harmful"], harmful=rounds["harmful"],
             staleness=rounds["staleness"], selector_lost=rounds["selector_lost"], grad_error=rounds["grad_error"],
+            grad_error_rel=rounds["grad_error_rel"], grad_error_trained=rounds["grad_error_trained"],
             redundant=rounds["redundant"] if self.strategy_plan.rounds else None,
             steps=self.subset.step, energy_j=self._energy_j(energy), energy_note=energy.note,
             ray_address=ray.get_runtime_context().gcs_address if ray.is_initialized() else "",

@@ -85,18 +85,18 @@ class Group:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
-    def part(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """This rank's share of the batch ``ids`` and the factor on its weights.
+    def part(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of the batch ``ids`` and of its weights ``weights`` (mean 1 over the batch).
 
         Rank r takes ``ids[r::world]`` and scales its weights by ``world * len(share) / len(ids)``: DDP
         averages the ranks' gradients of ``mean(w * loss)`` over their shares, and with that factor the average
-        is the gradient of ``mean(w * loss)`` over the whole batch. A rank left without examples (a batch
-        smaller than the group) trains on the batch's first example with weight 0.
+        is the gradient of ``mean(w * loss)`` over the whole batch, ``sum w l / sum w``. A rank left without
+        examples (a batch smaller than the group) trains on the batch's first example with weight 0.
         """
         share = ids[self.rank::self.world]
         if share.numel() == 0:
-            return ids[:1], 0.0
-        return share, self.world * share.numel() / ids.numel()
+            return ids[:1], torch.zeros(1, dtype=weights.dtype)
+        return share, weights[self.rank::self.world] * (self.world * share.numel() / ids.numel())
 
 
 class FollowerRounds:

@@ -55,7 +55,7 @@ PRESETS: dict[str, dict] = {
         "budgets": [0.05, 0.1, 0.3],
         "kappas": [0, 0.5],
         "select_every": [10],  # R / T = 0.1 as the paper's 20 / 200
-        "seeds": [0, 1, 2],
+        "seeds": [0, 1, 2, 3, 4],
     },
 }
 

@@ -1,11 +1,12 @@
 """An experiment's evidence: ``results.csv`` (a row per trial), ``report.md`` (the paper's tables, made
 from the trials) and PNG plots (the paper's figures 3 and 4).
 
-Definitions (DESIGN.md §5, ``docs/metrics.md``): ``speedup = wall_s(FULL) / wall_s``, ``acc_drop = acc(FULL) -
+Definitions (docs/design.md §5, ``docs/metrics.md``): ``speedup = wall_s(FULL) / wall_s``, ``acc_drop = acc(FULL) -
 acc`` in points, ``rel_error = 100 * acc_drop / acc(FULL)`` (relative test error w.r.t. FULL, in %), ``overhead =
 wall_s / wall_s(RANDOM)`` at the same budget, kappa, R and seed, ``energy_ratio = energy_j(FULL) /
 energy_j``. FULL and RANDOM references are taken from the same seed. ``staleness`` and ``late_adoptions`` come
-from each trial's ``rounds.jsonl``; ``grad_error`` (Table 8) and ``redundant`` (Table 9) from its summary.
+from each trial's ``rounds.jsonl``; ``grad_error``, ``grad_error_rel`` (Table 8), ``grad_error_trained`` and
+``redundant`` (Table 9) from its summary (a summary written before a field existed gives an empty cell).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from protocol.config import FULL, PAPER_NAMES, ROUND_STRATEGIES  # noqa: E402
 COLUMNS = [
     "trial", "strategy", "label", "budget", "kappa", "R", "seed", "acc", "wall_s", "speedup", "acc_drop",
     "rel_error", "energy_j", "energy_ratio", "overhead", "stall_s", "selector_busy_s", "overlap", "staleness",
-    "late_adoptions", "grad_error", "redundant", "epochs_run", "energy_training_j", "energy_summaries_j",
-    "energy_stall_j",
+    "late_adoptions", "grad_error", "grad_error_rel", "grad_error_trained", "redundant", "epochs_run",
+    "energy_training_j", "energy_summaries_j", "energy_stall_j",
 ]
+GRAD_ERRORS = ("grad_error", "grad_error_rel", "grad_error_trained")
 DERIVED = ("speedup", "acc_drop", "rel_error", "energy_ratio", "overhead")
 PHASES = ("training", "summaries", "stall")
 
@@ -71,10 +73,11 @@ def results_table(experiment, failed: dict) -> pd.DataFrame:
                      "budget": trial.budget, "kappa": trial.kappa, "R": trial.select_every, "seed": trial.seed,
                      "acc": s["acc"], "wall_s": s["wall_s"], "energy_j": s["energy_j"], "stall_s": s["stall_s"],
                      "selector_busy_s": s["selector_busy_s"], "overlap": s["overlap"], "staleness": staleness,
-                     "late_adoptions": late, "grad_error": s["grad_error"], "redundant": s["redundant"],
+                     "late_adoptions": late, **{key: s.get(key) for key in GRAD_ERRORS}, "redundant": s["redundant"],
                      "epochs_run": s["epochs_run"],
                      **{f"energy_{phase}_j": s["energy_phases"].get(phase) for phase in PHASES}})
     frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if c not in DERIVED])
+    frame[list(GRAD_ERRORS)] = frame[list(GRAD_ERRORS)].astype(float)  # a field missing everywhere: NaN, not None
     return _derive(frame)[COLUMNS]
 
 
@@ -131,24 +134,26 @@ def accuracy_time_table(frame: pd.DataFrame) -> str:
     return markdown_table(header, rows)
 
 
-def mean_std_table(frame: pd.DataFrame, column: str, digits: int = 2, drop_missing: bool = False) -> str:
+def mean_std_table(frame: pd.DataFrame, column: str, digits: int = 2, drop_missing: bool = False,
+                   also: dict[str, str] | None = None) -> str:
     """Mean ± std over seeds of ``column`` per strategy and budget (``drop_missing``: rows without a value
-    left out, e.g. FULL for the gradient error)."""
+    left out, e.g. FULL for the gradient error); ``also`` (``{suffix: column}``) adds a column per budget of
+    each, headed ``"<budget> <suffix>"``, after those of ``column``."""
     frame = frame[frame[column].notna()] if drop_missing else frame
     budgets = sorted(frame[frame.strategy != FULL].budget.unique())
-    stats = frame.groupby(["label", "budget"])[column].agg(["mean", "std"])
-    full = frame[frame.strategy == FULL][column]
-    rows = []
-    for lab in _order(frame):
-        cells = [lab]
-        for b in budgets:
-            if lab == "FULL":
-                mean, std = full.mean(), full.std()
-            else:
-                mean, std = (stats.loc[(lab, b)] if (lab, b) in stats.index else (np.nan, np.nan))
-            cells.append(f"{_fmt(mean, digits)} ± {_fmt(std, digits)}")
-        rows.append(cells)
-    return markdown_table(["strategy"] + [f"{b:g}" for b in budgets], rows)
+    columns = [("", column), *((f" {suffix}", name) for suffix, name in (also or {}).items())]
+    rows = [[lab] for lab in _order(frame)]
+    for _, name in columns:
+        stats = frame.groupby(["label", "budget"])[name].agg(["mean", "std"])
+        full = frame[frame.strategy == FULL][name]
+        for cells in rows:
+            for b in budgets:
+                if cells[0] == "FULL":
+                    mean, std = full.mean(), full.std()
+                else:
+                    mean, std = stats.loc[(cells[0], b)] if (cells[0], b) in stats.index else (np.nan, np.nan)
+                cells.append(f"{_fmt(mean, digits)} ± {_fmt(std, digits)}")
+    return markdown_table(["strategy"] + [f"{b:g}{suffix}" for suffix, _ in columns for b in budgets], rows)
 
 
 def wilcoxon_table(frame: pd.DataFrame) -> str:
@@ -292,13 +297,20 @@ def _report_text(experiment, frame, failed, command, elapsed_s, figures) -> str:
         "Probability of seeing at least this advantage in accuracy of the row over the column if neither "
         "were better; paired over (budget, seed); n/a with fewer than two pairs or no differences.",
         wilcoxon_table(frame),
-        "## Gradient error of the subsets as trained (paper Table 8)",
-        "grad_error = ||sum_S w^_i g_i - sum_U g_i|| / ||sum_U g_i|| over the whole last-layer gradient at each "
-        "round's snapshot, U every training example, weights rescaled to stand for the n examples (w^_i = w_i n / "
-        "sum_S w; per example of a chosen batch in the PB variants); 0 for a subset that trains like a full epoch. "
-        "Mean over a trial's adopted rounds, then mean ± std over seeds. See docs/metrics.md.",
-        mean_std_table(frame, "grad_error", 3, drop_missing=True)
+        "## Gradient error of the subsets, paper Eq. 1 (paper Table 8)",
+        "grad_error = ||sum_S w_i g_i - target|| at each round's snapshot, with the weights the strategy returned, "
+        "over the gradient it matched: per class in the class's own logit column for GRAD-MATCH, the mini-batch "
+        "rows for GRAD-MATCH-PB (each against its train or val target), the whole last-layer training gradient "
+        "for the others. Absolute, as the paper prints it, and relative to ||target|| (\"rel\" columns). Mean "
+        "over a trial's adopted rounds, then mean ± std over seeds. See docs/metrics.md.",
+        mean_std_table(frame, "grad_error", 3, drop_missing=True, also={"rel": "grad_error_rel"})
         if frame.grad_error.notna().any() else "No strategy of this grid selects.",
+        "## Gradient error of the subsets as trained",
+        "grad_error_trained = ||sum_S w^_i g_i - sum_U g_i|| / ||sum_U g_i|| over the whole last-layer gradient, "
+        "U every training example, the subset weighted as training weighs it (w^_i = n w_i / sum_S w per example; "
+        "a chosen batch's own mean gradient in the PB variants); 0 for a subset that trains like a full epoch.",
+        mean_std_table(frame, "grad_error_trained", 3, drop_missing=True)
+        if frame.grad_error_trained.notna().any() else "Not recorded by these trials.",
         "## Redundant points: share of training examples never used for training in the whole run (paper Table 9)",
         "Examples neither in a subset that was trained on nor in a full epoch (warm start included).",
         mean_std_table(frame, "redundant", 3, drop_missing=True)

@@ -1,4 +1,4 @@
-"""The round protocol (DESIGN.md §3), in one place: when rounds happen and how they are driven.
+"""The round protocol (docs/design.md §3), in one place: when rounds happen and how they are driven.
 
 ``RoundClient`` owns the selector's actor handle. At each epoch boundary it adopts a due subset (polling
 without blocking, or waiting when asked to), triggers the next round when its epoch has come, streams the
@@ -22,7 +22,7 @@ import torch
 from pydantic import ValidationError
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
 
-from protocol.config import RunConfig
+from protocol.config import RANDOM_STREAM, RunConfig
 from protocol.errors import RoundFailed, RunFailed, one_line
 from protocol.messages import RoundRequest, StrategyPlan, SubsetMessage
 from protocol.records import RoundRecord
@@ -31,8 +31,11 @@ from trainer.training import Subset, fixed_batches, full_subset, subset_from_bat
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 60.0  # cheap selector calls (plan, reconfigure)
 RESULT_MARGIN_S = 5.0  # the selector gives up this much after the trainer, so the trainer's timeout fires
-INITIAL_SUBSET_STREAM = 2**31  # seed stream of the initial random subset, apart from every round's stream
 POOL_STREAM = 2**31 + 1  # seed stream of the rounds' random pools
+ONLINE_STREAM = 2**31 + 2  # seed stream of RANDOM-ONLINE's per-epoch subsets
+# the divergence guard: an adopted subset is harmful when the training loss exceeds
+# max(GUARD_FACTOR * the loss before adoption, GUARD_CHANCE * ln C) for GUARD_EPOCHS epochs in a row
+GUARD_FACTOR, GUARD_CHANCE, GUARD_EPOCHS = 10.0, 0.25, 2
 AUTO_MARGIN = 2.0  # lead auto: a round starts when the epochs left before its boundary give it less than
 AUTO_SLACK_S = 0.05  # AUTO_MARGIN times its expected time plus AUTO_SLACK_S, if it waited one epoch more
 
@@ -41,29 +44,42 @@ AUTO_SLACK_S = 0.05  # AUTO_MARGIN times its expected time plus AUTO_SLACK_S, if
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """``full`` epochs on all data (warm start or FULL) followed by ``subset`` epochs."""
+    """``full`` epochs on all data (warm start or FULL) followed by ``subset`` epochs, in an epoch budget T.
+
+    A warm run trains fewer epochs than T; the learning-rate schedule still runs over T *nominal* epochs, as
+    the reference implementation steps its scheduler through the epochs it skips: trained epoch ``e`` is
+    nominal epoch ``e`` in the full phase and ``e + (T - full - subset)`` in the subset phase.
+    """
 
     full: int
     subset: int
+    nominal_total: int = 0  # T; 0: the epochs trained (full + subset)
 
     @property
     def total(self) -> int:
         return self.full + self.subset
 
+    def nominal(self, epoch: int) -> int:
+        """The nominal epoch (0 .. T-1) that trained epoch ``epoch`` stands for."""
+        skipped = max(0, self.nominal_total - self.total)
+        return epoch if epoch < self.full else epoch + skipped
+
 
 def plan_epochs(epochs: int, kappa: float, budget: float, rounds: bool) -> EpochPlan:
-    """Warm start of paper A.2.1: ``T_s = kappa*T`` subset epochs after ``T_f = ceil(T_s*k/n)`` full ones.
+    """Warm start as the reference implementation trains it (paper A.2.1).
 
-    ``kappa == 0`` means no warm start: all ``T`` epochs on subsets. Strategies without rounds (FULL)
-    train ``T`` full epochs. ``T_f`` is rounded up, as the reference implementation does, so a warm start
-    has at least one full epoch.
+    Subsets are trained from nominal epoch ``int(kappa * T)`` to ``T``, so ``T - int(kappa*T)`` subset epochs,
+    after ``T_f = round(int(kappa*T) * budget)`` full epochs (Python's ``round``, as the reference; at least
+    one, so that no round selects with an untrained model); the nominal epochs in between are skipped. With
+    ``kappa == 0.5`` that is the paper's ``T_s = kappa*T`` and ``T_f = T_s*k/n``. ``kappa == 0`` means no warm
+    start: all ``T`` epochs on subsets. Strategies without rounds (FULL) train ``T`` full epochs.
     """
     if not rounds:
-        return EpochPlan(full=epochs, subset=0)
+        return EpochPlan(full=epochs, subset=0, nominal_total=epochs)
     if kappa == 0:
-        return EpochPlan(full=0, subset=epochs)
-    subset = max(1, round(kappa * epochs))
-    return EpochPlan(full=max(1, math.ceil(subset * budget - 1e-9)), subset=subset)
+        return EpochPlan(full=0, subset=epochs, nominal_total=epochs)
+    start = int(kappa * epochs + 1e-9)
+    return EpochPlan(full=max(1, round(start * budget)), subset=epochs - start, nominal_total=epochs)
 
 
 @dataclass(frozen=True)
@@ -240,7 +256,7 @@ class RoundClient:
     """
 
     def __init__(self, selector, config: RunConfig, n_train: int, source, phase: Callable | None = None,
-                 workers=None):
+                 workers=None, n_classes: int | None = None):
         self.selector = selector
         self.workers = workers  # a trainer.workers.SummaryPool, or None: the summary passes are made here
         self.config = config
@@ -252,7 +268,8 @@ class RoundClient:
         self.k = budget_size(schedule.budget, n_train)
         self.epoch_plan = plan_epochs(config.train.epochs, schedule.kappa, schedule.budget, self.plan.rounds)
         # lead auto: the slots hold the earliest start; _start_now picks the epoch from measured times
-        self.slots = round_schedule(self.epoch_plan, schedule.select_every, schedule.max_lead)
+        self.slots = [] if self.plan.online else round_schedule(self.epoch_plan, schedule.select_every,
+                                                                 schedule.max_lead)
         self.auto_lead = schedule.lead == "auto"
         self.epoch_s: float | None = None  # the last epoch's length, boundary to boundary
         self.round_s: list[float] = []  # the time adopted rounds took after their summaries were sent
@@ -274,6 +291,10 @@ class RoundClient:
         self.next_slot = 0
         self.stats = RoundStats()
         self.on_record: Callable[[dict], None] | None = None
+        self.chance_loss = math.log(n_classes) if n_classes and n_classes > 1 else 0.0
+        self.last_loss: float | None = None  # the training loss of the last epoch reported
+        self.watch: dict | None = None  # the adopted round the divergence guard watches, and what it falls back to
+        self.harmful: list[dict] = []  # rounds the guard undid
 
     # set-up ------------------------------------------------------------------------------------
     def _layout(self, plan: StrategyPlan) -> GroundLayout:
@@ -283,13 +304,15 @@ class RoundClient:
         """Without a warm start the run begins on a seeded random subset (weights 1)."""
         if not self.plan.rounds:
             return full_subset(self.n_train)
-        rng = np.random.default_rng([self.config.seed, INITIAL_SUBSET_STREAM])
+        return self._random_subset(np.random.default_rng([self.config.seed, RANDOM_STREAM]))
+
+    def _random_subset(self, rng: np.random.Generator) -> Subset:
         chosen = np.sort(rng.choice(self.ground.n_ground, size=self.ground.n_select, replace=False))
         return self._subset(self.ground, chosen, np.ones(self.ground.n_select), None)
 
     def _round_ground(self, ground: GroundLayout, plan: StrategyPlan, round_id: int) -> GroundLayout:
         """The ground set of one round: its random pool (``--pool``) when the strategy reads summaries."""
-        if plan.summaries == "none":
+        if plan.summaries == "none" or plan.measure_only:  # RANDOM's one subset is drawn from the whole ground set
             return ground
         return pool_layout(ground, self.config.schedule.pool, self.config.seed, round_id)
 
@@ -311,6 +334,8 @@ class RoundClient:
         for change in self.changes.get(epoch, []):
             self._reconfigure(change, epoch)
         self._boundary(epoch)
+        if self.plan.online and epoch >= self.epoch_plan.full:
+            self.subset = self._random_subset(np.random.default_rng([self.config.seed, ONLINE_STREAM, epoch]))
         subset = full_subset(self.n_train) if epoch < self.epoch_plan.full else self.subset
         self.ever_used[torch.cat(subset.batches)] = True
         return subset
@@ -505,13 +530,16 @@ class RoundClient:
         except ValidationError as exc:
             self._record(pending, "rejected", reason=one_line(exc), selector_s=_finite_or_none(busy_s), **workers)
             return
-        self.subset = self._subset(pending.ground, message.indices, message.weights, message.round_id)
+        previous, self.subset = self.subset, self._subset(pending.ground, message.indices, message.weights,
+                                                          message.round_id)
+        self._watch(message.round_id, epoch, previous)
         self.round_s.append(workers.get("worker_s", 0.0) + message.busy_s)
         self._record(
             pending, "adopted", adopted_epoch=epoch, staleness=epoch - pending.trigger_epoch,
             selector_s=message.busy_s, select_s=message.select_s, selector_cpu_s=message.cpu_s,
             selector_preempted=message.preempted,
-            grad_error=message.grad_error,
+            grad_error=message.grad_error, grad_error_rel=message.grad_error_rel,
+            grad_error_trained=message.grad_error_trained,
             target=message.target, subset_size=self.subset.n_examples, n_padded=message.n_padded, **workers,
         )
 
@@ -542,6 +570,37 @@ class RoundClient:
         if self.config.schedule.on_selector_loss == "fail":
             raise RunFailed(f"{reason}; the run stops (--on-selector-loss continue trains on the current subset)")
         log.warning("%s: training goes on with the current subset (--on-selector-loss continue)", reason)
+
+    # the divergence guard ----------------------------------------------------------------------
+    def _watch(self, round_id: int, epoch: int, previous: Subset) -> None:
+        """Watch the subset adopted at ``epoch``: its bound is set by the loss of the last epoch before it."""
+        if not self.config.schedule.divergence_guard or self.last_loss is None:
+            self.watch = None
+            return
+        bound = max(GUARD_FACTOR * self.last_loss, GUARD_CHANCE * self.chance_loss)
+        self.watch = {"round": round_id, "epoch": epoch, "loss_before": self.last_loss, "bound": bound, "high": 0,
+                      "previous": previous}
+
+    def observe_loss(self, epoch: int, loss: float) -> None:
+        """The mean training loss of ``epoch``: an adopted subset that drives it above its bound for
+        ``GUARD_EPOCHS`` epochs in a row is undone (the previous subset comes back) and counted as harmful."""
+        if not math.isfinite(loss):
+            return
+        watch = self.watch
+        if watch is not None and epoch >= watch["epoch"]:
+            watch["high"] = watch["high"] + 1 if loss > watch["bound"] else 0
+            if watch["high"] >= GUARD_EPOCHS:
+                self.watch = None
+                if self.subset.round == watch["round"]:
+                    self.subset = watch["previous"]
+                    event = {"round": watch["round"], "epoch": epoch, "loss_before": watch["loss_before"],
+                             "loss": loss, "bound": watch["bound"], "fallback_round": self.subset.round}
+                    self.harmful.append(event)
+                    log.warning("round %d harmful: training loss %.4g after its adoption exceeded %.4g (%.4g before) "
+                                "for %d epochs; back to %s", watch["round"], loss, watch["bound"], watch["loss_before"],
+                                GUARD_EPOCHS, "round %d's subset" % self.subset.round if self.subset.round is not None
+                                else "the initial random subset")
+        self.last_loss = loss
 
     def finish(self) -> None:
         """At the end: the round still out is unused, rounds never started are skipped."""
@@ -580,7 +639,8 @@ class RoundClient:
         """Counts and times of the rounds so far."""
         records, stats = self.stats.records, self.stats
         adopted = [r for r in records if r["status"] == "adopted"]
-        errors = [r["grad_error"] for r in adopted if r["grad_error"] is not None]
+        errors = {key: [r[key] for r in adopted if r.get(key) is not None]
+                  for key in ("grad_error", "grad_error_rel", "grad_error_trained")}
         staleness = [r["staleness"] for r in adopted if r["staleness"] is not None]
         return {
             "rounds": len(adopted),
@@ -590,10 +650,11 @@ class RoundClient:
             "staleness": float(np.mean(staleness)) if staleness else None,
             "stall_s": stats.stall_s, "summary_s": stats.summary_s, "selector_busy_s": stats.selector_busy_s,
             "workers_busy_s": stats.workers_busy_s, "overlap": overlap(stats),
-            "grad_error": float(np.mean(errors)) if errors else None,
+            **{key: float(np.mean(values)) if values else None for key, values in errors.items()},
             "redundant": 1.0 - float(self.ever_used.float().mean()),
             "strategy_changes": list(self.applied_changes),
             "selector_lost": self.selector_lost,
+            "rounds_harmful": len(self.harmful), "harmful": list(self.harmful),
         }
 
     # checkpoints -------------------------------------------------------------------------------
@@ -608,10 +669,10 @@ class RoundClient:
             pending = {"slot": p.slot.__dict__, "strategy": p.strategy, "request": p.request.model_dump(),
                        "trigger_epoch": p.trigger_epoch, "summary_s": p.summary_s, "stall_s": p.stall_s,
                        "payload": p.payload, "plan": self.plan.model_dump(), "where": p.where}
-        subset = self.subset
+        watch = None if self.watch is None else {**self.watch, "previous": _subset_state(self.watch["previous"])}
         return {
-            "subset": {"batches": [b.clone() for b in subset.batches], "weights": subset.weights.clone(),
-                       "fixed": subset.fixed, "round": subset.round},
+            "subset": _subset_state(self.subset), "last_loss": self.last_loss, "watch": watch,
+            "harmful": list(self.harmful),
             "plan": self.plan.model_dump(), "next_slot": self.next_slot, "ever_used": self.ever_used.clone(),
             "records": list(self.stats.records), "stall_s": self.stats.stall_s, "summary_s": self.stats.summary_s,
             "selector_busy_s": self.stats.selector_busy_s, "measure_s": self.stats.measure_s,
@@ -639,8 +700,10 @@ class RoundClient:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` saved; the selector is told the strategy in force."""
-        s = state["subset"]
-        self.subset = Subset(list(s["batches"]), s["weights"], s["fixed"], s["round"])
+        self.subset = _subset_from_state(state["subset"])
+        self.last_loss, self.harmful = state.get("last_loss"), list(state.get("harmful", []))
+        watch = state.get("watch")
+        self.watch = None if watch is None else {**watch, "previous": _subset_from_state(watch["previous"])}
         self.next_slot = state["next_slot"]
         self.ever_used = state["ever_used"].clone()
         self.stats = RoundStats(state["stall_s"], state["summary_s"], state["selector_busy_s"], list(state["records"]),
@@ -665,6 +728,15 @@ class RoundClient:
                 None, p["trigger_epoch"], time.perf_counter(), p["summary_s"], p["stall_s"], p["payload"],
                 where=p.get("where", "trainer"),
             )
+
+
+def _subset_state(subset: Subset) -> dict:
+    return {"batches": [b.clone() for b in subset.batches], "weights": subset.weights.clone(), "fixed": subset.fixed,
+            "round": subset.round}
+
+
+def _subset_from_state(state: dict) -> Subset:
+    return Subset(list(state["batches"]), state["weights"], state["fixed"], state["round"])
 
 
 def _finite_or_none(value):

@@ -120,7 +120,8 @@ def format_summary(summary: dict, out: Path) -> str:
                        + (f" + {summary['workers_busy_s']:.2f} s on summary workers" if summary.get("workers_busy_s") else "")
                        + f" (overlap {overlap})"),
         ("rounds", f"{summary['rounds']} adopted ({summary['late_adoptions']} late), {summary['rounds_rejected']} "
-                   f"rejected or failed, {summary['rounds_skipped']} skipped"),
+                   f"rejected or failed, {summary['rounds_skipped']} skipped"
+                   + (f", {summary['rounds_harmful']} undone as harmful" if summary.get("rounds_harmful") else "")),
         ("energy", energy),
         ("ray", summary["ray_address"]),
         ("run dir", f"{out} (model.pt: the trained weights)"),

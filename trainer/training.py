@@ -30,9 +30,10 @@ def weighted_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
                   w: torch.Tensor, reduce=None) -> torch.Tensor:
     """One optimizer step on ``mean_i(w_i * CE(model(x)_i, y_i))``; returns the loss before the step.
 
-    ``w`` (B,) are the subset's weights normalised to mean 1 over the subset (``Subset.mean_weight``). A
-    non-finite loss is returned without a step, so the model keeps its last finite state. Data-parallel,
-    ``reduce`` averages the loss over the ranks first, so that every rank makes the same decision.
+    ``w`` (B,) are the batch's weights normalised to mean 1 over the batch (``batch_weights``), so the loss is
+    the reference's ``sum_i w_i l_i / sum_i w_i``: no step is larger than an unweighted one. A non-finite
+    loss is returned without a step, so the model keeps its last finite state. Data-parallel, ``reduce``
+    averages the loss over the ranks first, so that every rank makes the same decision.
     """
     loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
     total = reduce(loss) if reduce is not None else loss.detach()
@@ -41,6 +42,17 @@ def weighted_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
         loss.backward()
         optimizer.step()
     return total.detach()
+
+
+def batch_weights(weights: torch.Tensor) -> torch.Tensor:
+    """A mini-batch's weights (B,) scaled to mean 1 over the batch: ``mean(w * l)`` is then ``sum w l / sum w``.
+
+    A batch whose weights sum to 0 (or are not finite) trains unweighted.
+    """
+    total = weights.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return torch.ones_like(weights)
+    return weights * (weights.numel() / total)
 
 
 @dataclass
@@ -99,22 +111,27 @@ def cosine_lr(lr0: float, t: int, t_max: int) -> float:
 
 
 class CosineSchedule:
-    """The learning rate of every step: annealed per epoch (the paper's) or per optimizer step.
+    """The learning rate of every step: annealed per nominal epoch (the reference's) or per optimizer step.
 
-    ``per == "epoch"``: ``lr(e) = lr0 (1 + cos(pi e / E)) / 2`` for epoch ``e`` of ``E`` trained epochs, held
-    for the whole epoch. ``per == "step"``: the same curve over the run's ``total_steps`` optimizer steps.
+    ``per == "epoch"``: ``lr(e) = lr0 (1 + cos(pi t / T)) / 2`` held for the whole epoch, where ``t =
+    nominal(e)`` is the nominal epoch that trained epoch ``e`` stands for and ``T = n_epochs`` the epoch
+    budget: a warm run's subset phase continues the curve where a run of T epochs would be
+    (``trainer.rounds.EpochPlan.nominal``). ``per == "step"``: the same curve over the run's ``total_steps``
+    optimizer steps.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr0: float, per: str, n_epochs: int, total_steps: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, lr0: float, per: str, n_epochs: int, total_steps: int,
+                 nominal=None):
         self.optimizer, self.lr0, self.per = optimizer, lr0, per
         self.n_epochs, self.total_steps = n_epochs, total_steps
+        self.nominal = nominal or (lambda epoch: epoch)
 
     def _set(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
     def start_epoch(self, epoch: int, step: int) -> None:
-        self._set(cosine_lr(self.lr0, epoch if self.per == "epoch" else step,
+        self._set(cosine_lr(self.lr0, self.nominal(epoch) if self.per == "epoch" else step,
                             self.n_epochs if self.per == "epoch" else self.total_steps))
 
     def after_step(self, step: int) -> None:
