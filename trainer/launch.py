@@ -365,15 +365,20 @@ def follow(trainer, out: Path, show_progress: bool = True) -> dict:
     """Wait for the run, streaming its records to ``out`` and a progress bar to the terminal."""
     result_ref = trainer.run.remote()
     seen_epochs = seen_rounds = 0
-    files = RecordFile(out / "epochs.jsonl"), RecordFile(out / "rounds.jsonl")
+    files = ()  # opened at the first answer: by then a resumed trainer has read and checked its checkpoint
     try:
         with tqdm(unit="epoch", desc="training", dynamic_ncols=True, file=sys.stderr, disable=not show_progress) as bar:
             while True:
                 ready, _ = ray.wait([result_ref], timeout=POLL_S)
                 state = ray.get(trainer.progress.remote(seen_epochs, seen_rounds), timeout=PROGRESS_TIMEOUT_S)
                 try:
-                    seen_epochs += files[0].append(state["epochs"])
-                    seen_rounds += files[1].append(state["rounds"])
+                    if not files:  # a resumed run's records come back whole and replace the old files
+                        files = (RecordFile.replacing(out / "epochs.jsonl", state["epochs"]),
+                                 RecordFile.replacing(out / "rounds.jsonl", state["rounds"]))
+                        seen_epochs, seen_rounds = len(state["epochs"]), len(state["rounds"])
+                    else:
+                        seen_epochs += files[0].append(state["epochs"])
+                        seen_rounds += files[1].append(state["rounds"])
                 except RunFailed:
                     trainer.request_stop.remote("a record could not be written")
                     raise

@@ -26,6 +26,7 @@ from protocol.config import RunConfig
 from protocol.errors import RoundFailed, RunFailed, one_line
 from protocol.messages import RoundRequest, StrategyPlan, SubsetMessage
 from protocol.records import RoundRecord
+from trainer.files import plain
 from trainer.training import Subset, fixed_batches, full_subset, subset_from_batches, subset_from_examples
 
 log = logging.getLogger(__name__)
@@ -605,7 +606,7 @@ class RoundClient:
             self._await_pending()
         if self.pending is not None:
             p = self.pending
-            pending = {"slot": p.slot.__dict__, "strategy": p.strategy, "request": p.request.model_dump(),
+            pending = {"slot": p.slot.__dict__, "strategy": p.strategy, "request": p.request.model_dump(mode="json"),
                        "trigger_epoch": p.trigger_epoch, "summary_s": p.summary_s, "stall_s": p.stall_s,
                        "payload": p.payload, "plan": self.plan.model_dump(), "where": p.where}
         subset = self.subset
@@ -613,12 +614,12 @@ class RoundClient:
             "subset": {"batches": [b.clone() for b in subset.batches], "weights": subset.weights.clone(),
                        "fixed": subset.fixed, "round": subset.round},
             "plan": self.plan.model_dump(), "next_slot": self.next_slot, "ever_used": self.ever_used.clone(),
-            "records": list(self.stats.records), "stall_s": self.stats.stall_s, "summary_s": self.stats.summary_s,
+            "records": plain(list(self.stats.records)), "stall_s": self.stats.stall_s, "summary_s": self.stats.summary_s,
             "selector_busy_s": self.stats.selector_busy_s, "measure_s": self.stats.measure_s,
             "workers_busy_s": self.stats.workers_busy_s,
             "applied_changes": list(self.applied_changes),
             "resend_config": self.resend_config.model_dump() if self.resend_config is not None else None,
-            "selector_lost": self.selector_lost, "pending": pending,
+            "selector_lost": self.selector_lost, "pending": plain(pending),
         }
 
     def _await_pending(self) -> None:

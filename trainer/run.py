@@ -74,9 +74,47 @@ def resume_config(run: str) -> RunConfig:
         if status == "completed":
             raise ConfigError(f"--resume {run}: that run already completed")
     try:
-        return RunConfig.model_validate_json((path / "config.json").read_text())
+        config = RunConfig.model_validate_json((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--resume {run}: cannot read its config.json: {one_line(exc)}") from None
+    check_checkpoint(run, config)
+    return config
+
+
+def check_checkpoint(run: str, config: RunConfig) -> None:
+    """The run's checkpoint reads (as tensors and plain types) and was written with ``config``, before anything
+    starts and before any record is replaced."""
+    from trainer.core import load_checkpoint
+    from trainer.distributed import latest_checkpoint
+
+    path = Path(run) / "checkpoint.pt"
+    if not path.is_file():
+        path = latest_checkpoint(Path(run))
+    try:
+        state = load_checkpoint(path)
+    except RunFailed as exc:
+        raise ConfigError(f"--resume {run}: {exc.reason}") from None
+    stored = state.get("config")
+    try:
+        stored = RunConfig.model_validate(stored).model_dump(mode="json")
+    except ValueError:
+        pass  # compared as it is: every field differs
+    differing = _differences(stored if isinstance(stored, dict) else {}, config.model_dump(mode="json"))
+    if differing:
+        raise ConfigError(f"--resume {run}: {path} was written with another config than config.json "
+                          f"(differing: {', '.join(differing)}); restore the run's own config.json or start a new run")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the fields whose values differ between two config trees."""
+    names = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            names += _differences(x, y, f"{prefix}{key}.")
+        elif x != y or (key in a) != (key in b):
+            names.append(f"{prefix}{key}")
+    return names
 
 
 # --- running --------------------------------------------------------------------------------------
