@@ -20,7 +20,7 @@ import numpy as np
 import ray
 import torch
 from pydantic import ValidationError
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
 from protocol.config import RunConfig
 from protocol.errors import RoundFailed, RunFailed, one_line
@@ -489,10 +489,10 @@ class RoundClient:
             self.selector_failed = True
             self._record(pending, "failed", reason=exc.reason)
             return
-        except ActorDiedError as exc:
-            self._lose_selector(pending, one_line(exc))
-            return
         except (RayError, GetTimeoutError) as exc:
+            if self._gone_for_good(exc):
+                self._lose_selector(pending, one_line(exc))
+                return
             self.selector_failed = True
             self._record(pending, "failed", reason=one_line(exc))
             return
@@ -534,6 +534,15 @@ class RoundClient:
                 ray.kill(self.selector, no_restart=False)
             self.selector_failed = True
             self._record(pending, "timeout", reason=f"no answer within {timeout_s:g} s; selector restarted")
+
+    def _gone_for_good(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says the selector is gone for good. Ray reports a dead actor as any of the
+        ``RayActorError`` family (``ActorDiedError``, ``ActorUnavailableError``...), also while it restarts; the
+        actor's state in the GCS tells the two apart (``DEAD``: no restart is coming)."""
+        if not isinstance(exc, RayActorError):
+            return False
+        dead = actor_dead(self.selector)
+        return isinstance(exc, ActorDiedError) if dead is None else dead
 
     def _lose_selector(self, pending: PendingRound, why: str) -> None:
         """The selector is gone for good (its restarts are used up)."""
@@ -635,6 +644,9 @@ class RoundClient:
             p.payload = ray.get(p.result, timeout=CALL_TIMEOUT_S)
         except (RayError, GetTimeoutError, RoundFailed) as exc:
             self.pending = None
+            if self._gone_for_good(exc):
+                self._lose_selector(p, one_line(exc))
+                return
             self.selector_failed = True
             self._record(p, "failed", reason=one_line(exc))
 
@@ -666,6 +678,18 @@ class RoundClient:
                 None, p["trigger_epoch"], time.perf_counter(), p["summary_s"], p["stall_s"], p["payload"],
                 where=p.get("where", "trainer"),
             )
+
+
+def actor_dead(actor) -> bool | None:
+    """Whether the GCS holds ``actor`` as ``DEAD`` (no restart left or killed for good); None when its state
+    cannot be read."""
+    try:
+        from ray._private.state import actors
+
+        state = actors(actor_id=actor._actor_id.hex()).get("State")
+    except Exception:  # noqa: BLE001 - a Ray without the accessor, or the GCS out of reach
+        return None
+    return None if state is None else str(state) == "DEAD"
 
 
 def _finite_or_none(value):
