@@ -264,3 +264,18 @@ def test_state_dict_with_a_round_out_loads_with_weights_only(ray_address, tmp_pa
         train(second, second.model, torch.optim.SGD(second.model.parameters(), lr=0.05))
         records = second.records
     assert [r["status"] for r in records] == ["adopted"] * 3, records
+
+
+@pytest.mark.ray
+def test_a_loop_stopped_early_records_no_round_it_never_reached(ray_address):
+    """Stopped after epoch 2, the rounds due at 4 and 6 were never reached: no record says they were skipped."""
+    with AdaptiveSubset(Net(), Blobs(), strategy="random", budget=0.25, epochs=8, select_every=2, kappa=0,
+                        batch_size=20, lead=0, seed=5) as subset:
+        for epoch, batches in subset:
+            for x, y, w in batches:
+                pass
+            if epoch == 2:
+                break
+        subset.finish()
+        records = subset.records
+    assert [(r["round"], r["status"]) for r in records] == [(0, "adopted")], records

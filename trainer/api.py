@@ -304,7 +304,7 @@ class AdaptiveSubset:
         """End of training: the round still out is recorded as unused, rounds never started as skipped."""
         if not self._finished:
             self._finished = True
-            self.rounds.finish()
+            self.rounds.finish(self.epoch + int(self._epoch_done))  # epochs trained: a stop skips no later round
 
     def summary(self) -> dict:
         """Rounds adopted, rejected and skipped, late adoptions, staleness, stall, selector and summary time,

@@ -120,7 +120,7 @@ class FollowerRounds:
     def start_epoch(self, epoch: int, step: int):
         return None  # rank 0 shares the subset
 
-    def finish(self) -> None:
+    def finish(self, epochs_run: int | None = None) -> None:
         pass
 
     def shutdown(self, timeout_s: float = 5.0) -> None:

@@ -553,12 +553,14 @@ class RoundClient:
             raise RunFailed(f"{reason}; the run stops (--on-selector-loss continue trains on the current subset)")
         log.warning("%s: training goes on with the current subset (--on-selector-loss continue)", reason)
 
-    def finish(self) -> None:
-        """At the end: the round still out is unused, rounds never started are skipped."""
+    def finish(self, epochs_run: int | None = None) -> None:
+        """At the end: the round still out is unused, rounds whose boundary training passed without starting
+        them are skipped. ``epochs_run`` (default: all of the plan) bounds that: a run stopped early records
+        nothing about boundaries it never reached (a resumed run runs those rounds)."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self._record(pending, "unused", reason="training ended before the subset was adopted")
-        self._skip_overdue(self.epoch_plan.total)
+        self._skip_overdue(self.epoch_plan.total if epochs_run is None else min(epochs_run, self.epoch_plan.total))
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Tell the selector to stop (its open rounds fail at once) and let a round still out finish, so that
