@@ -110,6 +110,7 @@ class RunSummary(Strict):
         "concurrently in the selector, so its energy is inside these (counters are machine-wide)",
     )
     ray_address: str
+    ray: str | None = Field(None, description="which Ray the run used and why (set by the program that joined it)")
     device: str
     time_budget_s: float | None = None
     imbalance: dict | None = Field(None, description="rare classes and examples removed from each")

@@ -331,3 +331,42 @@ def test_lead_auto_starts_rounds_early_enough_for_the_time_they_took(ray_address
     for r in later:
         assert r["adopted_epoch"] == r["due_epoch"], records  # on time
         assert 2 <= r["due_epoch"] - r["trigger_epoch"] <= 20, records  # started early, not before the last boundary
+
+
+@pytest.mark.ray
+def test_state_dict_with_a_round_out_loads_with_weights_only(ray_address, tmp_path):
+    """A state taken while a round is out (its answer held) holds tensors and plain types only."""
+    def client(model):
+        return AdaptiveSubset(model, Blobs(), strategy="gradmatch-pb", budget=0.2, epochs=8, select_every=2, kappa=0,
+                              batch_size=16, lead=1, on_late="wait", seed=5)
+
+    with client(Net()) as first:
+        for epoch, batches in first:
+            for x, y, w in batches:
+                pass
+            if epoch == 1:  # round 0 started at epoch 1, due at 2
+                state = first.state_dict()
+                break
+    assert state["rounds"]["pending"] is not None and state["rounds"]["pending"]["payload"] is not None
+    torch.save(state, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    with client(Net()) as second:
+        second.load_state_dict(loaded)
+        train(second, second.model, torch.optim.SGD(second.model.parameters(), lr=0.05))
+        records = second.records
+    assert [r["status"] for r in records] == ["adopted"] * 3, records
+
+
+@pytest.mark.ray
+def test_a_loop_stopped_early_records_no_round_it_never_reached(ray_address):
+    """Stopped after epoch 2, the rounds due at 4 and 6 were never reached: no record says they were skipped."""
+    with AdaptiveSubset(Net(), Blobs(), strategy="random", budget=0.25, epochs=8, select_every=2, kappa=0,
+                        batch_size=20, lead=0, seed=5) as subset:
+        for epoch, batches in subset:
+            for x, y, w in batches:
+                pass
+            if epoch == 2:
+                break
+        subset.finish()
+        records = subset.records
+    assert [(r["round"], r["status"]) for r in records] == [(0, "adopted")], records

@@ -204,3 +204,35 @@ def test_sigkill_of_a_driver_leaves_none_of_its_private_ray_behind(tmp_path):
             break
         time.sleep(0.5)
     assert not left, left
+
+
+def test_resume_checks_the_checkpoint_before_it_replaces_a_record(ray_address, tmp_path, capsys):
+    """A checkpoint loads as tensors and plain types only; one that does not read, or that was written with
+    another config than config.json, is one line naming the file or the fields, and the records stay as they
+    were."""
+    from trainer.run import main
+
+    out = tmp_path / "run"
+    # lead 1 and a checkpoint every epoch: some checkpoints hold a round still out, with its answer
+    code, _, err = finish(cli(*SMALL, "--epochs", "6", "--select-every", "2", "--lead", "1", "--checkpoint-every", "1",
+                              "--out", str(out), address=ray_address))
+    assert code == 0, err[-3000:]
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # no pickled code, no numpy objects
+    assert state["config"] == json.loads((out / "config.json").read_text())
+    (out / "summary.json").write_text('{"status": "interrupted"}')
+    records = {name: (out / name).read_bytes() for name in ("epochs.jsonl", "rounds.jsonl")}
+
+    config = json.loads((out / "config.json").read_text())
+    changed = {**config, "seed": 7, "train": {**config["train"], "lr": 0.5}}
+    (out / "config.json").write_text(json.dumps(changed))
+    assert main(["--resume", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "checkpoint.pt" in error[0] and "differing: seed, train.lr" in error[0], error
+    (out / "config.json").write_text(json.dumps(config))
+
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    assert main(["--resume", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"cannot read checkpoint {out / 'checkpoint.pt'}" in error[0], error
+    assert {name: (out / name).read_bytes() for name in records} == records

@@ -128,6 +128,56 @@ def test_selector_killed_mid_round_does_not_stop_the_run(ray_address):
     assert len(result["progress"]["epochs"]) == 12 and result["summary"]["acc"] > 0
 
 
+@pytest.mark.parametrize("on_loss", ["fail", "continue"])
+def test_a_selector_killed_for_good_mid_round_is_lost_whatever_error_ray_raises(ray_address, on_loss):
+    """Killed for good while it works on a round, the selector's answer arrives as some ``RayActorError``
+    (not necessarily ``ActorDiedError``): the run says the selector is lost and follows --on-selector-loss."""
+    config = make_config({"strategy": "gradmatch-pb", "delay_s": 2.0}, epochs=12, select_every=4, on_late="wait",
+                         on_selector_loss=on_loss)
+    selector, trainer = start(config)
+    try:
+        run_ref = trainer.run.remote()
+        deadline = time.monotonic() + 120
+        while not ray.get(selector.status.remote(), timeout=30)["running"]:
+            assert time.monotonic() < deadline, "no round started"
+            time.sleep(0.05)
+        ray.kill(selector, no_restart=True)
+        result = ray.get(run_ref, timeout=RUN_TIMEOUT_S)
+    finally:
+        ray.kill(trainer)
+    summary, rounds = result["summary"], rounds_of(result)
+    assert summary["selector_lost"] and "selector lost for good" in summary["selector_lost"], rounds
+    assert rounds[0]["status"] == "failed" and "selector lost for good" in rounds[0]["reason"]
+    if on_loss == "fail":
+        assert summary["status"] == "failed" and "selector lost for good" in summary["reason"]
+        assert len(result["progress"]["epochs"]) < 12
+    else:
+        assert summary["status"] == "completed" and len(result["progress"]["epochs"]) == 12
+        assert all(r["status"] == "skipped" for r in rounds[1:])
+
+
+def test_any_actor_error_of_a_dead_selector_means_it_is_gone_for_good(ray_address):
+    """``ActorUnavailableError`` and a plain ``RayActorError`` count as a loss when the GCS holds the actor as
+    DEAD, and not while it lives (a restart is coming); other errors never do."""
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+    from trainer.rounds import RoundClient, actor_dead
+
+    selector = SelectorActor.remote(make_config({"strategy": "random"}).selector.model_dump())
+    ray.get(selector.status.remote(), timeout=60)
+    client = RoundClient.__new__(RoundClient)  # only the selector handle is needed here
+    client.selector = selector
+    unavailable = ActorUnavailableError("connection lost", selector._actor_id.binary())
+    assert actor_dead(selector) is False and not client._gone_for_good(unavailable)
+    ray.kill(selector, no_restart=True)
+    deadline = time.monotonic() + 60
+    while not actor_dead(selector):
+        assert time.monotonic() < deadline, "the killed selector never showed as DEAD"
+        time.sleep(0.1)
+    assert client._gone_for_good(unavailable) and client._gone_for_good(RayActorError())
+    assert not client._gone_for_good(GetTimeoutError("slow"))
+
+
 def test_rounds_overtaken_by_a_slow_selector_are_skipped(ray_address):
     # a round every epoch, each taking ~0.3 s while an epoch takes a few ms: most boundaries pass while
     # a round is out; those rounds are skipped instead of being run late one per epoch

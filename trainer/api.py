@@ -166,6 +166,10 @@ class AdaptiveSubset:
         ``torch.distributed`` group, if it has more than one process. Rank 0 alone runs the rounds and
         shares each new subset; every rank gets the same batches, each its share of every batch's examples,
         with weights scaled so that DDP's mean of the ranks' gradients is the whole batch's gradient.
+    ray : str, optional
+        Which Ray to use when none is connected: ``"local"`` (a private one), ``"cluster"`` (the one ``ray start``
+        recorded or ``RAY_ADDRESS`` names), ``"HOST:PORT"``, or ``"auto"`` as ``python -m trainer.run`` decides.
+        A cluster that cannot be joined raises ``trainer.launch.RayUnavailable``.
     **options
         Fields of the config tree: ``strategy``, ``budget``, ``epochs``, ``select_every``, ``kappa``, ``lead``,
         ``on_late``, ``batch_size``, ``seed``, ``valid``, ``lam``... Bad values raise ``ConfigError``.
@@ -174,7 +178,7 @@ class AdaptiveSubset:
     def __init__(self, model: nn.Module, train_set: Dataset, *, config=None, summary_set: Dataset | None = None,
                  val_set: Dataset | None = None, last_layer: nn.Linear | str | None = None,
                  n_classes: int | None = None, num_workers: int = 0, pin_memory: bool = False, selector=None,
-                 phase=None, group="auto", **options):
+                 phase=None, group="auto", ray: str = "auto", **options):
         from trainer.distributed import FollowerRounds, Group
 
         self.config = build_config(config, options)
@@ -213,7 +217,7 @@ class AdaptiveSubset:
         self._own_ray = self._group = None
         self._owns_selector = selector is None and leader
         if self._owns_selector:
-            self._own_ray = connect_ray()
+            self._own_ray = connect_ray(ray_choice=ray)
             options = actor_options("cpu" if self.device.type == "cpu" else "auto")
             self._group = options.pop("placement_group", None)
             selector = start_selector(self.config.selector.model_dump(), options)
@@ -307,7 +311,7 @@ class AdaptiveSubset:
         """End of training: the round still out is recorded as unused, rounds never started as skipped."""
         if not self._finished:
             self._finished = True
-            self.rounds.finish()
+            self.rounds.finish(self.epoch + int(self._epoch_done))  # epochs trained: a stop skips no later round
 
     def summary(self) -> dict:
         """Rounds adopted, rejected and skipped, late adoptions, staleness, stall, selector and summary time,

@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="data-parallel training on N Ray Train workers, rank 0 talks to the selector (default: 1)")
     add("--threads", dest="train.threads", metavar="N", help="torch CPU threads of the trainer (default: all cores but one, at least 1)")
     add("--out", dest="out", metavar="DIR", help="run directory (default: runs/<time>-<strategy>)")
+    add("--ray", metavar="WHICH", help="local: start a private Ray; cluster: join the cluster `ray start` recorded or "
+        "RAY_ADDRESS names (an error when there is none); HOST:PORT: join that cluster (default: RAY_ADDRESS's "
+        "cluster, else the one `ray start` recorded while it runs, else a private Ray)")
     return p
 
 
@@ -116,6 +119,7 @@ def parse_config(argv: list[str] | None = None, args: dict | None = None) -> Run
     """Parse ``argv`` into a validated ``RunConfig``; raises ``ConfigError`` on bad input."""
     args = dict(parse_args(argv) if args is None else args)
     args.pop("resume", None)
+    args.pop("ray", None)
     tree = load_yaml(args.pop("config"), "--config") if "config" in args else {}
     if "match_run" in args:
         args["selector.time_budget_s"] = _matched_wall_s(args.pop("match_run"))

@@ -24,7 +24,7 @@ from protocol.records import EpochRecord, RunSummary
 from trainer.api import AdaptiveSubset
 from trainer.data import Splits, augment_batch
 from trainer.energy import EnergyMeter
-from trainer.files import atomic_write
+from trainer.files import atomic_write, plain
 from trainer.models import build_model, find_classifier
 from trainer.training import CosineSchedule, evaluate, make_optimizer, weighted_step
 
@@ -49,6 +49,21 @@ def atomic_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint, read as tensors and plain types only (``weights_only=True``: loading never runs code);
+    a missing, truncated or corrupt file is a ``RunFailed`` naming it."""
+    from protocol.errors import one_line
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and OS errors alike
+        raise RunFailed(f"cannot read checkpoint {path}: it is missing, truncated or corrupt ({one_line(exc)}); "
+                        "resume from a copy or start the run again") from None
+    if not isinstance(state, dict):
+        raise RunFailed(f"cannot read checkpoint {path}: it holds a {type(state).__name__}, not a checkpoint")
+    return state
+
+
 class FileStore:
     """Checkpoints as ``<out>/checkpoint.pt`` and the trained weights as ``<out>/model.pt`` (nothing without out)."""
 
@@ -61,11 +76,7 @@ class FileStore:
             atomic_save(state, self.out / CHECKPOINT)
 
     def load(self) -> dict:
-        path = self.out / CHECKPOINT
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)  # the run's own file
-        except (OSError, RuntimeError, EOFError) as exc:
-            raise RunFailed(f"cannot read checkpoint {path}: {exc}") from None
+        return load_checkpoint(self.out / CHECKPOINT)
 
     def save_model(self, state: dict) -> None:
         if self.out is not None:
@@ -254,7 +265,7 @@ class Trainer:
 
     def _state(self) -> dict:
         with self._lock:
-            epochs = list(self._progress.epochs)
+            epochs = plain(list(self._progress.epochs))  # tensors and plain types: loads with weights_only=True
         state = {
             "version": CHECKPOINT_VERSION, "config": self.config.model_dump(mode="json"),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

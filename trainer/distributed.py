@@ -120,7 +120,7 @@ class FollowerRounds:
     def start_epoch(self, epoch: int, step: int):
         return None  # rank 0 shares the subset
 
-    def finish(self) -> None:
+    def finish(self, epochs_run: int | None = None) -> None:
         pass
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
@@ -164,12 +164,10 @@ class TrainStore:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
+        from trainer.core import load_checkpoint
+
         with checkpoint.as_directory() as folder:
-            path = Path(folder) / "checkpoint.pt"
-            try:
-                return torch.load(path, map_location="cpu", weights_only=False)  # the run's own file
-            except (OSError, RuntimeError, EOFError) as exc:
-                raise RunFailed(f"cannot read checkpoint {path}: {exc}") from None
+            return load_checkpoint(Path(folder) / "checkpoint.pt")
 
     def save_model(self, state: dict) -> None:
         self.model_state = state

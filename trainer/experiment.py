@@ -31,7 +31,8 @@ from protocol.config import FULL, FULL_EARLYSTOP, ROUND_STRATEGIES, RunConfig
 from protocol.experiment import Grid, Trial
 from protocol.errors import RunFailed, one_line
 from trainer.actor import default_threads
-from trainer.launch import connect_ray
+from trainer import launch
+from trainer.launch import RayUnavailable, connect_ray
 from trainer.launch import execute
 
 POLL_S = 1.0
@@ -243,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPUs each trial reserves (default: all CPUs of the machine when local, else 1)")
     parser.add_argument("--trial-gpus", type=float, default=None,
                         help="GPUs each trial reserves (default: 1 when the cluster has GPUs, else 0)")
+    parser.add_argument("--ray", default="auto", metavar="WHICH",
+                        help="local, cluster or HOST:PORT, as for python -m trainer.run (default: auto)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite results.csv, report.md and the plots from the finished trials; run nothing")
     return parser
@@ -252,6 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     grid = load_grid(args)
     out = Path(args.out or Path("experiments") / grid.name)
+    started = False
+    if not args.report_only:  # a cluster that cannot be joined is refused before anything is written
+        check_trial_data(grid)
+        try:
+            started = connect_ray(ray_choice=args.ray)
+        except RayUnavailable as exc:
+            return _error(str(exc))
+        if launch.connection is not None:
+            print(f"ray: {launch.connection.describe()}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     (out / "grid.json").write_text(grid.model_dump_json(indent=2))
     command = " ".join(["python -m trainer.experiment", *(argv if argv is not None else sys.argv[1:])])
@@ -262,8 +274,6 @@ def main(argv: list[str] | None = None) -> int:
         missing = {t.key: "not run yet" for t in experiment.trials if not experiment.done(t)}
         print(f"report: {write_report(experiment, missing, command=command, elapsed_s=0.0)}")
         return 0
-    check_trial_data(grid)
-    started = connect_ray()
     try:
         resources = ray.cluster_resources()
         gpus = args.trial_gpus if args.trial_gpus is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)

@@ -32,6 +32,20 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2)))
 
 
+def plain(obj):
+    """``obj`` with numpy arrays and scalars made lists and Python numbers (tensors kept), so that a checkpoint
+    holding it loads with ``torch.load(..., weights_only=True)``."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {key: plain(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(value) for value in obj)
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.tolist()
+    return obj
+
+
 class RecordFile:
     """A JSONL file that only ever holds whole lines: each record is one ``os.write``; a short write is undone."""
 
@@ -42,6 +56,24 @@ class RecordFile:
         except OSError as exc:
             raise RunFailed(f"cannot write {path}: {exc.strerror or exc}") from None
         self.size = 0
+
+    @classmethod
+    def replacing(cls, path: Path, records: list[dict]) -> "RecordFile":
+        """A file that replaces ``path`` with ``records`` in one rename (the old file stays whole until then),
+        open for appending more."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        handle = cls(tmp)
+        try:
+            handle.append(records)
+            os.replace(tmp, path)
+        except OSError as exc:
+            handle.close()
+            raise RunFailed(f"cannot write {path}: {exc.strerror or exc}") from None
+        except RunFailed:
+            handle.close()
+            raise
+        handle.path = path
+        return handle
 
     def append(self, records: list[dict]) -> int:
         for record in records:

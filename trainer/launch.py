@@ -4,14 +4,18 @@ the experiment runner and the benchmarks.
 A run joins a cluster only when one was started with ``ray start`` (its address is in Ray's bootstrap file)
 or ``RAY_ADDRESS`` names one; otherwise it starts a private local Ray that no other program joins. That is
 how ``ray.init()`` without an address decides; Ray's "auto" address would also join another program's
-private local Ray and die with it.
+private local Ray and die with it. ``--ray local|cluster|ADDRESS`` (``ray=`` of the Python API) makes the
+choice explicit (``choose_ray``); a cluster that cannot be joined is refused within seconds, in one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -23,20 +27,59 @@ from trainer.files import RecordFile, write_json
 
 PROGRESS_TIMEOUT_S = 600.0  # the first progress call waits for the trainer to build its model
 POLL_S = 0.5
-LOCAL_OPTIONS = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+# the dashboard, were it on, would listen on 127.0.0.1; Ray 2.60 itself turns a node address of 127.0.0.1 into
+# the machine's address and its gRPC servers listen on every interface, guarded by token authentication
+LOCAL_OPTIONS = {"include_dashboard": False, "dashboard_host": "127.0.0.1", "log_to_driver": False,
+                 "logging_level": "ERROR"}
 
 
-def cluster_address() -> str | None:
-    """The address of the cluster to join: ``RAY_ADDRESS``, else the one the last ``ray start`` recorded."""
-    address = os.environ.get("RAY_ADDRESS", "").strip()
-    if address:
-        return address
+RAY_CHOICES = ("auto", "local", "cluster")
+PROBE_TIMEOUT_S = 5.0  # a cluster that does not answer the probe by then is refused
+
+
+class RayUnavailable(ConnectionError):
+    """The Ray asked for cannot be joined; the message is one line naming the address, the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class RayConnection:
+    """Which Ray this process is connected to and why; ``started``: a private Ray started here."""
+
+    started: bool
+    address: str
+    why: str
+
+    def describe(self) -> str:
+        kind = "private local Ray" if self.started else "cluster"
+        return f"{kind} at {self.address} ({self.why})"
+
+
+connection: RayConnection | None = None  # the last connection ``connect_ray`` made in this process
+
+
+def _bootstrap_file() -> str:
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        return get_ray_address_file(None)
+    except ImportError:
+        return "/tmp/ray/ray_current_cluster"
+
+
+def recorded_address() -> str | None:
+    """The address the last ``ray start`` on this machine recorded (Ray's bootstrap file), if any."""
     try:
         from ray._private.services import find_bootstrap_address
 
         return find_bootstrap_address(None)
     except (ImportError, OSError):  # a Ray without the helper, or an unreadable bootstrap file: no cluster
         return None
+
+
+def cluster_address() -> str | None:
+    """The address of the cluster to join: ``RAY_ADDRESS``, else the one the last ``ray start`` recorded."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    return address or recorded_address()
 
 
 def _reachable(address: str, timeout_s: float = 2.0) -> bool:
@@ -49,24 +92,159 @@ def _reachable(address: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def connect_ray(num_cpus: int | None = None) -> bool:
-    """Join the cluster if one was started with ``ray start``, else start a private local Ray.
+def choose_ray(choice: str = "auto") -> tuple[str | None, str]:
+    """``(address to join or None for a private Ray, why)`` for ``--ray`` / ``ray=``.
 
-    ``RAY_ADDRESS`` is always joined (a wrong one is an error). The address the last ``ray start`` recorded is
-    joined only while something listens there; a stale one (the cluster was stopped) is passed over with a
-    warning. Returns True when the Ray was started here (the caller shuts it down).
+    ``local``: always a private Ray. ``cluster``: ``RAY_ADDRESS``, else the cluster ``ray start`` recorded; none
+    is an error. An address: that cluster. ``auto`` (the default): ``RAY_ADDRESS``, else the recorded cluster
+    while something listens there (a stale one is passed over with a warning), else a private Ray.
     """
+    choice = (choice or "auto").strip()
+    if choice == "local":
+        return None, "--ray local"
+    if choice not in RAY_CHOICES:
+        return choice, "--ray ADDRESS"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env, "RAY_ADDRESS"
+    recorded = recorded_address()
+    where = f"recorded by `ray start` in {_bootstrap_file()}"
+    if choice == "cluster":
+        if not recorded:
+            raise RayUnavailable(f"--ray cluster: no cluster was started with `ray start` on this machine (nothing "
+                                 f"recorded in {_bootstrap_file()}) and RAY_ADDRESS is not set; start one with "
+                                 "`ray start --head`, name one with RAY_ADDRESS, or use --ray local")
+        return recorded, where
+    if recorded and _reachable(recorded):
+        return recorded, where
+    if recorded:
+        print(f"warning: the Ray cluster recorded at {recorded} is not running; starting a private local Ray",
+              file=sys.stderr)
+        return None, f"the cluster recorded at {recorded} is not running"
+    return None, "no cluster started with `ray start`, RAY_ADDRESS not set"
+
+
+def _token_auth() -> bool:
+    """Join with a token as Ray's own clients do: unless ``RAY_AUTH_MODE`` is set, a token that is available
+    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``) turns token authentication on for
+    this process and its children, as ``ray.init()`` does for the cluster it finds itself (it does not when
+    given an address). Returns whether a token is sent."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.strip().lower() == "token"
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        return False
+    try:
+        has_token = AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. RAY_AUTH_TOKEN_PATH names no readable file
+        from protocol.errors import one_line
+
+        raise RayUnavailable(f"cannot read the Ray token: {one_line(exc).split('. ')[0]}; fix RAY_AUTH_TOKEN_PATH or "
+                             "RAY_AUTH_TOKEN, or use --ray local for a private Ray") from None
+    if has_token:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        Config.initialize("")  # Ray caches its config: make this process see the mode too
+    return has_token
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Ray's C++ client prints its retries on fd 2; a refused probe is reported in one line instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def probe_cluster(address: str, source: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Ask the cluster's GCS for its metadata before ``ray.init``, which retries for half a minute: an address
+    where nothing listens, a refused token and another Ray or Python version each raise ``RayUnavailable``
+    within seconds."""
+    fix_local = "or use --ray local for a private Ray"
+    where = f"the Ray cluster at {address} ({source})"
+    if not _reachable(address, timeout_s=min(2.0, timeout_s)):
+        raise RayUnavailable(f"{where}: nothing answers there (the cluster is not running or the address is "
+                             f"wrong); start it with `ray start --head`, fix the address, {fix_local}")
+    token = _token_auth()
+    result: dict = {}
+
+    def ask():
+        try:
+            from ray._raylet import GcsClient
+
+            client = GcsClient(address=address)
+            result["metadata"] = client.internal_kv_get(b"CLUSTER_METADATA", namespace=b"cluster",
+                                                        timeout=timeout_s)
+        except Exception as exc:  # noqa: BLE001 - reported below, by type
+            result["error"] = exc
+
+    thread = threading.Thread(target=ask, daemon=True)
+    with _quiet_stderr():
+        thread.start()
+        thread.join(timeout_s)
+    if thread.is_alive():
+        raise RayUnavailable(f"{where}: no Ray answered within {timeout_s:g} s; check that a Ray head runs at that "
+                             f"address, {fix_local}")
+    error = result.get("error")
+    if error is not None:
+        from ray.exceptions import AuthenticationError
+
+        if isinstance(error, AuthenticationError):
+            cause = ("refused this program's token" if token else
+                     "requires token authentication and this program has no token")
+            raise RayUnavailable(f"{where} {cause}; copy the cluster's token (`ray get-auth-token` on its head) into "
+                                 f"~/.ray/auth_token or RAY_AUTH_TOKEN, {fix_local}")
+        from protocol.errors import one_line
+
+        raise RayUnavailable(f"{where}: {one_line(error)}; check the address, {fix_local}")
+    try:
+        import json
+
+        from ray._private.utils import check_version_info
+
+        metadata = json.loads(result["metadata"]) if result.get("metadata") else None
+        if metadata:
+            check_version_info(metadata, "this program")
+    except (ImportError, ValueError, KeyError, TypeError):
+        pass  # nothing to compare with
+    except Exception as exc:  # noqa: BLE001 - Ray raises a plain Exception on a version mismatch
+        from protocol.errors import one_line
+
+        raise RayUnavailable(f"{where} runs another Ray or Python version: {one_line(exc)}; run this program with "
+                             f"the cluster's versions, {fix_local}") from None
+
+
+def connect_ray(num_cpus: int | None = None, ray_choice: str | None = "auto") -> bool:
+    """Join a cluster or start a private local Ray, as ``ray_choice`` says (``choose_ray``).
+
+    A cluster is probed first (``probe_cluster``): one that cannot be joined raises ``RayUnavailable`` within
+    seconds. The choice and its reason are kept in ``connection``.
+    Returns True when the Ray was started here (the caller shuts it down).
+    """
+    global connection
     if ray.is_initialized():  # called from a program that is already connected
         return False
-    address = cluster_address()
-    if address and not os.environ.get("RAY_ADDRESS", "").strip() and not _reachable(address):
-        print(f"warning: the Ray cluster recorded at {address} is not running; starting a private local Ray",
-              file=sys.stderr)
-        address = None
+    address, why = choose_ray(ray_choice or "auto")
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        probe_cluster(address, why)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            from protocol.errors import one_line
+
+            raise RayUnavailable(f"the Ray cluster at {address} ({why}): {one_line(exc)}; check the address, or use "
+                                 "--ray local for a private Ray") from None
+        connection = RayConnection(False, ray.get_runtime_context().gcs_address, why)
         return False
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **LOCAL_OPTIONS)
+    connection = RayConnection(True, ray.get_runtime_context().gcs_address, why)
     return True
 
 
@@ -177,6 +355,8 @@ def execute(config: RunConfig, out: Path, show_progress: bool = True, options: d
         summary = result["summary"]
     finally:
         release(*actors, group=group)
+    if connection is not None and summary.get("ray") is None:
+        summary["ray"] = connection.describe()
     write_json(out / "summary.json", summary)
     return summary
 
@@ -185,15 +365,20 @@ def follow(trainer, out: Path, show_progress: bool = True) -> dict:
     """Wait for the run, streaming its records to ``out`` and a progress bar to the terminal."""
     result_ref = trainer.run.remote()
     seen_epochs = seen_rounds = 0
-    files = RecordFile(out / "epochs.jsonl"), RecordFile(out / "rounds.jsonl")
+    files = ()  # opened at the first answer: by then a resumed trainer has read and checked its checkpoint
     try:
         with tqdm(unit="epoch", desc="training", dynamic_ncols=True, file=sys.stderr, disable=not show_progress) as bar:
             while True:
                 ready, _ = ray.wait([result_ref], timeout=POLL_S)
                 state = ray.get(trainer.progress.remote(seen_epochs, seen_rounds), timeout=PROGRESS_TIMEOUT_S)
                 try:
-                    seen_epochs += files[0].append(state["epochs"])
-                    seen_rounds += files[1].append(state["rounds"])
+                    if not files:  # a resumed run's records come back whole and replace the old files
+                        files = (RecordFile.replacing(out / "epochs.jsonl", state["epochs"]),
+                                 RecordFile.replacing(out / "rounds.jsonl", state["rounds"]))
+                        seen_epochs, seen_rounds = len(state["epochs"]), len(state["rounds"])
+                    else:
+                        seen_epochs += files[0].append(state["epochs"])
+                        seen_rounds += files[1].append(state["rounds"])
                 except RunFailed:
                     trainer.request_stop.remote("a record could not be written")
                     raise

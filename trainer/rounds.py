@@ -20,12 +20,13 @@ import numpy as np
 import ray
 import torch
 from pydantic import ValidationError
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
 from protocol.config import RANDOM_STREAM, RunConfig
 from protocol.errors import RoundFailed, RunFailed, one_line
 from protocol.messages import RoundRequest, StrategyPlan, SubsetMessage
 from protocol.records import RoundRecord
+from trainer.files import plain
 from trainer.training import Subset, fixed_batches, full_subset, subset_from_batches, subset_from_examples
 
 log = logging.getLogger(__name__)
@@ -513,10 +514,10 @@ class RoundClient:
             self.selector_failed = True
             self._record(pending, "failed", reason=exc.reason)
             return
-        except ActorDiedError as exc:
-            self._lose_selector(pending, one_line(exc))
-            return
         except (RayError, GetTimeoutError) as exc:
+            if self._gone_for_good(exc):
+                self._lose_selector(pending, one_line(exc))
+                return
             self.selector_failed = True
             self._record(pending, "failed", reason=one_line(exc))
             return
@@ -562,6 +563,15 @@ class RoundClient:
             self.selector_failed = True
             self._record(pending, "timeout", reason=f"no answer within {timeout_s:g} s; selector restarted")
 
+    def _gone_for_good(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says the selector is gone for good. Ray reports a dead actor as any of the
+        ``RayActorError`` family (``ActorDiedError``, ``ActorUnavailableError``...), also while it restarts; the
+        actor's state in the GCS tells the two apart (``DEAD``: no restart is coming)."""
+        if not isinstance(exc, RayActorError):
+            return False
+        dead = actor_dead(self.selector)
+        return isinstance(exc, ActorDiedError) if dead is None else dead
+
     def _lose_selector(self, pending: PendingRound, why: str) -> None:
         """The selector is gone for good (its restarts are used up)."""
         reason = f"selector lost for good ({why})"
@@ -602,12 +612,14 @@ class RoundClient:
                                 else "the initial random subset")
         self.last_loss = loss
 
-    def finish(self) -> None:
-        """At the end: the round still out is unused, rounds never started are skipped."""
+    def finish(self, epochs_run: int | None = None) -> None:
+        """At the end: the round still out is unused, rounds whose boundary training passed without starting
+        them are skipped. ``epochs_run`` (default: all of the plan) bounds that: a run stopped early records
+        nothing about boundaries it never reached (a resumed run runs those rounds)."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self._record(pending, "unused", reason="training ended before the subset was adopted")
-        self._skip_overdue(self.epoch_plan.total)
+        self._skip_overdue(self.epoch_plan.total if epochs_run is None else min(epochs_run, self.epoch_plan.total))
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Tell the selector to stop (its open rounds fail at once) and let a round still out finish, so that
@@ -666,7 +678,7 @@ class RoundClient:
             self._await_pending()
         if self.pending is not None:
             p = self.pending
-            pending = {"slot": p.slot.__dict__, "strategy": p.strategy, "request": p.request.model_dump(),
+            pending = {"slot": p.slot.__dict__, "strategy": p.strategy, "request": p.request.model_dump(mode="json"),
                        "trigger_epoch": p.trigger_epoch, "summary_s": p.summary_s, "stall_s": p.stall_s,
                        "payload": p.payload, "plan": self.plan.model_dump(), "where": p.where}
         watch = None if self.watch is None else {**self.watch, "previous": _subset_state(self.watch["previous"])}
@@ -674,12 +686,12 @@ class RoundClient:
             "subset": _subset_state(self.subset), "last_loss": self.last_loss, "watch": watch,
             "harmful": list(self.harmful),
             "plan": self.plan.model_dump(), "next_slot": self.next_slot, "ever_used": self.ever_used.clone(),
-            "records": list(self.stats.records), "stall_s": self.stats.stall_s, "summary_s": self.stats.summary_s,
+            "records": plain(list(self.stats.records)), "stall_s": self.stats.stall_s, "summary_s": self.stats.summary_s,
             "selector_busy_s": self.stats.selector_busy_s, "measure_s": self.stats.measure_s,
             "workers_busy_s": self.stats.workers_busy_s,
             "applied_changes": list(self.applied_changes),
             "resend_config": self.resend_config.model_dump() if self.resend_config is not None else None,
-            "selector_lost": self.selector_lost, "pending": pending,
+            "selector_lost": self.selector_lost, "pending": plain(pending),
         }
 
     def _await_pending(self) -> None:
@@ -695,6 +707,9 @@ class RoundClient:
             p.payload = ray.get(p.result, timeout=CALL_TIMEOUT_S)
         except (RayError, GetTimeoutError, RoundFailed) as exc:
             self.pending = None
+            if self._gone_for_good(exc):
+                self._lose_selector(p, one_line(exc))
+                return
             self.selector_failed = True
             self._record(p, "failed", reason=one_line(exc))
 
@@ -737,6 +752,18 @@ def _subset_state(subset: Subset) -> dict:
 
 def _subset_from_state(state: dict) -> Subset:
     return Subset(list(state["batches"]), state["weights"], state["fixed"], state["round"])
+
+
+def actor_dead(actor) -> bool | None:
+    """Whether the GCS holds ``actor`` as ``DEAD`` (no restart left or killed for good); None when its state
+    cannot be read."""
+    try:
+        from ray._private.state import actors
+
+        state = actors(actor_id=actor._actor_id.hex()).get("State")
+    except Exception:  # noqa: BLE001 - a Ray without the accessor, or the GCS out of reach
+        return None
+    return None if state is None else str(state) == "DEAD"
 
 
 def _finite_or_none(value):

@@ -22,15 +22,18 @@ import ray
 from protocol.config import PB_STRATEGIES, ROUND_STRATEGIES, RunConfig
 from protocol.errors import RunFailed, one_line
 from trainer.cli import ConfigError, parse_args, parse_config
-from trainer.launch import connect_ray, execute
+from trainer.launch import RayUnavailable, connect_ray, execute
 
 EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
 
 
 # --- the run directory --------------------------------------------------------------------------
 
-def run_dir(config: RunConfig) -> Path:
-    """The run directory, checked before anything starts: new or empty, creatable and writable."""
+def run_dir(config: RunConfig, create: bool = True) -> Path:
+    """The run directory, checked before anything starts: new or empty, creatable and writable.
+
+    ``create=False`` only checks and names it (``make_run_dir`` creates it once Ray has been joined).
+    """
     if config.out == "":
         raise ConfigError("--out '': must name a directory")
     path = Path(config.out) if config.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.selector.strategy}"
@@ -39,6 +42,11 @@ def run_dir(config: RunConfig) -> Path:
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"--out {str(path)!r}: exists and is not empty; choose a new run directory "
                           "(or continue it with --resume)")
+    return make_run_dir(path) if create else path
+
+
+def make_run_dir(path: Path) -> Path:
+    """Create the run directory and check that it can be written."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -66,9 +74,47 @@ def resume_config(run: str) -> RunConfig:
         if status == "completed":
             raise ConfigError(f"--resume {run}: that run already completed")
     try:
-        return RunConfig.model_validate_json((path / "config.json").read_text())
+        config = RunConfig.model_validate_json((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--resume {run}: cannot read its config.json: {one_line(exc)}") from None
+    check_checkpoint(run, config)
+    return config
+
+
+def check_checkpoint(run: str, config: RunConfig) -> None:
+    """The run's checkpoint reads (as tensors and plain types) and was written with ``config``, before anything
+    starts and before any record is replaced."""
+    from trainer.core import load_checkpoint
+    from trainer.distributed import latest_checkpoint
+
+    path = Path(run) / "checkpoint.pt"
+    if not path.is_file():
+        path = latest_checkpoint(Path(run))
+    try:
+        state = load_checkpoint(path)
+    except RunFailed as exc:
+        raise ConfigError(f"--resume {run}: {exc.reason}") from None
+    stored = state.get("config")
+    try:
+        stored = RunConfig.model_validate(stored).model_dump(mode="json")
+    except ValueError:
+        pass  # compared as it is: every field differs
+    differing = _differences(stored if isinstance(stored, dict) else {}, config.model_dump(mode="json"))
+    if differing:
+        raise ConfigError(f"--resume {run}: {path} was written with another config than config.json "
+                          f"(differing: {', '.join(differing)}); restore the run's own config.json or start a new run")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the fields whose values differ between two config trees."""
+    names = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            names += _differences(x, y, f"{prefix}{key}.")
+        elif x != y or (key in a) != (key in b):
+            names.append(f"{prefix}{key}")
+    return names
 
 
 # --- running --------------------------------------------------------------------------------------
@@ -123,7 +169,7 @@ def format_summary(summary: dict, out: Path) -> str:
                    f"rejected or failed, {summary['rounds_skipped']} skipped"
                    + (f", {summary['rounds_harmful']} undone as harmful" if summary.get("rounds_harmful") else "")),
         ("energy", energy),
-        ("ray", summary["ray_address"]),
+        ("ray", summary.get("ray") or summary["ray_address"]),
         ("run dir", f"{out} (model.pt: the trained weights)"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -137,6 +183,7 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
     from trainer.rounds import check_schedule
 
     args = parse_args(argv)
+    args.pop("ray", None)  # which Ray to use is not part of the run's config (main reads it)
     resume = "resume" in args
     if resume:
         extra = sorted(k for k in args if k != "resume")
@@ -167,7 +214,7 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
     if not resume:
-        out = run_dir(config)
+        out = run_dir(config, create=False)  # made once Ray is joined: a refused cluster leaves no directory
     return config, out, resume, splits
 
 
@@ -177,8 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    started = connect_ray()
     try:
+        started = connect_ray(ray_choice=parse_args(argv).get("ray", "auto"))
+    except RayUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if not resume:
+            make_run_dir(out)
         from trainer.distributed import check_workers
 
         problem = check_workers(config, ray.cluster_resources())
@@ -195,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"interrupted; continue with: python -m trainer.run --resume {out}", file=sys.stderr)
                 return EXIT_SIGTERM if stopper.signal == signal.SIGTERM else EXIT_SIGINT
             return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"error: interrupted at once; the last checkpoint in {out} is kept (--resume {out})", file=sys.stderr)
         return EXIT_SIGINT
