@@ -26,7 +26,7 @@ Correlations come from one of two methods, chosen by :func:`choose_method`:
 Precision: products in ``A``'s dtype are trusted to ``PRECISION_RTOL * eps(dtype)`` relative. A candidate
 is numerically dependent on the chosen atoms when its Cholesky pivot (its squared distance from their span)
 is within the rounding error of the products it is computed from; that error grows with the conditioning of
-the support (see :meth:`_Cholesky.append`). Dependent candidates are banned with a ``RuntimeWarning``. A
+the support (see :meth:`service.ridge.Cholesky.append`). Dependent candidates are banned with a ``RuntimeWarning``. A
 correlation within its rounding error counts as zero.
 """
 
@@ -39,12 +39,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
-import scipy.optimize
-from scipy.linalg import blas, lapack
 
 from service import arrays
 from service.checks import nonnegative_float, positive_int
+from service.ridge import Cholesky, ridge_weights, stacked_solve
 
 ROWS_SLOWDOWN = 8.0
 """Cost of one multiply-add in a matrix-vector product over an operand streamed from memory, relative to one
@@ -288,7 +286,7 @@ def _loop_threads(pick_elements: int):
 @dataclass
 class _Run:
     support: list  # chosen candidates, in order of selection
-    factor: _Cholesky  # of the support; its weights are the loop's solution
+    factor: Cholesky  # of the support; its weights are the loop's solution
     n_iter: int
     stop_reason: str
     dependent: list  # candidates banned as numerically dependent on the chosen ones
@@ -304,7 +302,7 @@ def _pursue(products, b_sq: float, budget: int, lam: float, eps: float, positive
     """
     p, norms = products.target, products.norms  # A b and ||A_i||, float64 (n,)
     n, b_norm = p.size, math.sqrt(b_sq)
-    factor = _Cholesky(budget, lam, precision)
+    factor = Cholesky(budget, lam, precision)
     penalty = arrays.zeros((n,), products.target_x)  # -inf on chosen and banned candidates
     support, dependent, n_iter, c = [], [], 0, None
     while True:
@@ -362,7 +360,7 @@ def _correlated_within_rounding(c, penalty, positive: bool) -> bool:
     return bool((arrays.host64((c if positive else abs(c)) + penalty) > 0).any())
 
 
-def _drop_nonpositive(factor: _Cholesky, products, support: list, previous: np.ndarray, p: np.ndarray) -> list:
+def _drop_nonpositive(factor: Cholesky, products, support: list, previous: np.ndarray, p: np.ndarray) -> list:
     """Make the weights the exact non-negative optimum on ``support``; atoms at zero leave it.
 
     Lawson-Hanson steps from the previous optimum (the new atom at 0) towards the unconstrained solution:
@@ -391,7 +389,7 @@ def _drop_nonpositive(factor: _Cholesky, products, support: list, previous: np.n
     return _nonnegative_from_scratch(factor, products, np.asarray(before), p)
 
 
-def _nonnegative_from_scratch(factor: _Cholesky, products, atoms: np.ndarray, p: np.ndarray) -> list:
+def _nonnegative_from_scratch(factor: Cholesky, products, atoms: np.ndarray, p: np.ndarray) -> list:
     """``nnls`` on ``atoms``; the atoms it keeps positive become the support."""
     gram = products.block(atoms)  # (s, s) float64
     factor.load(gram, p[atoms])
@@ -399,111 +397,6 @@ def _nonnegative_from_scratch(factor: _Cholesky, products, atoms: np.ndarray, p:
     factor.load(gram[np.ix_(keep, keep)], p[atoms[keep]])
     products.load(atoms[keep])
     return atoms[keep].tolist()
-
-
-# ---------------------------------------------------------------------------------------------------
-# The factor: float64 on the CPU
-
-
-class _Cholesky:
-    """Cholesky factor ``L`` of ``Q = G_SS + lam I``, grown one atom at a time, and the ridge weights on ``S``.
-
-    Keeps ``z = L^{-1} p_S`` (``p = A b``), so that ``w = L^{-T} z`` and ``E_lam = ||b||^2 - ||z||^2``.
-    ``L`` is stored row after row (LAPACK upper-packed ``L^T``): a new row is appended to one array and each
-    triangular solve is one BLAS call, O(size^2).
-    """
-
-    def __init__(self, budget: int, lam: float, precision: float):
-        self.lam, self.precision, self.size = lam, precision, 0
-        self._packed = np.zeros(budget * (budget + 1) // 2)
-        self._p = np.zeros(budget)  # p_S
-        self._z = np.zeros(budget)
-        self.roots = np.zeros(budget)  # sqrt(G_ii) of the chosen atoms
-        self.weights = np.empty(0)  # Q^{-1} p_S
-        self.explained = 0.0  # ||z||^2
-
-    def append(self, g: np.ndarray, p_e: float) -> bool:
-        """Add the atom with ``g = G[S + [e], e]`` (size + 1,) and ``p_e``; False if it is numerically dependent.
-
-        The pivot ``g_ee + lam - q^T Q^{-1} q`` (``q = G_Se``) is ``lam`` plus the squared distance of ``A_e``
-        from the span of the chosen atoms. With ``x = Q^{-1} q`` its first-order rounding error
-        ``dg_ee - 2 x.dq + x^T dQ x``, from products good to ``precision`` relative (``|dG_ij| <= precision *
-        sqrt(G_ii G_jj)``, errors of independent signs), is about ``precision * (sqrt(g_ee) + ||x * sqrt(G_SS
-        diagonal)||)^2``. An ill-conditioned support makes ``x`` large, so the threshold follows its
-        conditioning. The weights update is the bordered solve ``w_e = z_e / d``, ``w_S -= w_e x``.
-        """
-        s = self.size
-        row = self._solve(g[:s], lower=True)  # L^{-1} q
-        x = self._solve(row, lower=False)  # Q^{-1} q
-        pivot = g[s] + self.lam - row @ row
-        root = math.sqrt(max(g[s], 0.0))
-        scale = root + math.sqrt((x * self.roots[:s]) @ (x * self.roots[:s]))
-        if not pivot > self.precision * scale * scale:
-            return False
-        d = math.sqrt(pivot)
-        start = s * (s + 1) // 2
-        self._packed[start: start + s] = row
-        self._packed[start + s] = d
-        z_e = (p_e - row @ self._z[:s]) / d
-        self._p[s], self._z[s], self.roots[s] = p_e, z_e, root
-        self.weights = np.append(self.weights - (z_e / d) * x, z_e / d)
-        self.explained += z_e * z_e
-        self.size = s + 1
-        return True
-
-    def delete(self, j: int) -> None:
-        """Remove support position ``j`` in O(size^2): Givens rotations re-triangularise ``L^T`` without column j."""
-        s = self.size
-        upper = self._unpack()
-        _, r = scipy.linalg.qr_delete(np.eye(s), upper, j, which="col", overwrite_qr=True, check_finite=False)
-        r = r[: s - 1] * np.copysign(1.0, np.diag(r))[:, None]  # rows with a positive diagonal
-        packed, _ = lapack.dtrttp(np.asfortranarray(r))
-        self._packed[: packed.size] = packed
-        for kept in (self._p, self.roots):
-            kept[j: s - 1] = kept[j + 1: s].copy()
-        self.size = s - 1
-        self.refresh()
-
-    def load(self, gram: np.ndarray, p: np.ndarray) -> None:
-        """Factor a support from scratch: ``gram`` = G_SS (k, k), ``p`` = p_S (k,)."""
-        k = self.size = p.size
-        if k:
-            upper, info = lapack.dpotrf(gram + self.lam * np.eye(k), lower=0, clean=1)
-            if info != 0:
-                raise np.linalg.LinAlgError(f"G_SS + lam I is not positive definite (potrf info {info})")
-            packed, _ = lapack.dtrttp(upper)
-            self._packed[: packed.size] = packed
-        self._p[:k], self.roots[:k] = p, np.sqrt(np.maximum(np.diag(gram), 0.0))
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Recompute ``z``, the weights and ``||z||^2`` from the factor."""
-        s = self.size
-        self._z[:s] = self._solve(self._p[:s], lower=True)
-        self.weights = self._solve(self._z[:s], lower=False)
-        self.explained = float(self._z[:s] @ self._z[:s])
-
-    def solve(self, v: np.ndarray) -> np.ndarray:
-        """``Q^{-1} v`` for ``v`` of shape (size,)."""
-        return self._solve(self._solve(v, lower=True), lower=False)
-
-    def nonnegative_weights(self) -> np.ndarray:
-        """Exact non-negative optimum on the support, shape (size,).
-
-        ``w^T Q w / 2 - p^T w = ||L^T w - z||^2 / 2 + const``, so ``nnls(L^T, z)`` minimises E_lam over ``w >= 0``.
-        """
-        return scipy.optimize.nnls(self._unpack(), self._z[: self.size])[0]
-
-    def _unpack(self) -> np.ndarray:
-        """``L^T`` as a dense upper-triangular (size, size) array (f2py zero-fills the lower part)."""
-        s = self.size
-        return lapack.dtpttr(s, self._packed[: s * (s + 1) // 2])[0]
-
-    def _solve(self, v: np.ndarray, lower: bool) -> np.ndarray:
-        """``L^{-1} v`` (``lower``) or ``L^{-T} v``, a new array."""
-        if self.size == 0:
-            return np.empty(0)
-        return blas.dtpsv(self.size, self._packed, v, trans=1 if lower else 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -615,9 +508,10 @@ def _refit(A_x, b64: np.ndarray, run: _Run, positive: bool):
     rows = arrays.host64(arrays.take_rows(A_x, indices))  # (s, d)
     weights = _refine(rows, b64, factor)
     if weights is None:
-        weights = _stacked_solve(rows, b64, factor.lam, positive)
+        weights = stacked_solve(rows, b64, factor.lam, positive)
     elif positive and weights.min() <= 0:
-        weights = _ridge_weights(rows, b64, factor.lam, positive)
+        weights = ridge_weights(rows @ rows.T, rows @ b64, factor.lam, positive,
+                                singular=lambda: stacked_solve(rows, b64, factor.lam, positive))
     if positive and not (weights > 0).all():
         keep = weights > 0
         indices, rows, weights = indices[keep], rows[keep], weights[keep]
@@ -625,7 +519,7 @@ def _refit(A_x, b64: np.ndarray, run: _Run, positive: bool):
     return indices, weights, float(error)
 
 
-def _refine(rows: np.ndarray, b64: np.ndarray, factor: _Cholesky) -> np.ndarray | None:
+def _refine(rows: np.ndarray, b64: np.ndarray, factor: Cholesky) -> np.ndarray | None:
     """Iterative refinement of the loop's ridge weights in float64; None if it does not converge.
 
     Each step solves ``Q_loop step = A_S b - (A_S A_S^T + lam I) w`` with the loop's factor, the
@@ -645,30 +539,6 @@ def _refine(rows: np.ndarray, b64: np.ndarray, factor: _Cholesky) -> np.ndarray 
         previous = size
     return None
 
-
-def _ridge_weights(rows: np.ndarray, b64: np.ndarray, lam: float, positive: bool) -> np.ndarray:
-    """``argmin_w ||rows^T w - b||^2 + lam ||w||^2`` (``w >= 0`` if ``positive``); rows (s, d)."""
-    q = rows @ rows.T + lam * np.eye(rows.shape[0])
-    p = rows @ b64
-    try:
-        lower = scipy.linalg.cholesky(q, lower=True, check_finite=False)
-    except np.linalg.LinAlgError:  # singular in float64: solve the stacked system
-        return _stacked_solve(rows, b64, lam, positive)
-    z = scipy.linalg.solve_triangular(lower, p, lower=True, check_finite=False)
-    w = scipy.linalg.solve_triangular(lower.T, z, lower=False, check_finite=False)
-    if positive and w.min() <= 0:
-        w = scipy.optimize.nnls(lower.T, z)[0]
-    return w
-
-
-def _stacked_solve(rows: np.ndarray, b64: np.ndarray, lam: float, positive: bool) -> np.ndarray:
-    """Least squares on ``[rows^T; sqrt(lam) I] w = [b; 0]`` by orthogonal factorisations (backward stable)."""
-    s = rows.shape[0]
-    matrix = np.vstack([rows.T, math.sqrt(lam) * np.eye(s)])
-    target = np.concatenate([b64, np.zeros(s)])
-    if positive:
-        return scipy.optimize.nnls(matrix, target)[0]
-    return np.linalg.lstsq(matrix, target, rcond=None)[0]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -372,11 +372,12 @@ def test_pivot_threshold_follows_the_conditioning_of_the_support():
     # a1, a2 are a near-duplicate pair (distance 0.01); a3 = (a2 - a1) / 0.01 lies in their span, a4 does not.
     # From float32 products a3's pivot comes out 1.7e-4 (not 0): G's rounding, amplified by the coefficients
     # x = Q^{-1} q = (-100, 100) of a3 in the pair. A fixed threshold (64 eps * G_ee) would accept a3.
-    from service.omp import _Cholesky, _precision
+    from service.omp import _precision
+    from service.ridge import Cholesky
 
     A = np.array([[1, 0, 0], [1, 0.01, 0], [0, 1, 0], [0, 1, 0.5]], np.float32)
     G = (A @ A.T).astype(np.float64)
-    factor = _Cholesky(3, 0.0, _precision(A))
+    factor = Cholesky(3, 0.0, _precision(A))
     assert factor.append(G[[0], 0], 1.0) and factor.append(G[[0, 1], 1], 1.0)
     row = np.linalg.solve(np.linalg.cholesky(G[:2, :2]), G[:2, 2])
     assert G[2, 2] - row @ row > 64 * np.finfo(np.float32).eps * G[2, 2]  # what a fixed threshold would accept
