@@ -37,8 +37,9 @@ import ray  # noqa: E402
 import scipy.stats  # noqa: E402
 
 from protocol.config import RunConfig  # noqa: E402
-from trainer.launch import connect_ray, execute  # noqa: E402
-from trainer.rounds import RoundStats, overlap  # noqa: E402
+from trainer.client.cluster import connect_ray  # noqa: E402
+from trainer.client.rounds import RoundStats, overlap  # noqa: E402
+from trainer.launch.job import execute  # noqa: E402
 
 MODES = {
     "full": {"selector": {"strategy": "full"}},

@@ -106,16 +106,16 @@ def put_chunks(ray, data: dict, strategy: str, chunk_examples: int, batch_size: 
 
 def _peak_reset(self) -> int:
     """Inside an actor: restart its peak resident size; returns its resident size in KiB."""
-    from service.shards import _reset_peak, _status_kib
+    from service.shard import reset_peak, status_kib
 
-    _reset_peak()
-    return _status_kib("VmRSS")
+    reset_peak()
+    return status_kib("VmRSS")
 
 
 def _peak_read(self) -> int:
-    from service.shards import _status_kib
+    from service.shard import status_kib
 
-    return _status_kib("VmHWM")
+    return status_kib("VmHWM")
 
 
 def run_round(ray, selector, strategy: str, chunks: list, n_ground: int, n_select: int, sizes) -> tuple[dict, float]:
@@ -133,7 +133,7 @@ def run_round(ray, selector, strategy: str, chunks: list, n_ground: int, n_selec
 
 
 def _single(ray, strategy: str, chunks: list, n_ground: int, n_select: int, sizes, head: dict) -> dict:
-    from trainer.launch import release, start_selector
+    from trainer.client.cluster import release, start_selector
 
     selector = start_selector({"strategy": strategy}, head)
     try:
@@ -149,7 +149,7 @@ def _single(ray, strategy: str, chunks: list, n_ground: int, n_select: int, size
 def _sharded(ray, strategy: str, n_shards: int, chunks: list, n_ground: int, n_select: int, sizes,
              head: dict) -> dict:
     from service.actor import ShardedSelectorActor
-    from trainer.launch import release
+    from trainer.client.cluster import release
 
     # started directly: ``start_selector`` starts the single selector for shards == 1
     config = {"strategy": strategy, "shards": n_shards, "shard_cpus": 0.5}

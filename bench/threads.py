@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 
 from protocol.config import RunConfig  # noqa: E402
-from trainer.actor import default_threads  # noqa: E402
-from trainer.launch import connect_ray, execute  # noqa: E402
+from trainer.builtin.actor import default_threads  # noqa: E402
+from trainer.client.cluster import connect_ray  # noqa: E402
+from trainer.launch.job import execute  # noqa: E402
 
 STRATEGIES = ("random", "gradmatch-pb")
 

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-from trainer.api import AdaptiveSubset
+from trainer import AdaptiveSubset
 
 
 class Digits(torch.utils.data.Dataset):  # any map-style Dataset of (input, int label)

@@ -18,8 +18,9 @@ from ray.util.placement_group import get_placement_group, placement_group, remov
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from threadpoolctl import threadpool_limits
 
-from service.selector import _CONFIG, SelectorService
-from service.shards import ShardedSelector, ShardService
+from service.coordinator import ShardedSelector
+from service.selector import SELECTOR_CONFIG, SelectorService
+from service.shard import ShardService
 
 
 class _PlacedSelector(SelectorService):
@@ -39,7 +40,7 @@ SelectorActor = ray.remote(
 )(_PlacedSelector)
 
 
-# --- the sharded selector (service/shards.py, docs/scaling.md) ---------------------------------------
+# --- the sharded selector (service/coordinator.py, docs/scaling.md) ----------------------------------
 
 SHARD_PLACE_TIMEOUT_S = 120.0
 
@@ -70,7 +71,7 @@ class _PlacedShardedSelector(ShardedSelector):
     """
 
     def __init__(self, config):
-        config = _CONFIG.validate_python(config)
+        config = SELECTOR_CONFIG.validate_python(config)
         self._bundles = [_bundle(config, i) for i in range(config.shards)]
         self._group = _shard_group(self._bundles, config.shard_placement)
         shards = [

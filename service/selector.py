@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - Windows
 log = logging.getLogger(__name__)
 REQUEST_GRACE_S = 10.0  # a round's request arrives right after the trainer asks for its result
 CHUNK_GRACE_S = 30.0  # the trainer streams a round's chunks back to back; a longer silence means some were lost
-_CONFIG = TypeAdapter(SelectorConfig)
+SELECTOR_CONFIG = TypeAdapter(SelectorConfig)
 _ROUND_ID = TypeAdapter(Annotated[int, Field(ge=0)])
 
 
@@ -106,7 +106,7 @@ class RoundClock:
 
 
 @dataclass
-class _Round:
+class RoundState:
     request: RoundRequest | None = None
     chunks: dict[int, GradientChunk] = field(default_factory=dict)  # arrived before the request
     received: set = field(default_factory=set)  # chunk indices arrived
@@ -133,11 +133,11 @@ class SelectorService:
     """
 
     def __init__(self, config, device: str = "cpu"):
-        self.config = _CONFIG.validate_python(config)
+        self.config = SELECTOR_CONFIG.validate_python(config)
         self.device = device
         self._strategy = implementation(self.config)
         self._lock = threading.Lock()
-        self._rounds: dict[int, _Round] = {}
+        self._rounds: dict[int, RoundState] = {}
         self._busy_s = 0.0
         self._answered = 0
         self._stopped = False
@@ -178,7 +178,7 @@ class SelectorService:
 
     def reconfigure(self, config) -> dict:
         """Swap the strategy for rounds asked from now on (open rounds keep theirs); returns the new plan."""
-        config = _CONFIG.validate_python(config)
+        config = SELECTOR_CONFIG.validate_python(config)
         with self._lock:
             self.config, self._strategy = config, implementation(config)
         log.info("reconfigured to %s", config.strategy)
@@ -206,7 +206,7 @@ class SelectorService:
     def routes(self, round_id: int, layout: dict | None = None) -> None:
         """Where round ``round_id``'s summaries go: None, whole chunks to ``add_chunk`` (this selector holds them).
 
-        The sharded coordinator (``service.shards.ShardedSelector.routes``) answers with a class map instead, by
+        The sharded coordinator (``service.coordinator.ShardedSelector.routes``) answers with a class map instead, by
         which senders deliver the summaries to its shards themselves; ``layout`` describes the summaries for it.
         """
         return None
@@ -228,7 +228,7 @@ class SelectorService:
                 if round_id < request.round_id:
                     self._fail(state, f"superseded by round {request.round_id}")
                     del self._rounds[round_id]
-            state = self._rounds.setdefault(request.round_id, _Round())
+            state = self._rounds.setdefault(request.round_id, RoundState())
             state.request = request
             state.last_input = time.monotonic()
             if request.n_chunks:
@@ -255,11 +255,11 @@ class SelectorService:
         try:
             chunk = GradientChunk.model_validate(chunk)
         except ValidationError as exc:
-            return self._reject(chunk, f"chunk {_field(chunk, 'chunk_index')} rejected: {one_line(exc)}")
+            return self._reject(chunk, f"chunk {payload_field(chunk, 'chunk_index')} rejected: {one_line(exc)}")
         with self._lock:
             if chunk.round_id < self._latest:
                 return  # a superseded round's late chunk
-            state = self._rounds.setdefault(chunk.round_id, _Round())
+            state = self._rounds.setdefault(chunk.round_id, RoundState())
             if state.request is not None and chunk.chunk_index >= state.request.n_chunks:
                 self._fail(state, f"chunk_index == {chunk.chunk_index}, must be < {state.request.n_chunks}")
                 return
@@ -285,7 +285,7 @@ class SelectorService:
         with self._lock:
             if validation.round_id < self._latest:
                 return
-            state = self._rounds.setdefault(validation.round_id, _Round())
+            state = self._rounds.setdefault(validation.round_id, RoundState())
             state.validation = validation
             self._maybe_start(validation.round_id, state)
 
@@ -301,7 +301,7 @@ class SelectorService:
         start = time.monotonic()
         deadline = start + timeout_s
         with self._lock:
-            state = self._rounds.setdefault(round_id, _Round())
+            state = self._rounds.setdefault(round_id, RoundState())
         try:
             while not state.done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
                 self._check_progress(round_id, state, start, deadline, request_grace_s, chunk_grace_s)
@@ -315,7 +315,7 @@ class SelectorService:
 
     # internals ---------------------------------------------------------------------------------
     @staticmethod
-    def _check_progress(round_id, state: _Round, start, deadline, request_grace_s, chunk_grace_s) -> None:
+    def _check_progress(round_id, state: RoundState, start, deadline, request_grace_s, chunk_grace_s) -> None:
         now = time.monotonic()
         if now >= deadline:
             raise RoundFailed(round_id, f"not answered within {deadline - start:g} s")
@@ -342,21 +342,21 @@ class SelectorService:
                     return reason
                 round_id = max(open_rounds)
             if round_id >= self._latest:
-                self._fail(self._rounds.setdefault(round_id, _Round()), reason)
+                self._fail(self._rounds.setdefault(round_id, RoundState()), reason)
         return reason
 
-    def _place(self, state: _Round, chunk: GradientChunk) -> None:
+    def _place(self, state: RoundState, chunk: GradientChunk) -> None:
         try:
             state.buffer.put(chunk)
         except ValueError as exc:
             self._fail(state, str(exc))
 
-    def _fail(self, state: _Round, reason: str) -> None:
+    def _fail(self, state: RoundState, reason: str) -> None:
         if not state.done.is_set():
             state.error = reason
             state.done.set()
 
-    def _maybe_start(self, round_id: int, state: _Round) -> None:
+    def _maybe_start(self, round_id: int, state: RoundState) -> None:
         request = state.request
         if state.started or request is None or state.done.is_set():
             return
@@ -367,7 +367,7 @@ class SelectorService:
             target=self._run, args=(round_id, state), name=f"select-{round_id}", daemon=True
         ).start()
 
-    def _run(self, round_id: int, state: _Round) -> None:
+    def _run(self, round_id: int, state: RoundState) -> None:
         clock = RoundClock()
         try:
             ground = _assemble(state.request, state.buffer, state.validation)
@@ -388,7 +388,7 @@ class SelectorService:
         self._deliver(state, answer, busy_s)
 
     @staticmethod
-    def _answer(state: _Round, selection: Selection, errors: GradientErrors, select_s: float,
+    def _answer(state: RoundState, selection: Selection, errors: GradientErrors, select_s: float,
                 clock: RoundClock) -> tuple[dict, float]:
         """The round's validated answer (after the configured delay and fault) and the seconds it took.
 
@@ -402,7 +402,7 @@ class SelectorService:
         answer = _message(config.strategy, state.request, selection, errors, select_s, busy_s, cpu_s, preempted)
         return _inject_fault(config.fault, answer, state.request), busy_s
 
-    def _deliver(self, state: _Round, answer: dict, busy_s: float) -> None:
+    def _deliver(self, state: RoundState, answer: dict, busy_s: float) -> None:
         with self._lock:
             self._busy_s += busy_s
             self._answered += 1
@@ -418,14 +418,14 @@ def _assemble(request: RoundRequest, buffer: _GroundBuffer | None, validation) -
     return buffer.ground(validation)
 
 
-def _field(payload, name: str):
+def payload_field(payload, name: str):
     return payload.get(name) if isinstance(payload, dict) else getattr(payload, name, None)
 
 
 def _round_of(payload) -> int | None:
     """The round id of a message that failed validation, when it is itself a valid round id."""
     try:
-        return _ROUND_ID.validate_python(_field(payload, "round_id"))
+        return _ROUND_ID.validate_python(payload_field(payload, "round_id"))
     except ValidationError:
         return None
 

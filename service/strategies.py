@@ -196,7 +196,7 @@ def select_random(
     return Selection(indices.astype(np.int64), np.ones(request.n_select))
 
 
-def _omp(config: OMPOptions, rows: np.ndarray, target: np.ndarray, budget: int, device: str):
+def run_omp(config: OMPOptions, rows: np.ndarray, target: np.ndarray, budget: int, device: str):
     goal = target.astype(rows.dtype)
     if device != "cpu":
         rows, goal = torch.from_numpy(rows).to(device), torch.from_numpy(goal).to(device)
@@ -221,7 +221,7 @@ def select_gradmatch_pb(
         target = validation_target(ground.validation, request.n_ground)
     else:
         target = train_target(ground.rows, request.sizes)
-    result = _omp(config, ground.rows, target, request.n_select, device)
+    result = run_omp(config, ground.rows, target, request.n_select, device)
     indices, weights, n_padded = pad_selection(
         np.asarray(result.indices, dtype=np.int64), np.asarray(result.weights, dtype=np.float64),
         request.n_ground, request.n_select, round_rng(request.seed, request.round_id),
@@ -278,7 +278,7 @@ def select_gradmatch(
 def _class_omp(config, rows, target, budget, rng, device):
     if np.linalg.norm(target) == 0:
         return pad_selection(np.zeros(0, np.int64), np.zeros(0), len(rows), budget, rng)
-    result = _omp(config, rows, target, budget, device)
+    result = run_omp(config, rows, target, budget, device)
     return pad_selection(np.asarray(result.indices, dtype=np.int64), np.asarray(result.weights, dtype=np.float64),
                          len(rows), budget, rng)
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer import AdaptiveSubset
-from trainer.api import ConfigError, DatasetError
-from trainer.models import ModelError
+from trainer.client.api import ConfigError, DatasetError
+from trainer.client.layers import ModelError
 
 from scripts import run_example
 

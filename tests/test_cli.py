@@ -3,7 +3,7 @@
 import pytest
 
 from trainer.cli import FLAGS, build_parser, parse_config
-from trainer.run import main
+from trainer.launch.run import main
 
 
 def test_defaults_are_the_main_job():

@@ -77,7 +77,7 @@ def _remote_round(selector, strategy: str, round_id: int, before_chunk=None, dir
     import numpy as np
     import ray
 
-    from service.shards import send_routed
+    from protocol.routes import send_routed
     from test_shards import BATCH, ROWS, batch_chunks, example_chunks, layout_of
 
     pb = strategy.endswith("-pb")
@@ -126,7 +126,7 @@ def run_scenario(cluster, workers: dict) -> dict:
     import ray
 
     from protocol.errors import RoundFailed
-    from trainer.launch import release, start_selector
+    from trainer.client.cluster import release, start_selector
 
     head_options = {"num_cpus": 0, "num_gpus": 0, "resources": {"head": 0.01}}
     result = {"head_node": cluster.head_node.node_id,

@@ -9,7 +9,8 @@ import torchvision.datasets
 
 from protocol.config import DataConfig
 from fake_datasets import WRITERS, write_mnist
-from trainer.data import augment_batch, load_splits, make_synthetic, split_indices
+from trainer.data.sources import make_synthetic
+from trainer.data.splits import augment_batch, load_splits, split_indices
 
 OFFLINE = {  # dataset: (in_shape, total examples)
     "mnist5k": ((1, 28, 28), 5000),
@@ -269,7 +270,7 @@ def test_fake_files_read_the_same_with_torchvision(tmp_path, dataset, monkeypatc
 
 # --- class imbalance ----------------------------------------------------------------------------
 
-from trainer.data import make_imbalanced  # noqa: E402
+from trainer.data.splits import make_imbalanced  # noqa: E402
 
 
 def test_imbalance_counts_are_exact_and_only_train_changes():

@@ -14,7 +14,8 @@ from scipy.io import savemat
 
 from fake_datasets import WRITERS, idx_bytes, write_imagefolder, write_mnist, write_pickle
 from protocol.config import DataConfig
-from trainer.data import DataError, MissingDataError, check_data, load_splits, split_indices
+from trainer.data.raw import DataError, MissingDataError
+from trainer.data.splits import check_data, load_splits, split_indices
 
 
 def _tv(dataset: str, root, **kw) -> DataConfig:

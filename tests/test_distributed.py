@@ -10,9 +10,10 @@ from torch import nn
 
 from protocol.config import RunConfig
 from protocol.errors import RunFailed
-from trainer.distributed import Group, check_workers, latest_checkpoint
-from trainer.launch import execute
-from trainer.training import batch_weights
+from trainer.builtin.distributed import check_workers, latest_checkpoint
+from trainer.client.group import Group
+from trainer.client.subsets import batch_weights
+from trainer.launch.job import execute
 
 from scripts import run_cluster_script, run_example
 
@@ -76,7 +77,7 @@ def test_bad_worker_requests_are_refused_naming_the_flag():
 
 
 def test_the_cli_refuses_workers_above_the_batch_before_ray_starts(tmp_path, capsys):
-    from trainer.run import main
+    from trainer.launch.run import main
 
     code = main(["--dataset", "synthetic", "--workers", "9", "--batch-size", "8", "--out", str(tmp_path / "r")])
     assert code == 2

@@ -1,4 +1,4 @@
-"""Tests of trainer.energy on fake powercap trees read by the real pyJoules code.
+"""Tests of trainer.builtin.energy on fake powercap trees read by the real pyJoules code.
 
 The fake tree follows the sysfs layout pyJoules parses::
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.energy import DEFAULT_POWERCAP_ROOT, EnergyMeter, EnergyReading, rapl_device
+from trainer.builtin.energy import DEFAULT_POWERCAP_ROOT, EnergyMeter, EnergyReading, rapl_device
 
 MAX_UJ = 262143328850  # a typical package range
 

@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from protocol.experiment import Grid
-from trainer.experiment import PRESETS, Experiment, expand, main
-from trainer.report import COLUMNS, _report_text, adoption_stats, results_table
+from trainer.experiments.report import COLUMNS, _report_text, adoption_stats, results_table
+from trainer.experiments.runner import PRESETS, Experiment, expand, main
 
 
 def test_grid_expansion_counts_and_matches():
@@ -119,7 +119,7 @@ def test_unknown_preset_exits_2(capsys):
 
 
 def test_energy_tables_when_counters_exist():
-    from trainer.report import _energy_section
+    from trainer.experiments.report import _energy_section
 
     frame = pd.DataFrame({
         "label": ["FULL", "FULL", "RANDOM", "RANDOM"], "strategy": ["full", "full", "random", "random"],

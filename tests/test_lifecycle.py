@@ -109,9 +109,9 @@ def test_sigkill_then_resume_finishes_and_model_pt_reproduces_the_accuracy(ray_a
     assert result["status"] == "completed" and result["epochs_run"] == 13
     # the trained model, loaded as a user would, gives the reported test accuracy
     from protocol.config import RunConfig
-    from trainer.data import load_splits
-    from trainer.models import build_model
-    from trainer.training import evaluate
+    from trainer.builtin.models import build_model
+    from trainer.builtin.training import evaluate
+    from trainer.data.splits import load_splits
 
     config = RunConfig.model_validate_json((out / "config.json").read_text())
     splits = load_splits(config.data, config.seed)
@@ -139,7 +139,7 @@ def test_a_diverging_run_fails_clearly(ray_address, tmp_path):
 
 
 def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
-    from trainer.run import main
+    from trainer.launch.run import main
 
     assert main(["--resume", str(tmp_path)]) == 2
     assert "no checkpoint.pt there" in capsys.readouterr().err
@@ -210,7 +210,7 @@ def test_resume_checks_the_checkpoint_before_it_replaces_a_record(ray_address, t
     """A checkpoint loads as tensors and plain types only; one that does not read, or that was written with
     another config than config.json, is one line naming the file or the fields, and the records stay as they
     were."""
-    from trainer.run import main
+    from trainer.launch.run import main
 
     out = tmp_path / "run"
     # lead 1 and a checkpoint every epoch: some checkpoints hold a round still out, with its answer

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.models import build_model, last_linear
+from trainer.builtin.models import build_model
+from trainer.client.layers import last_linear
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 
@@ -83,7 +84,7 @@ def test_bad_shape_is_rejected():
 
 def test_torchvision_models_by_name_on_small_inputs():
     """Any torchvision classifier by name; 1-channel 28x28 inputs go through a fixed channel repeat."""
-    from trainer.models import find_classifier
+    from trainer.client.layers import find_classifier
 
     model = build_model("mobilenet_v3_small", (1, 28, 28), 10)
     x = torch.randn(2, 1, 28, 28)
@@ -94,7 +95,8 @@ def test_torchvision_models_by_name_on_small_inputs():
 
 
 def test_model_factory_and_its_errors(tmp_path, monkeypatch):
-    from trainer.models import ModelError, check_model_name
+    from trainer.builtin.models import check_model_name
+    from trainer.client.layers import ModelError
 
     (tmp_path / "mynets.py").write_text(
         "import torch\n"

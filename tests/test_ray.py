@@ -11,7 +11,7 @@ import ray
 
 from protocol.config import RunConfig
 from service.actor import SelectorActor
-from trainer.actor import TrainerActor
+from trainer.builtin.actor import TrainerActor
 
 pytestmark = pytest.mark.ray
 RUN_TIMEOUT_S = 300
@@ -161,7 +161,7 @@ def test_any_actor_error_of_a_dead_selector_means_it_is_gone_for_good(ray_addres
     DEAD, and not while it lives (a restart is coming); other errors never do."""
     from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
-    from trainer.rounds import RoundClient, actor_dead
+    from trainer.client.rounds import RoundClient, actor_dead
 
     selector = SelectorActor.remote(make_config({"strategy": "random"}).selector.model_dump())
     ray.get(selector.status.remote(), timeout=60)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import launch
-from trainer.launch import RayUnavailable, choose_ray
+from trainer.client import cluster
+from trainer.client.cluster import RayUnavailable, choose_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = Path(sys.executable).with_name("ray")
@@ -27,7 +27,7 @@ SMALL = ["--dataset", "digits", "--model", "mlp", "--threads", "1", "--epochs", 
 
 def test_choose_ray_follows_the_flag_and_the_default_rule(monkeypatch, tmp_path):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(launch, "recorded_address", lambda: None)
+    monkeypatch.setattr(cluster, "recorded_address", lambda: None)
     assert choose_ray("local") == (None, "--ray local")
     assert choose_ray("10.0.0.1:6379") == ("10.0.0.1:6379", "--ray ADDRESS")
     address, why = choose_ray("auto")
@@ -43,12 +43,12 @@ def test_choose_ray_follows_the_flag_and_the_default_rule(monkeypatch, tmp_path)
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         recorded = f"127.0.0.1:{listener.getsockname()[1]}"
-        monkeypatch.setattr(launch, "recorded_address", lambda: recorded)
+        monkeypatch.setattr(cluster, "recorded_address", lambda: recorded)
         assert choose_ray("auto")[0] == recorded and "recorded by `ray start`" in choose_ray("auto")[1]
     address, why = choose_ray("auto")  # stopped: passed over
     assert address is None and "not running" in why
     with pytest.raises(RayUnavailable, match="nothing answers there"):
-        launch.probe_cluster(recorded, "test")
+        cluster.probe_cluster(recorded, "test")
 
 
 def test_a_cluster_nobody_runs_is_refused_fast_and_leaves_no_run_directory(tmp_path):
@@ -145,7 +145,7 @@ def test_runs_join_a_ray_start_cluster_with_token_auth(ray_start_head, tmp_path)
     own_loop = (
         "import torch, torch.nn.functional as F\n"
         "from torch import nn\n"
-        "from trainer import launch\n"
+        "from trainer.client import cluster\n"
         "from trainer.api import AdaptiveSubset\n"
         "torch.manual_seed(0)\n"
         "x = torch.randn(200, 8); y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()\n"
@@ -157,7 +157,7 @@ def test_runs_join_a_ray_start_cluster_with_token_auth(ray_start_head, tmp_path)
         "        for bx, by, w in batches:\n"
         "            loss = (w * F.cross_entropy(model(bx), by, reduction='none')).mean()\n"
         "            opt.zero_grad(); loss.backward(); opt.step()\n"
-        "    print(launch.connection.describe()); print(subset.summary()['rounds'])\n"
+        "    print(cluster.connection.describe()); print(subset.summary()['rounds'])\n"
     )
     def spawn(args, extra=None):
         return subprocess.Popen(args, cwd=ROOT, env={**env, **(extra or {})}, stdout=subprocess.PIPE,

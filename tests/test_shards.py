@@ -15,12 +15,13 @@ from pydantic import ValidationError
 
 from protocol.config import GradMatchSelector, RunConfig
 from protocol.errors import RoundFailed, RunFailed
+from protocol.routes import range_columns, send_routed, split_chunk
+from service.coordinator import ShardedSelector
+from service.ridge import ridge_weights
+from service.routes import assign_classes, class_ranges, infer_n_classes
 from service.selector import SelectorService
+from service.shard import ShardService
 from service.strategies import class_rows
-from service.shards import (
-    ShardedSelector, ShardService, assign_classes, class_ranges, infer_n_classes, range_columns, ridge_weights,
-    send_routed, split_chunk,
-)
 
 N_CLASSES, DIM, BATCH = 6, 5, 8
 
@@ -448,7 +449,7 @@ def test_sharded_actor_answers_like_the_single_selector_and_survives_a_lost_shar
     import ray
     from ray.util.placement_group import placement_group_table
 
-    from trainer.launch import release, start_selector
+    from trainer.client.cluster import release, start_selector
 
     selector = start_selector({"strategy": "gradmatch", "shards": 2, "shard_cpus": 0.01})
     try:
@@ -489,7 +490,7 @@ def test_parts_sent_straight_to_the_shard_actors_give_the_same_answer_and_a_lost
         ray_address):
     import ray
 
-    from trainer.launch import release, start_selector
+    from trainer.client.cluster import release, start_selector
 
     selector = start_selector({"strategy": "gradmatch-pb", "shards": 2, "shard_cpus": 0.01})
     try:
@@ -529,7 +530,7 @@ def test_a_restarted_coordinator_reuses_its_placement_group(ray_address):
     import ray
     from ray.util.placement_group import placement_group_table
 
-    from trainer.launch import release, start_selector
+    from trainer.client.cluster import release, start_selector
 
     selector = start_selector({"strategy": "craig", "shards": 2, "shard_cpus": 0.01})
     try:
@@ -566,7 +567,7 @@ def _actor_round(selector, strategy: str) -> dict:
 @pytest.mark.ray
 def test_shards_that_cannot_be_placed_fail_before_anything_starts(ray_address, monkeypatch):
     import service.actor
-    from trainer.launch import start_selector
+    from trainer.client.cluster import start_selector
 
     monkeypatch.setattr(service.actor, "SHARD_PLACE_TIMEOUT_S", 3.0)
     with pytest.raises(RunFailed, match=r"--shards 2: the 2 shards \(selector.shards\) could not be placed within 3 s"
@@ -582,7 +583,7 @@ def test_a_users_own_loop_drives_the_sharded_selector_unchanged(ray_address):
     import torch.nn.functional as F
     from torch import nn
 
-    from trainer.api import AdaptiveSubset
+    from trainer.client.api import AdaptiveSubset
 
     generator = torch.Generator().manual_seed(0)
     y = torch.arange(240) % 4

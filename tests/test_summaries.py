@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.models import build_model, last_linear
-from trainer.summaries import LastLayerTap, batch_summaries, example_gradients, logit_errors
+from trainer.builtin.models import build_model
+from trainer.client.layers import last_linear
+from trainer.client.summaries import LastLayerTap, batch_summaries, example_gradients, logit_errors
 
 
 def autograd_rows(model, x, y):
@@ -61,7 +62,7 @@ def test_summaries_ignore_dropout_and_batchnorm_updates():
 
 
 def test_example_summaries_are_the_factors_of_autograds_gradients():
-    from trainer.summaries import example_summaries, validation_view
+    from trainer.client.summaries import example_summaries, validation_view
 
     torch.manual_seed(3)
     model = build_model("lenet", (1, 28, 28), 10)

@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.rounds import EpochPlan, batch_budget, budget_size, plan_epochs, round_schedule
-from trainer.training import (
-    CosineSchedule, batch_weights, cosine_lr, fixed_batches, subset_from_batches, weighted_step,
-)
+from trainer.builtin.training import CosineSchedule, cosine_lr, weighted_step
+from trainer.client.schedule import EpochPlan, batch_budget, budget_size, plan_epochs, round_schedule
+from trainer.client.subsets import batch_weights, fixed_batches, subset_from_batches
 
 
 def _step_delta(model, x, y, w, lr=0.1):
@@ -141,7 +140,7 @@ def test_budgets():
 
 def test_a_round_pool_is_drawn_from_its_seed_and_round_and_maps_back_to_examples():
     from protocol.messages import StrategyPlan
-    from trainer.rounds import ground_layout, pool_layout
+    from trainer.client.schedule import ground_layout, pool_layout
 
     pb = ground_layout(StrategyPlan(strategy="gradmatch-pb", rounds=True, ground="batch", summaries="batch"),
                        1000, 100, 32, seed=3)

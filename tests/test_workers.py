@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from trainer.api import AdaptiveSubset
+from trainer.client.api import AdaptiveSubset
 
 pytestmark = pytest.mark.ray
 
@@ -88,7 +88,7 @@ def test_workers_give_the_same_rounds_as_the_trainer(ray_address, strategy, pool
 @pytest.mark.parametrize("strategy", ["gradmatch-pb", "gradmatch"])
 def test_a_pool_is_all_a_round_summarises_and_chooses_from(ray_address, strategy):
     from protocol.messages import StrategyPlan
-    from trainer.rounds import ground_layout, pool_layout
+    from trainer.client.schedule import ground_layout, pool_layout
 
     adopted, started = {}, []
     summarising = []  # examples of each forward pass in eval mode once the loop runs: the summary passes

@@ -1,5 +1,6 @@
-"""Connecting to Ray, placing the actors and running one job; used by ``trainer.run``, ``trainer.api``,
-the experiment runner and the benchmarks.
+"""Connecting to Ray, placing and starting the selector, releasing actors; used by ``AdaptiveSubset``
+(``trainer.client.api``), ``python -m trainer.run`` (``trainer.launch``), the experiment runner and the
+benchmarks. This is the one module of ``trainer/`` that names ``service/``: it starts the selector actor.
 
 A run joins a cluster only when one was started with ``ray start`` (its address is in Ray's bootstrap file)
 or ``RAY_ADDRESS`` names one; otherwise it starts a private local Ray that no other program joins. That is
@@ -11,22 +12,22 @@ choice explicit (``choose_ray``); a cluster that cannot be joined is refused wit
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray
-from tqdm import tqdm
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from protocol.config import RunConfig
-from protocol.errors import RunFailed
-from trainer.files import RecordFile, write_json
+from protocol.config import ROUND_STRATEGIES
+from protocol.errors import RunFailed, one_line
+from service import actor as selector_actor
+from service.actor import SelectorActor, ShardedSelectorActor
 
-PROGRESS_TIMEOUT_S = 600.0  # the first progress call waits for the trainer to build its model
-POLL_S = 0.5
 # the dashboard, were it on, would listen on 127.0.0.1; Ray 2.60 itself turns a node address of 127.0.0.1 into
 # the machine's address and its gRPC servers listen on every interface, guarded by token authentication
 LOCAL_OPTIONS = {"include_dashboard": False, "dashboard_host": "127.0.0.1", "log_to_driver": False,
@@ -139,8 +140,6 @@ def _token_auth() -> bool:
     try:
         has_token = AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
     except Exception as exc:  # noqa: BLE001 - e.g. RAY_AUTH_TOKEN_PATH names no readable file
-        from protocol.errors import one_line
-
         raise RayUnavailable(f"cannot read the Ray token: {one_line(exc).split('. ')[0]}; fix RAY_AUTH_TOKEN_PATH or "
                              "RAY_AUTH_TOKEN, or use --ray local for a private Ray") from None
     if has_token:
@@ -201,12 +200,8 @@ def probe_cluster(address: str, source: str, timeout_s: float = PROBE_TIMEOUT_S)
                      "requires token authentication and this program has no token")
             raise RayUnavailable(f"{where} {cause}; copy the cluster's token (`ray get-auth-token` on its head) into "
                                  f"~/.ray/auth_token or RAY_AUTH_TOKEN, {fix_local}")
-        from protocol.errors import one_line
-
         raise RayUnavailable(f"{where}: {one_line(error)}; check the address, {fix_local}")
     try:
-        import json
-
         from ray._private.utils import check_version_info
 
         metadata = json.loads(result["metadata"]) if result.get("metadata") else None
@@ -215,8 +210,6 @@ def probe_cluster(address: str, source: str, timeout_s: float = PROBE_TIMEOUT_S)
     except (ImportError, ValueError, KeyError, TypeError):
         pass  # nothing to compare with
     except Exception as exc:  # noqa: BLE001 - Ray raises a plain Exception on a version mismatch
-        from protocol.errors import one_line
-
         raise RayUnavailable(f"{where} runs another Ray or Python version: {one_line(exc)}; run this program with "
                              f"the cluster's versions, {fix_local}") from None
 
@@ -237,8 +230,6 @@ def connect_ray(num_cpus: int | None = None, ray_choice: str | None = "auto") ->
         try:
             ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            from protocol.errors import one_line
-
             raise RayUnavailable(f"the Ray cluster at {address} ({why}): {one_line(exc)}; check the address, or use "
                                  "--ray local for a private Ray") from None
         connection = RayConnection(False, ray.get_runtime_context().gcs_address, why)
@@ -257,8 +248,6 @@ def actor_options(device: str) -> dict:
     gpus = ray.cluster_resources().get("GPU", 0)
     if device == "cpu" or gpus < 1:
         return {"num_cpus": 0, "num_gpus": 0}
-    from ray.util.placement_group import placement_group
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     group = placement_group([{"GPU": 1}], strategy="STRICT_PACK")
     ray.get(group.ready(), timeout=120)
@@ -273,17 +262,14 @@ def start_selector(selector_config: dict, options: dict | None = None):
     with the same interface, placed by ``options``, that places its shards itself; ``RunFailed`` when they
     cannot all be placed, before anything else starts.
     """
-    from protocol.config import ROUND_STRATEGIES
-    from protocol.errors import one_line
-    from service.actor import SHARD_PLACE_TIMEOUT_S, SelectorActor, ShardedSelectorActor
-
     options = options or {"num_cpus": 0, "num_gpus": 0}
     shards = selector_config.get("shards", 1)
     if shards <= 1 or selector_config.get("strategy") not in ROUND_STRATEGIES:
         return SelectorActor.options(**options).remote(selector_config)
     selector = ShardedSelectorActor.options(**options).remote(selector_config)
+    timeout_s = selector_actor.SHARD_PLACE_TIMEOUT_S  # read at each call (tests shorten it)
     try:
-        reason = ray.get(selector.placed.remote(SHARD_PLACE_TIMEOUT_S), timeout=SHARD_PLACE_TIMEOUT_S + 60)
+        reason = ray.get(selector.placed.remote(timeout_s), timeout=timeout_s + 60)
     except Exception as exc:  # the coordinator itself could not start
         reason = one_line(exc)
     if reason is None:
@@ -298,8 +284,6 @@ def start_selector(selector_config: dict, options: dict | None = None):
 
 def release(*actors, group=None) -> None:
     """Stop actors (their open rounds fail at once) and free their placement group; never raises."""
-    from ray.util.placement_group import remove_placement_group
-
     for actor in actors:
         if actor is None:
             continue
@@ -312,91 +296,3 @@ def release(*actors, group=None) -> None:
             remove_placement_group(group)
         except Exception:
             pass
-
-
-# --- one run ------------------------------------------------------------------------------------
-
-def start_actors(config: RunConfig, options: dict, splits, out: Path | None, resume: bool):
-    """The selector and the trainer: one trainer actor, or with ``--workers N`` the handle on a Ray Train run
-    (``trainer.distributed``), which answers the same calls."""
-    if config.train.workers > 1:
-        from trainer.distributed import DistributedTrainerActor as TrainerActor, check_workers
-
-        problem = check_workers(config, ray.cluster_resources())
-        if problem:
-            raise RunFailed(problem)
-    else:
-        from trainer.actor import TrainerActor
-
-    selector = start_selector(config.selector.model_dump(), options)
-    # the Ray Train workers ask for their own CPUs or GPUs; their handle here needs none
-    trainer_options = options if config.train.workers <= 1 else {"num_cpus": 0, "num_gpus": 0}
-    trainer = TrainerActor.options(**trainer_options).remote(config.model_dump(), selector, splits,
-                                                             str(out) if out else None, resume)
-    return selector, trainer
-
-
-def execute(config: RunConfig, out: Path, show_progress: bool = True, options: dict | None = None,
-            resume: bool = False, stopper=None, splits=None) -> dict:
-    """Run one job on the connected Ray: write ``out`` (config, records, checkpoints, model, summary).
-
-    Returns the summary; its ``status`` says whether the run completed, was interrupted or failed.
-    """
-    if not resume:
-        write_json(out / "config.json", config.model_dump(mode="json"))
-    options = dict(actor_options(config.train.device) if options is None else options)
-    group = options.pop("placement_group", None)
-    actors = ()
-    try:
-        actors = start_actors(config, options, splits, out, resume)
-        if stopper is not None:
-            stopper.attach(actors[1])
-        result = follow(actors[1], out, show_progress)
-        summary = result["summary"]
-    finally:
-        release(*actors, group=group)
-    if connection is not None and summary.get("ray") is None:
-        summary["ray"] = connection.describe()
-    write_json(out / "summary.json", summary)
-    return summary
-
-
-def follow(trainer, out: Path, show_progress: bool = True) -> dict:
-    """Wait for the run, streaming its records to ``out`` and a progress bar to the terminal."""
-    result_ref = trainer.run.remote()
-    seen_epochs = seen_rounds = 0
-    files = ()  # opened at the first answer: by then a resumed trainer has read and checked its checkpoint
-    try:
-        with tqdm(unit="epoch", desc="training", dynamic_ncols=True, file=sys.stderr, disable=not show_progress) as bar:
-            while True:
-                ready, _ = ray.wait([result_ref], timeout=POLL_S)
-                state = ray.get(trainer.progress.remote(seen_epochs, seen_rounds), timeout=PROGRESS_TIMEOUT_S)
-                try:
-                    if not files:  # a resumed run's records come back whole and replace the old files
-                        files = (RecordFile.replacing(out / "epochs.jsonl", state["epochs"]),
-                                 RecordFile.replacing(out / "rounds.jsonl", state["rounds"]))
-                        seen_epochs, seen_rounds = len(state["epochs"]), len(state["rounds"])
-                    else:
-                        seen_epochs += files[0].append(state["epochs"])
-                        seen_rounds += files[1].append(state["rounds"])
-                except RunFailed:
-                    trainer.request_stop.remote("a record could not be written")
-                    raise
-                bar.total = state["total"]
-                bar.update(state["epoch"] - bar.n)
-                bar.set_postfix(_postfix(state), refresh=False)
-                for record in state["rounds"]:
-                    if record["status"] != "adopted":
-                        bar.write(f"round {record['round']} {record['status']}: {record['reason']}")
-                if ready:
-                    return ray.get(result_ref, timeout=PROGRESS_TIMEOUT_S)
-    finally:
-        for handle in files:
-            handle.close()
-
-
-def _postfix(state: dict) -> dict:
-    postfix = {"loss": f"{state['loss']:.3f}" if state["loss"] is not None else "-"}
-    if state["val_acc"] is not None:
-        postfix["val_acc"] = f"{state['val_acc']:.1f}"
-    return postfix

@@ -12,8 +12,8 @@ import ray
 import torch
 
 from protocol.config import RunConfig
-from trainer.core import Trainer
-from trainer.data import load_splits
+from trainer.builtin.core import Trainer
+from trainer.data.splits import load_splits
 
 
 def default_threads(cpus: float | None = None) -> int:

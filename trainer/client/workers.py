@@ -9,7 +9,7 @@ best effort), each with its own CPU/GPU request.
 Each round the pool asks the selector where the summaries go (``routes``, not waited for by the trainer):
 the single selector takes whole chunks (``add_chunk``); the sharded coordinator hands out the round's class
 map and its shards, and each worker splits its chunks by class, sends the parts straight to the shards and
-only ids and labels to the coordinator (``service.shards.send_routed``).
+only ids and labels to the coordinator (``protocol.routes.send_routed``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import ray
 import torch
 from torch import nn
 
-from service.shards import send_routed
-from trainer.summaries import SummarySource
+from protocol.routes import send_routed
+from trainer.client.cluster import release
+from trainer.client.summaries import SummarySource
 
 WORKER_CPU = 0.01  # a placement-group bundle must reserve something; real CPU use is set by ``threads``
 PLACE_TIMEOUT_S = 120.0
@@ -146,7 +147,7 @@ class SummaryPool:
 
     def layout(self, jobs: list) -> dict:
         """What the chunks of ``jobs`` will be, for the selector to fix the round's class map up front
-        (``service.shards.planned_routes``): per-example rounds carry the ground set's class counts."""
+        (``service.routes.planned_routes``): per-example rounds carry the ground set's class counts."""
         if jobs[0][0] == "batch":
             n_ground = sum(len(job[3]) for job in jobs)
             return {"kind": "batch", "n_classes": self.n_classes, "n_features": self.n_features, "n_ground": n_ground}
@@ -157,6 +158,4 @@ class SummaryPool:
                 "counts": counts}
 
     def close(self) -> None:
-        from trainer.launch import release
-
         release(*self.workers, group=self.group)

@@ -1,7 +1,7 @@
-"""The built-in trainer: a user of ``trainer.api.AdaptiveSubset`` like any other training loop.
+"""The built-in trainer: a user of ``trainer.client.api.AdaptiveSubset`` like any other training loop.
 
 ``Trainer`` owns the model, the optimizer, the learning-rate schedule, evaluation, checkpoints and the records;
-the rounds are the client's. ``trainer.actor.TrainerActor`` is its Ray shell.
+the rounds are the client's. ``trainer.builtin.actor.TrainerActor`` is its Ray shell.
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ import torch
 from torch.utils.data import TensorDataset
 
 from protocol.config import RunConfig
-from protocol.errors import RunFailed
+from protocol.errors import RunFailed, one_line
 from protocol.records import EpochRecord, RunSummary
-from trainer.api import AdaptiveSubset
-from trainer.data import Splits, augment_batch
-from trainer.energy import EnergyMeter
+from trainer.builtin.energy import EnergyMeter
+from trainer.builtin.models import build_model
+from trainer.builtin.training import CosineSchedule, evaluate, make_optimizer, weighted_step
+from trainer.client.api import AdaptiveSubset
+from trainer.client.layers import find_classifier
+from trainer.data.splits import Splits, augment_batch
 from trainer.files import atomic_write, plain
-from trainer.models import build_model, find_classifier
-from trainer.training import CosineSchedule, evaluate, make_optimizer, weighted_step
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -52,8 +53,6 @@ def atomic_save(obj, path: Path) -> None:
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint, read as tensors and plain types only (``weights_only=True``: loading never runs code);
     a missing, truncated or corrupt file is a ``RunFailed`` naming it."""
-    from protocol.errors import one_line
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - zip, pickle and OS errors alike
@@ -86,7 +85,7 @@ class FileStore:
 class Trainer:
     """Trains ``config.model`` on ``splits``, asking ``selector`` for subsets; writes checkpoints to ``out``.
 
-    Data-parallel (``trainer.distributed``): ``group`` is this rank's place, ``store`` keeps the checkpoints,
+    Data-parallel (``trainer.builtin.distributed``): ``group`` is this rank's place, ``store`` keeps the checkpoints,
     ``on_epoch(trainer)`` is called by rank 0 at every epoch end and may return a stop request. Only rank 0
     holds a ``selector``, evaluates, records and checkpoints; every rank takes the same steps.
     """

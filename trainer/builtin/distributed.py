@@ -7,14 +7,14 @@ mean of the workers' gradients is exactly the gradient of the batch's weighted m
 workers takes the same steps, on the same batches, with the same learning rates as a run with one, computed
 in parallel; the PB variants' fixed batches are never mixed with other batches.
 
-Rank 0 is the only worker that talks to the selector (``trainer.api.AdaptiveSubset`` makes it the leader):
-it runs the rounds, and at every epoch boundary it broadcasts the subset in force to the other ranks when it
+Rank 0 is the only worker that talks to the selector (``trainer.client.api.AdaptiveSubset`` makes it the leader,
+``trainer.client.group`` holds the ranks' side): it runs the rounds, and at every epoch boundary it broadcasts the subset in force to the other ranks when it
 changed. Rank 0 also evaluates, records and checkpoints. Checkpoints go through Ray Train
 (``ray.train.report`` with a ``Checkpoint``) into ``<run dir>/train/checkpoint_*``; a run started again with
 the same run directory (``--resume DIR``) is restored by Ray Train from the latest one.
 
-On the driver's side ``DistributedTrainerActor`` stands where ``trainer.actor.TrainerActor`` stands for one
-worker: it runs ``TorchTrainer.fit`` and answers ``progress`` and ``request_stop`` from what rank 0 pushes to
+On the driver's side ``DistributedTrainerActor`` stands where ``trainer.builtin.actor.TrainerActor`` stands for
+one worker: it runs ``TorchTrainer.fit`` and answers ``progress`` and ``request_stop`` from what rank 0 pushes to
 it at every epoch end, so progress bars, records, signals and summaries work as with one worker.
 """
 
@@ -31,7 +31,10 @@ import torch
 
 from protocol.config import RunConfig
 from protocol.errors import RunFailed, one_line
-from trainer.rounds import RoundStats, plan_epochs
+from trainer.builtin.core import MODEL, Trainer, atomic_save, load_checkpoint
+from trainer.client.group import Group
+from trainer.client.schedule import plan_epochs
+from trainer.data.splits import load_splits
 
 TRAIN_NAME = "train"  # Ray Train's run name: checkpoints live in <run dir>/train/
 CALL_TIMEOUT_S = 60.0
@@ -39,104 +42,6 @@ DATA_TIMEOUT_S = 600.0
 PLACE_TIMEOUT_S = 300.0  # the Ray Train workers must have started by then
 
 
-# --- the process group, as AdaptiveSubset and Trainer use it --------------------------------------
-
-class Group:
-    """This process's place in a ``torch.distributed`` group: ``rank`` of ``world``; rank 0 leads."""
-
-    def __init__(self, rank: int, world: int):
-        self.rank, self.world = rank, world
-
-    @property
-    def leader(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def current(cls) -> "Group | None":
-        """The initialised process group with more than one process, or None (one process trains alone)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-            return None
-        return cls(dist.get_rank(), dist.get_world_size())
-
-    def share(self, value):
-        """Rank 0's ``value`` on every rank (pickled, broadcast)."""
-        import torch.distributed as dist
-
-        box = [value if self.leader else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The mean of ``value`` (a scalar tensor) over the ranks."""
-        import torch.distributed as dist
-
-        total = value.detach().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total / self.world
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is True on some rank."""
-        import torch.distributed as dist
-
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        value = torch.tensor([1.0 if flag else 0.0], device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item() > 0)
-
-    def part(self, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's share of the batch ``ids`` and of its weights ``weights`` (mean 1 over the batch).
-
-        Rank r takes ``ids[r::world]`` and scales its weights by ``world * len(share) / len(ids)``: DDP
-        averages the ranks' gradients of ``mean(w * loss)`` over their shares, and with that factor the average
-        is the gradient of ``mean(w * loss)`` over the whole batch, ``sum w l / sum w``. A rank left without
-        examples (a batch smaller than the group) trains on the batch's first example with weight 0.
-        """
-        share = ids[self.rank::self.world]
-        if share.numel() == 0:
-            return ids[:1], torch.zeros(1, dtype=weights.dtype)
-        return share, weights[self.rank::self.world] * (self.world * share.numel() / ids.numel())
-
-
-class FollowerRounds:
-    """What a rank other than 0 knows of the rounds: the plan (from rank 0) and nothing of the selector.
-
-    The subset to train on comes from rank 0 at each epoch boundary (``AdaptiveSubset``); records, counts
-    and checkpoints are rank 0's.
-    """
-
-    def __init__(self, plan, config: RunConfig, n_train: int):
-        from trainer.rounds import budget_size, ground_layout
-
-        self.plan, self.config, self.n_train = plan, config, n_train
-        self.k = budget_size(config.schedule.budget, n_train)
-        self.epoch_plan = plan_epochs(config.train.epochs, config.schedule.kappa, config.schedule.budget, plan.rounds)
-        self.ground = ground_layout(plan, n_train, self.k, config.train.batch_size, config.seed)
-        self.stats = RoundStats()
-        self.on_record = None
-        self.subset = None
-
-    def start_epoch(self, epoch: int, step: int):
-        return None  # rank 0 shares the subset
-
-    def finish(self, epochs_run: int | None = None) -> None:
-        pass
-
-    def shutdown(self, timeout_s: float = 5.0) -> None:
-        pass
-
-    def summary(self) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-# --- checkpoints through Ray Train ------------------------------------------------------------------
 
 class TrainStore:
     """Checkpoints as Ray Train ``Checkpoint``s; every rank calls ``save`` (``ray.train.report`` is collective),
@@ -164,8 +69,6 @@ class TrainStore:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        from trainer.core import load_checkpoint
-
         with checkpoint.as_directory() as folder:
             return load_checkpoint(Path(folder) / "checkpoint.pt")
 
@@ -187,8 +90,6 @@ def train_loop(setup: dict) -> None:
     """One Ray Train worker: build the trainer on this rank and train; rank 0 hands the result to the driver."""
     import ray.train
     import ray.train.torch
-
-    from trainer.core import Trainer
 
     context = ray.train.get_context()
     group = Group(context.get_world_rank(), context.get_world_size())
@@ -259,7 +160,7 @@ def check_workers(config: RunConfig, cluster: dict | None = None) -> str | None:
 
 
 class DistributedTrainerService:
-    """The driver's handle on a Ray Train run: same calls as ``trainer.actor.TrainerService``."""
+    """The driver's handle on a Ray Train run: same calls as ``trainer.builtin.actor.TrainerService``."""
 
     def __init__(self, config: dict, selector, splits, out: str | None, resume: bool = False):
         self.config = RunConfig.model_validate(config)
@@ -278,9 +179,6 @@ class DistributedTrainerService:
     def run(self) -> dict:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
-
-        from trainer.core import MODEL, atomic_save
-        from trainer.data import load_splits
 
         if self.out is None:
             raise RunFailed("--workers needs a run directory (--out) for Ray Train's checkpoints")

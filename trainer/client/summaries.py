@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.models import last_linear
+from trainer.client.layers import last_linear
 
 Fetch = Callable[[torch.Tensor], torch.Tensor]  # example ids (n,) -> inputs (n, ...) of those examples
 

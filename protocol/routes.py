@@ -1,0 +1,107 @@
+"""How a chunk of summaries splits over the shards of a sharded selector, by a route both sides apply.
+
+A route is the class map of one round as plain data (``ShardedSelector.routes`` in ``service.coordinator``
+makes it): for per-example rounds the shard that owns each class (``owner``) and the rows each shard should
+reserve (``capacity``); for PB rounds the class ranges each shard holds of every mini-batch row. The
+coordinator splits the chunks it receives by it; summary workers (``trainer.client.workers``) split their
+chunks themselves and send the parts straight to the shards (``send_routed``), so that no summary row passes
+through the coordinator. Both sides import this module, neither imports the other. docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from protocol.messages import GradientChunk
+
+
+def range_columns(c0: int, c1: int, n_classes: int, width: int) -> tuple[slice, slice]:
+    """Columns of classes ``[c0, c1)`` in a row ``[bias (C), weight (C*D) row-major]`` of ``width`` = C (1 + D)."""
+    d = width // n_classes - 1
+    return slice(c0, c1), slice(n_classes + c0 * d, n_classes + c1 * d)
+
+
+
+def example_parts(chunk, shard_of: np.ndarray, room: np.ndarray) -> list[dict | None]:
+    """The examples of ``chunk`` per shard (None where a shard gets nothing), each in the chunk's order, with the
+    rows its shard should make room for."""
+    sizes = np.bincount(shard_of, minlength=len(room))
+    order = np.argsort(shard_of, kind="stable")
+    parts, start = [], 0
+    for shard, size in enumerate(sizes):
+        rows = order[start:start + size]
+        start += size
+        parts.append({"ids": chunk.ids[rows], "labels": chunk.labels[rows], "errors": chunk.errors[rows],
+                      "features": chunk.features[rows], "capacity": int(room[shard])} if size else None)
+    return parts
+
+
+def batch_parts(chunk, columns: list[tuple[slice, slice]], n_rows: int | None) -> list[dict]:
+    """Each shard's columns of the mini-batch rows of ``chunk``; with ``n_rows`` known, shards place rows by id."""
+    return [{"ids": chunk.ids, "rows": np.concatenate([chunk.rows[:, bias], chunk.rows[:, weight]], axis=1),
+             **({"n_rows": n_rows} if n_rows else {})} for bias, weight in columns]
+
+
+def split_chunk(route: dict, chunk) -> list[dict | None]:
+    """The parts of ``chunk`` (a ``GradientChunk`` or its payload) per shard by ``route``, a map from
+    ``ShardedSelector.routes``: the parts the coordinator itself would send for that map (None where a shard
+    gets nothing). Raises ``ValueError`` for a chunk that does not fit the map."""
+    chunk = GradientChunk.model_validate(chunk)
+    n_classes = route["n_classes"]
+    if route["kind"] == "batch":
+        width = route["width"]
+        if chunk.rows is None or chunk.rows.shape[1] != width:
+            got = "example summaries" if chunk.rows is None else f"rows of {chunk.rows.shape[1]} columns"
+            raise ValueError(f"chunk {chunk.chunk_index}: {got}, the round's map is for rows of {width} columns")
+        columns = [range_columns(c0, c1, n_classes, width) for c0, c1 in route["ranges"]]
+        return batch_parts(chunk, columns, route["n_rows"])
+    if chunk.errors is None or chunk.errors.shape[1] != n_classes:
+        got = "mini-batch rows" if chunk.errors is None else f"errors of {chunk.errors.shape[1]} columns"
+        raise ValueError(f"chunk {chunk.chunk_index}: {got}, the round's map is for errors of {n_classes} columns")
+    owner = np.asarray(route["owner"])
+    if chunk.labels.size and chunk.labels.max() >= n_classes:
+        raise ValueError(f"chunk {chunk.chunk_index}: labels must be < the {n_classes} classes, got max "
+                         f"{chunk.labels.max()}")
+    shard_of = owner[chunk.labels]
+    if (shard_of < 0).any():
+        raise ValueError(f"chunk {chunk.chunk_index}: labels {np.unique(chunk.labels[shard_of < 0])[:5].tolist()} "
+                         "have no shard in the round's class map")
+    return example_parts(chunk, shard_of, np.asarray(route["capacity"]))
+
+
+def send_routed(route: dict, selector, chunk):
+    """Send the parts of ``chunk`` straight to the shards of ``route`` (``ShardedSelector.routes``), and its
+    round, index, ids and labels to the coordinator ``selector`` (``add_routed``) with the calls that carry the
+    parts: no summary row passes through the coordinator. Nothing is waited for; the coordinator waits for the
+    parts before its shards gather. ``selector`` and the shards are Ray actor handles, or in tests plain
+    ``ShardedSelector`` and ``ShardService`` objects. Returns the ``add_routed`` call's ref (its answer for
+    plain objects)."""
+    chunk = GradientChunk.model_validate(chunk)
+    delivered = []
+    for index, part in enumerate(split_chunk(route, chunk)):
+        if part is None:
+            continue
+        shard, size = route["shards"][index], nbytes(part)
+        remote = getattr(shard.add_part, "remote", None)  # a Ray actor handle's method; None for a plain object
+        if remote is None:
+            shard.add_part(chunk.round_id, part)
+            delivered.append((index, None, size))
+        else:
+            delivered.append((index, remote(chunk.round_id, part), size))
+    head = {"round_id": chunk.round_id, "chunk_index": chunk.chunk_index, "ids": chunk.ids, "labels": chunk.labels}
+    remote = getattr(selector.add_routed, "remote", None)
+    if remote is None:
+        return selector.add_routed(head, delivered)
+    return remote(head, delivered)  # the refs inside a list reach the coordinator as refs
+
+
+def nbytes(value) -> int:
+    """Bytes of the arrays in ``value`` (nested tuples, lists and dicts)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    return 0
+

@@ -1,0 +1,384 @@
+"""Adaptive subsets for your own model, data and training loop.
+
+.. code-block:: python
+
+    from trainer import AdaptiveSubset
+
+    with AdaptiveSubset(model, train_set, strategy="gradmatch-pb", budget=0.1, epochs=200,
+                        select_every=20, kappa=0.5, batch_size=32) as subset:
+        for epoch, batches in subset:
+            for x, y, w in batches:                # w: (B,) weights, mean 1 over the subset
+                loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
+                opt.zero_grad(); loss.backward(); opt.step()
+    print(subset.summary())
+
+The client makes the batches. Per-example strategies reshuffle the adopted subset every epoch; the PB
+variants choose among fixed mini-batches, a seeded partition of the example ids (``seed``) made once per run
+and trained as they are. Summaries come from a forward hook on the model's classifier layer (its last
+``nn.Linear`` whose ``out_features`` is the number of classes, or ``last_layer=``); the model is not changed.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from protocol.config import PB_STRATEGIES, ROUND_STRATEGIES, RunConfig, ScheduleConfig, TrainConfig
+from trainer.cli import ConfigError, config_error, load_yaml
+from trainer.client.cluster import actor_options, connect_ray, release, start_selector
+from trainer.client.group import FollowerRounds, Group
+from trainer.client.layers import find_classifier
+from trainer.client.rounds import RoundClient
+from trainer.client.schedule import check_schedule
+from trainer.client.subsets import batch_weights
+from trainer.client.summaries import SummarySource
+from trainer.client.workers import SummaryPool
+
+STATE_VERSION = 1
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used for selection; the message names the dataset and the rule."""
+
+
+def build_config(config=None, options: dict | None = None) -> RunConfig:
+    """A ``RunConfig`` from a whole config (a ``RunConfig``, a dict or a YAML path) and keyword options.
+
+    Keywords are field names of the config tree: ``seed``, the fields of ``train`` and ``schedule``, and
+    ``strategy`` with the options of that strategy (``lam``, ``eps``, ``valid``...).
+    """
+    if isinstance(config, RunConfig):
+        tree = config.model_dump()
+    elif isinstance(config, dict):
+        tree = dict(config)
+    elif config is not None:
+        tree = load_yaml(str(config), "config")
+    else:
+        tree = {}
+    for name, value in (options or {}).items():
+        if name == "seed":
+            tree["seed"] = value
+        elif name in TrainConfig.model_fields:
+            tree.setdefault("train", {})[name] = value
+        elif name in ScheduleConfig.model_fields:
+            tree.setdefault("schedule", {})[name] = value
+        else:  # a strategy or one of its options: the selector branch says which are valid
+            selector = tree.setdefault("selector", {})
+            if name == "strategy" and selector.get("strategy") not in (None, value):
+                selector.clear()
+            selector[name] = value
+    if isinstance(tree.get("selector"), dict) and "strategy" not in tree["selector"]:
+        tree["selector"]["strategy"] = RunConfig().selector.strategy
+    try:
+        return RunConfig.model_validate(tree)
+    except Exception as exc:
+        raise config_error(exc, keywords=True) from None
+
+
+def dataset_labels(dataset: Dataset, name: str) -> torch.Tensor:
+    """The (n,) int64 labels of a map-style dataset: its ``targets`` when it has them, else read item by item."""
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise DatasetError(f"{name}: {type(dataset).__name__} has no len(); must be a map-style Dataset") from None
+    if n == 0:
+        raise DatasetError(f"{name}: is empty; must hold at least one example")
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) >= 2:
+        labels = dataset.tensors[1]
+    elif hasattr(dataset, "targets") and len(getattr(dataset, "targets")) == n:
+        labels = dataset.targets
+    else:
+        labels = [_item_label(dataset, i, name) for i in range(n)]
+    labels = torch.as_tensor(np.asarray(labels))
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+        raise DatasetError(f"{name}: labels must be one int per example, got {labels.dtype} of shape "
+                           f"{tuple(labels.shape)}")
+    return labels.long()
+
+
+def _item_label(dataset: Dataset, i: int, name: str) -> int:
+    item = dataset[i]
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise DatasetError(f"{name}[{i}] is {type(item).__name__}; items must be (input, int label)")
+    label = item[1]
+    if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.dtype.is_floating_point:
+        label = int(label)
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
+        raise DatasetError(f"{name}[{i}] label is {label!r} ({type(label).__name__}); must be an int")
+    return int(label)
+
+
+def _inputs(dataset: Dataset, name: str):
+    """A function of example ids returning their inputs stacked (the un-augmented view for summaries)."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0].__getitem__
+
+    def fetch(ids: torch.Tensor) -> torch.Tensor:
+        items = [dataset[int(i)] for i in ids]
+        try:
+            return torch.stack([torch.as_tensor(item[0]) for item in items])
+        except (RuntimeError, TypeError) as exc:
+            raise DatasetError(f"{name}: inputs cannot be stacked into a batch: {exc}") from None
+
+    return fetch
+
+
+class _IdBatches:
+    """A batch sampler over precomputed lists of example ids."""
+
+    def __init__(self, batches: list[torch.Tensor]):
+        self.batches = batches
+
+    def __iter__(self):
+        return (b.tolist() for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class AdaptiveSubset:
+    """Selection rounds for any PyTorch training loop.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any classifier whose output is the logits of a final ``nn.Linear`` (see ``last_layer``).
+    train_set : Dataset
+        Map-style, yielding ``(input, int label)``.
+    config : RunConfig, dict or str, optional
+        A whole config tree (or the path of a YAML file); keyword options override it.
+    summary_set : Dataset, optional
+        The same examples as ``train_set`` without augmentation, for the summary passes (default: train_set).
+    val_set : Dataset, optional
+        For strategies that match the validation gradient (``valid=True``, GLISTER).
+    last_layer : nn.Linear or str, optional
+        The classifier layer, or its name in ``model.named_modules()``.
+    n_classes : int, optional
+        Default: ``len(train_set.classes)`` when it has them, else the largest label + 1.
+    num_workers, pin_memory
+        Passed to the training ``DataLoader`` (tensor datasets are indexed directly).
+    selector : ActorHandle, optional
+        A running selector actor to use; by default one is started (and released on ``close``).
+    group : trainer.client.group.Group or None, optional
+        Data-parallel training (e.g. inside a Ray Train worker): by default the initialised
+        ``torch.distributed`` group, if it has more than one process. Rank 0 alone runs the rounds and
+        shares each new subset; every rank gets the same batches, each its share of every batch's examples,
+        with weights scaled so that DDP's mean of the ranks' gradients is the whole batch's gradient.
+    ray : str, optional
+        Which Ray to use when none is connected: ``"local"`` (a private one), ``"cluster"`` (the one ``ray start``
+        recorded or ``RAY_ADDRESS`` names), ``"HOST:PORT"``, or ``"auto"`` as ``python -m trainer.run`` decides.
+        A cluster that cannot be joined raises ``trainer.client.cluster.RayUnavailable``.
+    **options
+        Fields of the config tree: ``strategy``, ``budget``, ``epochs``, ``select_every``, ``kappa``, ``lead``,
+        ``on_late``, ``batch_size``, ``seed``, ``valid``, ``lam``... Bad values raise ``ConfigError``.
+    """
+
+    def __init__(self, model: nn.Module, train_set: Dataset, *, config=None, summary_set: Dataset | None = None,
+                 val_set: Dataset | None = None, last_layer: nn.Linear | str | None = None,
+                 n_classes: int | None = None, num_workers: int = 0, pin_memory: bool = False, selector=None,
+                 phase=None, group="auto", ray: str = "auto", **options):
+        self.config = build_config(config, options)
+        self.group = Group.current() if group == "auto" else group
+        leader = self.group is None or self.group.leader
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model is {type(model).__name__}, must be a torch.nn.Module")
+        self.model, self.train_set = model, train_set
+        self.labels = dataset_labels(train_set, "train_set")
+        self.n_classes = n_classes or len(getattr(train_set, "classes", ())) or int(self.labels.max()) + 1
+        _check_range(self.labels, self.n_classes, "train_set")
+        if self.config.selector.shards > self.n_classes:
+            raise ConfigError(f"shards {self.config.selector.shards}: more shards than the {self.n_classes} classes "
+                              f"(selection is sharded by class); use shards={self.n_classes} or fewer")
+        strategy = self.config.selector.strategy
+        errors, notes = check_schedule(self.config, len(self.labels), pb=strategy in PB_STRATEGIES,
+                                       rounds=strategy in ROUND_STRATEGIES)
+        if errors:
+            raise ConfigError(_as_keywords(errors[0]))
+        for note in notes:
+            warnings.warn(_as_keywords(note), stacklevel=2)
+        summary_set = train_set if summary_set is None else summary_set
+        if len(summary_set) != len(train_set):
+            raise DatasetError(f"summary_set has {len(summary_set)} examples, must have as many as train_set "
+                               f"({len(train_set)}): the same examples without augmentation")
+        val_labels = None
+        if val_set is not None:
+            val_labels = dataset_labels(val_set, "val_set")
+            _check_range(val_labels, self.n_classes, "val_set")
+        self.device = _model_device(model)
+        train_inputs = _inputs(summary_set, "summary_set")
+        self.layer = find_classifier(model, self.n_classes, train_inputs(torch.arange(min(2, len(self.labels))))
+                                     .to(self.device), last_layer)
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self._own_ray = self._group = None
+        self._owns_selector = selector is None and leader
+        if self._owns_selector:
+            self._own_ray = connect_ray(ray_choice=ray)
+            options = actor_options("cpu" if self.device.type == "cpu" else "auto")
+            self._group = options.pop("placement_group", None)
+            selector = start_selector(self.config.selector.model_dump(), options)
+        self.selector = selector
+        source = SummarySource(model, train_inputs, self.labels, self.device,
+                               _inputs(val_set, "val_set") if val_set is not None else None, val_labels, self.layer)
+        self.workers = None
+        try:
+            schedule = self.config.schedule
+            if leader and schedule.summary_workers:
+                self.workers = SummaryPool(schedule.summary_workers, model, train_inputs, self.labels, self.layer,
+                                           threads=schedule.summary_threads)
+            if leader:
+                self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase, workers=self.workers,
+                                          n_classes=self.n_classes)
+            if self.group is not None:  # the other ranks learn the plan from rank 0
+                plan = self.group.share(self.rounds.plan if leader else None)
+                if not leader:
+                    self.rounds = FollowerRounds(plan, self.config, len(self.labels))
+        except BaseException:
+            self.close()
+            raise
+        self._shared = None  # the subset last shared with the other ranks
+        self.epoch = self.step = 0
+        self._epoch_done = False
+        self._finished = self._closed = False
+
+    # the loop ----------------------------------------------------------------------------------
+    @property
+    def epoch_plan(self):
+        return self.rounds.epoch_plan
+
+    def __iter__(self) -> Iterator[tuple[int, Iterator]]:
+        """Yield ``(epoch, batches)`` for each epoch still to train; rounds run at the boundaries."""
+        while self.epoch < self.epoch_plan.total:
+            if self._epoch_done:
+                self.epoch += 1
+                self._epoch_done = False
+                continue
+            subset = self._share(self.rounds.start_epoch(self.epoch, self.step))
+            self.subset = subset
+            yield self.epoch, self._batches(subset, self.epoch)
+            self._epoch_done = True
+        self.finish()
+
+    def _share(self, subset):
+        """Data-parallel: rank 0's subset on every rank, sent only when it changed since the last epoch."""
+        if self.group is None:
+            return subset
+        if self.group.leader:
+            key = (subset.round, subset.n_examples, subset.fixed)  # full epochs, the initial subset, each round's
+            news = self.group.share(None if self._shared is not None and key == self._shared[0] else subset)
+            if news is not None:
+                self._shared = (key, subset)
+        elif (news := self.group.share(None)) is not None:
+            self._shared = (None, news)
+        return self._shared[1]
+
+    def _batches(self, subset, epoch: int):
+        """``(x, y, w)`` for each mini-batch of ``subset`` in this epoch's order; ``w`` has mean 1 over the batch,
+        so ``(w * loss).mean()`` is the reference's ``sum w l / sum w`` per mini-batch (``batch_weights``).
+
+        Data-parallel, each rank yields its share of every batch (``Group.part``), weights scaled to match."""
+        order = subset.epoch_batches(self.config.train.batch_size, self.generator)
+        weights = [batch_weights(subset.weights[ids]) for ids in order]
+        if self.group is not None:
+            parts = [self.group.part(ids, w) for ids, w in zip(order, weights)]
+            order, weights = [ids for ids, _ in parts], [w for _, w in parts]
+        if isinstance(self.train_set, TensorDataset):
+            inputs, labels = self.train_set.tensors[0], self.train_set.tensors[1]
+            pairs = ((inputs[ids], labels[ids]) for ids in order)
+        else:
+            loader = DataLoader(self.train_set, batch_sampler=_IdBatches(order), num_workers=self.num_workers,
+                                pin_memory=self.pin_memory)
+            pairs = ((batch[0], batch[1]) for batch in loader)
+        for w, (x, y) in zip(weights, pairs):
+            yield (x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device), w.to(self.device))
+            self.step += 1
+        self._epoch_done = True
+
+    def report_loss(self, loss: float) -> None:
+        """The mean training loss of the epoch just trained (optional): it arms the divergence guard, which undoes
+        an adopted subset that drives the loss above ``max(10 x the loss before it, ln(C) / 4)`` for two epochs
+        in a row (``divergence_guard=False`` turns it off; ``summary()["rounds_harmful"]`` counts them)."""
+        if self.group is None or self.group.leader:
+            self.rounds.observe_loss(self.epoch, float(loss))
+
+    def finish(self) -> None:
+        """End of training: the round still out is recorded as unused, rounds never started as skipped."""
+        if not self._finished:
+            self._finished = True
+            self.rounds.finish(self.epoch + int(self._epoch_done))  # epochs trained: a stop skips no later round
+
+    def summary(self) -> dict:
+        """Rounds adopted, rejected and skipped, late adoptions, staleness, stall, selector and summary time,
+        the mean gradient error, the share of examples never trained on, epochs and steps so far."""
+        return {**self.rounds.summary(), "epochs_run": self.epoch + int(self._epoch_done), "steps": self.step,
+                "epochs_full": self.epoch_plan.full, "epochs_subset": self.epoch_plan.subset,
+                "strategy": self.config.selector.strategy, "n_train": len(self.labels)}
+
+    @property
+    def records(self) -> list[dict]:
+        """One record per round so far (``protocol.records.RoundRecord`` as dicts)."""
+        return self.rounds.stats.records
+
+    # checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The selection state at an epoch end: the next epoch, steps, the shuffle generator, the current subset
+        and weights, the round schedule position, the ever-trained mask and the records."""
+        return {"version": STATE_VERSION, "epoch": self.epoch + int(self._epoch_done), "step": self.step,
+                "generator": self.generator.get_state(), "rounds": self.rounds.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"selection state version == {state.get('version')!r}, must be {STATE_VERSION}")
+        self.epoch, self.step, self._epoch_done = int(state["epoch"]), int(state["step"]), False
+        self._shared = None
+        self.generator.set_state(state["generator"])
+        self.rounds.load_state_dict(state["rounds"])
+
+    # life cycle --------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the selector (when started here) and the Ray started here; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        rounds = getattr(self, "rounds", None)
+        if rounds is not None:
+            rounds.shutdown()
+        if getattr(self, "workers", None) is not None:
+            self.workers.close()
+        if self._owns_selector:
+            release(getattr(self, "selector", None), group=self._group)
+        if self._own_ray:
+            import ray
+
+            ray.shutdown()
+
+    def __enter__(self) -> "AdaptiveSubset":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_keywords(message: str) -> str:
+    """A schedule check's message with its command-line flags as the keywords of ``AdaptiveSubset``."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
+def _check_range(labels: torch.Tensor, n_classes: int, name: str) -> None:
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= n_classes:
+        raise DatasetError(f"{name}: labels in [{low}, {high}], must be in [0, {n_classes}) for {n_classes} classes")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+__all__ = ["AdaptiveSubset", "ConfigError", "DatasetError", "build_config"]

@@ -1,0 +1,1 @@
+"""``python -m trainer.experiment``: grids of runs (runner.py), the report and plots (report.py)."""

@@ -1,0 +1,109 @@
+"""One job on the connected Ray: place the selector and the trainer, follow the run, write its files.
+
+``execute`` is what ``python -m trainer.run`` and the experiment runner call once Ray is connected
+(``trainer.client.cluster.connect_ray``): it writes ``config.json``, starts the selector
+(``trainer.client.cluster.start_selector``) and the trainer actor (``trainer.builtin.actor``, or with
+``--workers N`` the Ray Train run of ``trainer.builtin.distributed``), streams the records to whole-line JSONL
+files and writes ``summary.json`` atomically (``trainer.files``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from protocol.config import RunConfig
+from protocol.errors import RunFailed
+from trainer.builtin.actor import TrainerActor
+from trainer.builtin.distributed import DistributedTrainerActor, check_workers
+from trainer.client import cluster
+from trainer.client.cluster import actor_options, release, start_selector
+from trainer.files import RecordFile, write_json
+
+PROGRESS_TIMEOUT_S = 600.0  # the first progress call waits for the trainer to build its model
+POLL_S = 0.5
+
+
+def start_actors(config: RunConfig, options: dict, splits, out: Path | None, resume: bool):
+    """The selector and the trainer: one trainer actor, or with ``--workers N`` the handle on a Ray Train run
+    (``trainer.builtin.distributed``), which answers the same calls."""
+    if config.train.workers > 1:
+        problem = check_workers(config, ray.cluster_resources())
+        if problem:
+            raise RunFailed(problem)
+    actor = DistributedTrainerActor if config.train.workers > 1 else TrainerActor
+    selector = start_selector(config.selector.model_dump(), options)
+    # the Ray Train workers ask for their own CPUs or GPUs; their handle here needs none
+    trainer_options = options if config.train.workers <= 1 else {"num_cpus": 0, "num_gpus": 0}
+    trainer = actor.options(**trainer_options).remote(config.model_dump(), selector, splits,
+                                                      str(out) if out else None, resume)
+    return selector, trainer
+
+
+def execute(config: RunConfig, out: Path, show_progress: bool = True, options: dict | None = None,
+            resume: bool = False, stopper=None, splits=None) -> dict:
+    """Run one job on the connected Ray: write ``out`` (config, records, checkpoints, model, summary).
+
+    Returns the summary; its ``status`` says whether the run completed, was interrupted or failed.
+    """
+    if not resume:
+        write_json(out / "config.json", config.model_dump(mode="json"))
+    options = dict(actor_options(config.train.device) if options is None else options)
+    group = options.pop("placement_group", None)
+    actors = ()
+    try:
+        actors = start_actors(config, options, splits, out, resume)
+        if stopper is not None:
+            stopper.attach(actors[1])
+        result = follow(actors[1], out, show_progress)
+        summary = result["summary"]
+    finally:
+        release(*actors, group=group)
+    if cluster.connection is not None and summary.get("ray") is None:
+        summary["ray"] = cluster.connection.describe()
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def follow(trainer, out: Path, show_progress: bool = True) -> dict:
+    """Wait for the run, streaming its records to ``out`` and a progress bar to the terminal."""
+    result_ref = trainer.run.remote()
+    seen_epochs = seen_rounds = 0
+    files = ()  # opened at the first answer: by then a resumed trainer has read and checked its checkpoint
+    try:
+        with tqdm(unit="epoch", desc="training", dynamic_ncols=True, file=sys.stderr, disable=not show_progress) as bar:
+            while True:
+                ready, _ = ray.wait([result_ref], timeout=POLL_S)
+                state = ray.get(trainer.progress.remote(seen_epochs, seen_rounds), timeout=PROGRESS_TIMEOUT_S)
+                try:
+                    if not files:  # a resumed run's records come back whole and replace the old files
+                        files = (RecordFile.replacing(out / "epochs.jsonl", state["epochs"]),
+                                 RecordFile.replacing(out / "rounds.jsonl", state["rounds"]))
+                        seen_epochs, seen_rounds = len(state["epochs"]), len(state["rounds"])
+                    else:
+                        seen_epochs += files[0].append(state["epochs"])
+                        seen_rounds += files[1].append(state["rounds"])
+                except RunFailed:
+                    trainer.request_stop.remote("a record could not be written")
+                    raise
+                bar.total = state["total"]
+                bar.update(state["epoch"] - bar.n)
+                bar.set_postfix(_postfix(state), refresh=False)
+                for record in state["rounds"]:
+                    if record["status"] != "adopted":
+                        bar.write(f"round {record['round']} {record['status']}: {record['reason']}")
+                if ready:
+                    return ray.get(result_ref, timeout=PROGRESS_TIMEOUT_S)
+    finally:
+        for handle in files:
+            handle.close()
+
+
+def _postfix(state: dict) -> dict:
+    postfix = {"loss": f"{state['loss']:.3f}" if state["loss"] is not None else "-"}
+    if state["val_acc"] is not None:
+        postfix["val_acc"] = f"{state['val_acc']:.1f}"
+    return postfix

@@ -1,0 +1,264 @@
+"""Entry point: ``python -m trainer.run [flags]`` or ``python -m trainer.run --resume DIR``.
+
+Checks the flags, the run directory, the model and the data before Ray starts; joins a cluster started with
+``ray start`` (or named by ``RAY_ADDRESS``) or starts a private local Ray; places the selector and the trainer
+actors (on one GPU when there is one); shows progress; writes the run directory; prints a short final table.
+SIGINT and SIGTERM stop the run at the next epoch end with a checkpoint (a second Ctrl-C exits at once).
+
+Exit codes: 0 completed, 1 failed (one line on stderr says why), 2 bad input, 130 / 143 interrupted by
+SIGINT / SIGTERM (resumable with ``--resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+from protocol.config import PB_STRATEGIES, ROUND_STRATEGIES, RunConfig
+from protocol.errors import RunFailed, one_line
+from trainer.builtin.core import load_checkpoint
+from trainer.builtin.distributed import check_workers, latest_checkpoint
+from trainer.builtin.models import check_model_name
+from trainer.cli import ConfigError, parse_args, parse_config
+from trainer.client.cluster import RayUnavailable, connect_ray
+from trainer.client.layers import ModelError
+from trainer.client.schedule import check_schedule
+from trainer.data.splits import load_splits
+from trainer.launch.job import execute
+
+EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
+
+
+# --- the run directory --------------------------------------------------------------------------
+
+def run_dir(config: RunConfig, create: bool = True) -> Path:
+    """The run directory, checked before anything starts: new or empty, creatable and writable.
+
+    ``create=False`` only checks and names it (``make_run_dir`` creates it once Ray has been joined).
+    """
+    if config.out == "":
+        raise ConfigError("--out '': must name a directory")
+    path = Path(config.out) if config.out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{config.selector.strategy}"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {str(path)!r}: exists and is not a directory")
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"--out {str(path)!r}: exists and is not empty; choose a new run directory "
+                          "(or continue it with --resume)")
+    return make_run_dir(path) if create else path
+
+
+def make_run_dir(path: Path) -> Path:
+    """Create the run directory and check that it can be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {str(path)!r}: cannot create or write there: {exc.strerror or exc}") from None
+    return path
+
+
+def resume_config(run: str) -> RunConfig:
+    """The config an interrupted run in ``run`` was started with; refuses a completed run."""
+    path = Path(run)
+    if not (path / "checkpoint.pt").is_file() and latest_checkpoint(path) is None:
+        raise ConfigError(f"--resume {run}: no checkpoint.pt there (nor train/checkpoint_*/ of --workers); "
+                          "nothing to resume")
+    summary = path / "summary.json"
+    if summary.is_file():
+        try:
+            status = json.loads(summary.read_text()).get("status", "completed")
+        except (OSError, ValueError, AttributeError):
+            status = None  # an unreadable summary: resume and write it anew
+        if status == "completed":
+            raise ConfigError(f"--resume {run}: that run already completed")
+    try:
+        config = RunConfig.model_validate_json((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {run}: cannot read its config.json: {one_line(exc)}") from None
+    check_checkpoint(run, config)
+    return config
+
+
+def check_checkpoint(run: str, config: RunConfig) -> None:
+    """The run's checkpoint reads (as tensors and plain types) and was written with ``config``, before anything
+    starts and before any record is replaced."""
+    path = Path(run) / "checkpoint.pt"
+    if not path.is_file():
+        path = latest_checkpoint(Path(run))
+    try:
+        state = load_checkpoint(path)
+    except RunFailed as exc:
+        raise ConfigError(f"--resume {run}: {exc.reason}") from None
+    stored = state.get("config")
+    try:
+        stored = RunConfig.model_validate(stored).model_dump(mode="json")
+    except ValueError:
+        pass  # compared as it is: every field differs
+    differing = _differences(stored if isinstance(stored, dict) else {}, config.model_dump(mode="json"))
+    if differing:
+        raise ConfigError(f"--resume {run}: {path} was written with another config than config.json "
+                          f"(differing: {', '.join(differing)}); restore the run's own config.json or start a new run")
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted names of the fields whose values differ between two config trees."""
+    names = []
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            names += _differences(x, y, f"{prefix}{key}.")
+        elif x != y or (key in a) != (key in b):
+            names.append(f"{prefix}{key}")
+    return names
+
+
+# --- running --------------------------------------------------------------------------------------
+
+class Stopper:
+    """SIGINT / SIGTERM: the first asks the trainer to stop at the next epoch end, a second exits at once."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.trainer = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def attach(self, trainer) -> None:
+        """Forward stop requests to ``trainer``, including one made before it existed."""
+        self.trainer = trainer
+        if self.signal is not None:
+            trainer.request_stop.remote(f"stopped by {signal.Signals(self.signal).name}")
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        name = signal.Signals(signum).name
+        print(f"\n{name}: stopping at the end of this epoch with a checkpoint (again to exit at once)",
+              file=sys.stderr, flush=True)
+        if self.trainer is not None:
+            self.trainer.request_stop.remote(f"stopped by {name}")
+
+
+def format_summary(summary: dict, out: Path) -> str:
+    energy = f"{summary['energy_j']:.1f} J" if summary["energy_j"] is not None else f"n/a ({summary['energy_note']})"
+    overlap = f"{summary['overlap']:.3f}" if summary["overlap"] is not None else "n/a"
+    rows = [
+        ("status", summary["status"] + (f": {summary['reason']}" if summary.get("reason") else "")),
+        ("strategy", f"{summary['strategy']} on {summary['dataset']} / {summary['model']}, budget {summary['budget']:g}"),
+        ("epochs", f"{summary['epochs_run']} of {summary['epochs_full']} full + {summary['epochs_subset']} subset"),
+        ("test accuracy", f"{summary['acc']:.2f} %"),
+        ("wall time", f"{summary['wall_s']:.1f} s (summaries {summary['summary_s']:.1f} s)"),
+        ("stall time", f"{summary['stall_s']:.2f} s of {summary['selector_busy_s']:.2f} s selector work"
+                       + (f" + {summary['workers_busy_s']:.2f} s on summary workers" if summary.get("workers_busy_s") else "")
+                       + f" (overlap {overlap})"),
+        ("rounds", f"{summary['rounds']} adopted ({summary['late_adoptions']} late), {summary['rounds_rejected']} "
+                   f"rejected or failed, {summary['rounds_skipped']} skipped"
+                   + (f", {summary['rounds_harmful']} undone as harmful" if summary.get("rounds_harmful") else "")),
+        ("energy", energy),
+        ("ray", summary.get("ray") or summary["ray_address"]),
+        ("run dir", f"{out} (model.pt: the trained weights)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
+    """Everything that can be checked before Ray starts: flags, run directory, model, data and plan."""
+    args = parse_args(argv)
+    args.pop("ray", None)  # which Ray to use is not part of the run's config (main reads it)
+    resume = "resume" in args
+    if resume:
+        extra = sorted(k for k in args if k != "resume")
+        if extra:
+            raise ConfigError(f"--resume {args['resume']}: continues with the run's own config; drop the other "
+                              f"flags ({', '.join(extra)})")
+        config, out = resume_config(args["resume"]), Path(args["resume"])
+    else:
+        config = parse_config(args=args)
+    try:
+        check_model_name(config.model.name)
+        splits = load_splits(config.data, config.seed)
+    except (ModelError, ValueError, OSError) as exc:
+        raise ConfigError(one_line(exc)) from None
+    if config.selector.shards > splits.n_classes:
+        raise ConfigError(f"--shards {config.selector.shards}: more shards than the {splits.n_classes} classes of "
+                          f"{config.data.dataset} (selection is sharded by class); use --shards {splits.n_classes} "
+                          "or fewer")
+    strategy = config.selector.strategy
+    errors, warnings = check_schedule(config, int(splits.train_y.shape[0]), pb=strategy in PB_STRATEGIES,
+                                      rounds=strategy in ROUND_STRATEGIES)
+
+    errors.append(check_workers(config))
+    errors = [e for e in errors if e]
+    if errors:
+        raise ConfigError(errors[0])
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if not resume:
+        out = run_dir(config, create=False)  # made once Ray is joined: a refused cluster leaves no directory
+    return config, out, resume, splits
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, out, resume, splits = prepare(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        started = connect_ray(ray_choice=parse_args(argv).get("ray", "auto"))
+    except RayUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if not resume:
+            make_run_dir(out)
+        problem = check_workers(config, ray.cluster_resources())
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        with Stopper() as stopper:
+            summary = execute(config, out, resume=resume, stopper=stopper, splits=splits)
+            print(format_summary(summary, out))
+            if summary["status"] == "failed":
+                print(f"error: the run failed: {summary['reason']}", file=sys.stderr)
+                return EXIT_FAILED
+            if summary["status"] == "interrupted":
+                print(f"interrupted; continue with: python -m trainer.run --resume {out}", file=sys.stderr)
+                return EXIT_SIGTERM if stopper.signal == signal.SIGTERM else EXIT_SIGINT
+            return 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"error: interrupted at once; the last checkpoint in {out} is kept (--resume {out})", file=sys.stderr)
+        return EXIT_SIGINT
+    except RunFailed as exc:
+        print(f"error: the run failed: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    except ray.exceptions.RayError as exc:
+        print(f"error: the run failed: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        if started:
+            ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
