@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -180,6 +180,16 @@ class ScheduleConfig(Strict):
 
 
 class SelectorBase(Strict):
+    # What the strategy is and what it needs, declared once by each strategy's class (class attributes, not
+    # config fields). The lists of strategy names below and the selector's ``StrategyPlan`` derive from them.
+    paper_name: ClassVar[str] = ""  # its name in the paper's tables
+    rounds: ClassVar[bool] = True  # runs selection rounds (FULL and FULL-EARLYSTOP train on all data)
+    ground: ClassVar[Literal["example", "batch"]] = "example"  # chooses among examples or fixed mini-batches
+    summaries: ClassVar[Literal["none", "example", "batch"]] = "none"  # what the trainer streams each round
+    needs_validation: ClassVar[bool] = False  # the validation set's summaries too (``valid`` also asks for them)
+    measure_only: ClassVar[bool] = False  # the summaries serve only to measure the Table 8 error
+    online: ClassVar[bool] = False  # no rounds: the trainer re-draws a random subset every epoch
+
     threads: int = Field(1, ge=1, description="torch and BLAS threads of the selector (it shares cores with the trainer)")
     delay_s: float = Field(
         0.0, ge=0, description="extra seconds before each answer (to study late subsets)"
@@ -219,10 +229,12 @@ class SelectorBase(Strict):
 
 
 class FullSelector(SelectorBase):
+    paper_name, rounds = "FULL", False
     strategy: Literal["full"] = Field("full", description="FULL: train on all data, no selection")
 
 
 class FullEarlyStopSelector(SelectorBase):
+    paper_name, rounds = "FULL-EARLYSTOP", False
     strategy: Literal["full-earlystop"] = Field(
         "full-earlystop", description="FULL-EARLYSTOP: full training stopped at a time budget"
     )
@@ -230,12 +242,14 @@ class FullEarlyStopSelector(SelectorBase):
 
 
 class RandomSelector(SelectorBase):
+    paper_name, summaries, measure_only = "RANDOM", "example", True
     strategy: Literal["random"] = Field(
         "random", description="RANDOM: one seeded uniform subset, fixed for the whole run"
     )
 
 
 class RandomOnlineSelector(SelectorBase):
+    paper_name, online = "RANDOM-ONLINE", True
     strategy: Literal["random-online"] = Field(
         "random-online", description="RANDOM-ONLINE: a seeded uniform subset re-drawn every epoch"
     )
@@ -256,45 +270,43 @@ class OMPOptions(SelectorBase):
 
 
 class GradMatchPBSelector(OMPOptions):
+    paper_name, ground, summaries = "GRAD-MATCH-PB", "batch", "batch"
     strategy: Literal["gradmatch-pb"] = Field("gradmatch-pb", description="selection strategy")
     lam: float = Field(0.0, ge=0, description="ridge regularisation lambda of OMP (0 for PB, as the reference "
                        "implementation: after a warm start the target is small and lambda would shrink the weights)")
 
 
 class GradMatchSelector(OMPOptions):
+    paper_name, summaries = "GRAD-MATCH", "example"
     strategy: Literal["gradmatch"] = Field(
         "gradmatch", description="GRAD-MATCH: per-class, per-gradient OMP over examples"
     )
 
 
 class CraigSelector(SelectorBase):
+    paper_name, summaries = "CRAIG", "example"
     strategy: Literal["craig"] = Field("craig", description="CRAIG: per-class facility location over examples")
 
 
 class CraigPBSelector(SelectorBase):
+    paper_name, ground, summaries = "CRAIG-PB", "batch", "batch"
     strategy: Literal["craig-pb"] = Field("craig-pb", description="CRAIG-PB: facility location over mini-batches")
 
 
 class GlisterSelector(SelectorBase):
+    paper_name, summaries, needs_validation = "GLISTER", "example", True
     strategy: Literal["glister"] = Field(
         "glister", description="GLISTER: greedy one-step look-ahead on the validation loss"
     )
     greedy_steps: int = Field(100, ge=1, description="gain re-evaluations per round (more: closer to pure greedy)")
 
 
-# The one table of strategies: each selector class (whose ``strategy`` Literal is the strategy's name), its
-# name in the paper's tables, and whether it runs selection rounds. Every other list of names derives from it.
-SELECTOR_TABLE: dict[type[SelectorBase], tuple[str, bool]] = {
-    FullSelector: ("FULL", False),
-    FullEarlyStopSelector: ("FULL-EARLYSTOP", False),
-    RandomSelector: ("RANDOM", True),
-    RandomOnlineSelector: ("RANDOM-ONLINE", True),
-    GradMatchPBSelector: ("GRAD-MATCH-PB", True),
-    GradMatchSelector: ("GRAD-MATCH", True),
-    CraigSelector: ("CRAIG", True),
-    CraigPBSelector: ("CRAIG-PB", True),
-    GlisterSelector: ("GLISTER", True),
-}
+# The one table of strategies: each selector class, whose ``strategy`` Literal is the strategy's name and whose
+# class attributes say what it needs (``SelectorBase``). Every other list of names derives from it.
+SELECTOR_TABLE: tuple[type[SelectorBase], ...] = (
+    FullSelector, FullEarlyStopSelector, RandomSelector, RandomOnlineSelector, GradMatchPBSelector,
+    GradMatchSelector, CraigSelector, CraigPBSelector, GlisterSelector,
+)
 SelectorConfig = Annotated[Union[tuple(SELECTOR_TABLE)], Field(discriminator="strategy")]
 
 
@@ -305,14 +317,16 @@ def strategy_name(selector: type[SelectorBase]) -> str:
 
 
 STRATEGIES = tuple(strategy_name(selector) for selector in SELECTOR_TABLE)
-ROUND_STRATEGIES = tuple(strategy_name(selector) for selector, (_, rounds) in SELECTOR_TABLE.items() if rounds)
-PAPER_NAMES = {strategy_name(selector): paper for selector, (paper, _) in SELECTOR_TABLE.items()}
+ROUND_STRATEGIES = tuple(strategy_name(selector) for selector in SELECTOR_TABLE if selector.rounds)
+PB_STRATEGIES = tuple(strategy_name(selector) for selector in SELECTOR_TABLE if selector.ground == "batch")
+PAPER_NAMES = {strategy_name(selector): selector.paper_name for selector in SELECTOR_TABLE}
 FULL, FULL_EARLYSTOP = strategy_name(FullSelector), strategy_name(FullEarlyStopSelector)
 RANDOM, RANDOM_ONLINE = strategy_name(RandomSelector), strategy_name(RandomOnlineSelector)
+GRADMATCH, GRADMATCH_PB = strategy_name(GradMatchSelector), strategy_name(GradMatchPBSelector)
+CRAIG, CRAIG_PB, GLISTER = strategy_name(CraigSelector), strategy_name(CraigPBSelector), strategy_name(GlisterSelector)
 # seed stream of RANDOM's fixed subset and of a cold start's initial random subset (apart from every round's):
 # the trainer and the selector draw the same subset from ``numpy.random.default_rng([seed, RANDOM_STREAM])``
 RANDOM_STREAM = 2**31
-PB_STRATEGIES = (strategy_name(GradMatchPBSelector), strategy_name(CraigPBSelector))  # ground set: mini-batches
 
 
 class StrategyChange(Strict):

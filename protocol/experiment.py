@@ -7,7 +7,7 @@ import json
 
 from pydantic import Field, field_validator, model_validator
 
-from protocol.config import FULL_EARLYSTOP, ROUND_STRATEGIES, STRATEGIES, RunConfig, Strict
+from protocol.config import FULL_EARLYSTOP, GRADMATCH_PB, ROUND_STRATEGIES, STRATEGIES, RunConfig, Strict
 
 
 class Grid(Strict):
@@ -19,7 +19,7 @@ class Grid(Strict):
     select_every: tuple[int, ...] = Field((20,), min_length=1)
     seeds: tuple[int, ...] = Field((0,), min_length=1)
     earlystop_match: str = Field(
-        "gradmatch-pb", description="FULL-EARLYSTOP stops at the wall time of this strategy's trial (largest kappa)"
+        GRADMATCH_PB, description="FULL-EARLYSTOP stops at the wall time of this strategy's trial (largest kappa)"
     )
     strategy_options: dict[str, dict] = Field(default_factory=dict, description="per-strategy selector options")
 

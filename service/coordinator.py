@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from protocol.errors import RoundFailed, one_line
 from protocol.messages import GradientChunk, RoundRequest
+from service.registry import implementation
 from service.routes import BatchRoutes, ExampleRoutes, planned_routes, routes_for
 from service.selector import CHUNK_GRACE_S, REQUEST_GRACE_S, RoundClock, RoundState, SelectorService, payload_field
 from service.sharded import ShardCalls, ShardedRound, select_sharded, sharded_gradient_errors
@@ -266,7 +267,7 @@ class ShardedSelector(SelectorService):
                 self.calls.settle(round_id, job.deadline())
             config = state.config
             select_start = time.perf_counter()
-            selection = select_sharded(config, job, self.calls)
+            selection = select_sharded(config, job, self.calls, implementation(config).sharded)
             select_s = time.perf_counter() - select_start
             errors = sharded_gradient_errors(config, job, self.calls, selection)
             answer, busy_s = self._answer(state, selection, errors, select_s, clock)

@@ -22,7 +22,8 @@ from pydantic import Field, TypeAdapter, ValidationError
 from protocol.config import SelectorConfig
 from protocol.errors import RoundFailed, one_line
 from protocol.messages import GradientChunk, RoundRequest, SubsetMessage, ValidationSet
-from service.strategies import GradientErrors, GroundSet, Selection, gradient_errors, implementation
+from service.registry import implementation
+from service.strategies import GradientErrors, GroundSet, Selection, gradient_errors
 
 try:
     import resource  # POSIX only

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protocol.config import (
-    CraigPBSelector, CraigSelector, GlisterSelector, GradMatchPBSelector, GradMatchSelector, RandomSelector,
-)
+from protocol.config import CraigPBSelector, GradMatchPBSelector, GradMatchSelector
 from protocol.errors import RoundFailed, one_line
 from protocol.messages import RoundRequest, ValidationSet
 from protocol.routes import nbytes
@@ -154,37 +152,39 @@ class ShardedRound:
     stats: dict = field(default_factory=dict)
 
 
-def select_sharded(config, job: ShardedRound, calls: ShardCalls) -> Selection:
-    """Run ``config``'s strategy on the shards (which first stack the round's parts).
+def select_sharded(config, job: ShardedRound, calls: ShardCalls, run) -> Selection:
+    """Run ``config``'s strategy on the shards (which first stack the round's parts): ``run`` is its sharded
+    variant (``service.registry``), one of the ``sharded_*`` functions below.
 
     The result equals ``service.strategies`` on the whole ground set (the same indices, weights to rounding).
     """
     if job.routes is None:  # no summaries were sent
-        if not isinstance(config, RandomSelector):
+        if not config.measure_only:
             raise ValueError(f"{config.strategy} needs summaries in its ground set, none were sent")
-        return select_random(config, job.request, None)
-    wanted = "batch" if isinstance(config, (GradMatchPBSelector, CraigPBSelector)) else "example"
+        return run(config, job, calls)
+    wanted = config.ground
     if job.routes.kind != wanted:
         what = "rows" if wanted == "batch" else "errors"
         raise ValueError(f"{config.strategy} needs {what} in its ground set, none were sent")
     deadline = job.deadline()
     calls.each(job.round_id, "gather", {i: (job.round_id, int(n)) for i, n in enumerate(job.routes.sent)}, deadline)
-    if isinstance(config, GradMatchPBSelector):
-        selection = _gradmatch_pb(config, job, calls)
-    elif isinstance(config, CraigPBSelector):
-        selection = _craig_pb(config, job, calls)
-    elif isinstance(config, (GradMatchSelector, CraigSelector)):
-        selection = _per_class(config, job, calls)
-    elif isinstance(config, GlisterSelector):
-        indices, weights, target = calls.each(
-            job.round_id, "select_whole", {0: (job.round_id, config, job.request, job.validation)}, job.deadline())[0]
-        selection = Selection(indices, weights, target=target)
-    else:
-        selection = select_random(config, job.request, None)
-    return selection
+    return run(config, job, calls)
 
 
-def _per_class(config, job: ShardedRound, calls: ShardCalls) -> Selection:
+def sharded_random(config, job: ShardedRound, calls: ShardCalls) -> Selection:
+    """RANDOM: the coordinator draws it (the summaries, if any, only measure its error)."""
+    return select_random(config, job.request, None)
+
+
+def sharded_whole(config, job: ShardedRound, calls: ShardCalls) -> Selection:
+    """GLISTER: its greedy couples all classes, so shard 0 holds the whole ground set and selects."""
+    indices, weights, target = calls.each(
+        job.round_id, "select_whole", {0: (job.round_id, config, job.request, job.validation)}, job.deadline())[0]
+    return Selection(indices, weights, target=target)
+
+
+def sharded_per_class(config, job: ShardedRound, calls: ShardCalls) -> Selection:
+    """GRAD-MATCH and CRAIG: each shard solves its classes; the coordinator merges them in class order."""
     classes, counts = np.unique(job.labels, return_counts=True)
     budgets = class_budgets(counts, job.request.n_select)
     owner = job.routes.owner
@@ -246,7 +246,7 @@ def _summed(parts: dict, position: int, dtype=np.float64) -> np.ndarray:
     return total
 
 
-def _gradmatch_pb(config: GradMatchPBSelector, job: ShardedRound, calls: ShardCalls) -> Selection:
+def sharded_gradmatch_pb(config: GradMatchPBSelector, job: ShardedRound, calls: ShardCalls) -> Selection:
     """OMP on the summed Gram matrix, in the summaries' dtype as the single selector's, then an exact re-solve."""
     request, targets = job.request, _pb_targets(config, job)
     parts = calls.each(job.round_id, "gram", {i: (job.round_id, "float32", targets[i], request.sizes)
@@ -270,7 +270,7 @@ def _gradmatch_pb(config: GradMatchPBSelector, job: ShardedRound, calls: ShardCa
     return Selection(indices, weights, None, n_padded, "val" if config.valid else "train")
 
 
-def _craig_pb(config: CraigPBSelector, job: ShardedRound, calls: ShardCalls) -> Selection:
+def sharded_craig_pb(config: CraigPBSelector, job: ShardedRound, calls: ShardCalls) -> Selection:
     parts = calls.each(job.round_id, "gram", {i: (job.round_id, "float64", None, None)
                                               for i in range(job.routes.n_shards)}, job.deadline())
     gram = _summed(parts, 0)

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
 from protocol.config import (
-    RANDOM_STREAM, ROUND_STRATEGIES, CraigPBSelector, CraigSelector, FullEarlyStopSelector, FullSelector,
-    GlisterSelector, GradMatchPBSelector, GradMatchSelector, OMPOptions, RandomOnlineSelector, RandomSelector,
-    SelectorBase,
+    RANDOM_STREAM, CraigPBSelector, CraigSelector, GlisterSelector, GradMatchPBSelector, GradMatchSelector,
+    OMPOptions, RandomSelector, SelectorBase,
 )
-from protocol.messages import RoundRequest, StrategyPlan, ValidationSet
+from protocol.messages import RoundRequest, ValidationSet
 from service import craig
 from service.glister import glister_greedy
 from service.omp import orthogonal_matching_pursuit
@@ -491,41 +489,3 @@ def _per_class_sums(ground: GroundSet, validation, indices: np.ndarray, weights:
         members = ground.labels == c
         per_class.append(class_error_sums(ground.errors[members], ground.features[members], c, local, w, validation))
     return {"residual_sq": float(sum(p[0] for p in per_class)), "target_sq": float(sum(p[1] for p in per_class))}
-
-
-# --- registry ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Strategy:
-    """What a strategy asks of the trainer (beyond a round) and how it selects (None: it never selects)."""
-
-    select: Callable[..., Selection] | None
-    ground: str = "example"
-    summaries: str = "none"
-    validation: bool = False
-    measure_only: bool = False  # the summaries serve only to measure the Table 8 error
-    online: bool = False  # no rounds: the trainer re-draws a random subset every epoch
-
-    def plan(self, config: SelectorBase) -> StrategyPlan:
-        return StrategyPlan(strategy=config.strategy, rounds=config.strategy in ROUND_STRATEGIES,
-                            ground=self.ground, summaries=self.summaries, measure_only=self.measure_only,
-                            needs_validation=self.validation or bool(getattr(config, "valid", False)),
-                            time_budget_s=getattr(config, "time_budget_s", None), online=self.online)
-
-
-IMPLEMENTATIONS: dict[type[SelectorBase], Strategy] = {  # keyed by config class, so names stay in protocol.config
-    FullSelector: Strategy(None),
-    FullEarlyStopSelector: Strategy(None),
-    RandomSelector: Strategy(select_random, summaries="example", measure_only=True),
-    RandomOnlineSelector: Strategy(None, online=True),
-    GradMatchSelector: Strategy(select_gradmatch, summaries="example"),
-    GradMatchPBSelector: Strategy(select_gradmatch_pb, ground="batch", summaries="batch"),
-    CraigSelector: Strategy(select_craig, summaries="example"),
-    CraigPBSelector: Strategy(select_craig_pb, ground="batch", summaries="batch"),
-    GlisterSelector: Strategy(select_glister, summaries="example", validation=True),
-}
-
-
-def implementation(config: SelectorBase) -> Strategy:
-    """The strategy that runs ``config`` (a validated branch of ``SelectorConfig``)."""
-    return IMPLEMENTATIONS[type(config)]

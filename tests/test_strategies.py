@@ -98,9 +98,10 @@ from protocol.messages import ValidationSet  # noqa: E402
 from service import craig  # noqa: E402
 from service.omp import choose_method  # noqa: E402
 from service.glister import glister_greedy  # noqa: E402
+from service.registry import IMPLEMENTATIONS, implementation  # noqa: E402
 from service.strategies import (  # noqa: E402
-    GRAM_MAX_BYTES, IMPLEMENTATIONS, class_budgets, class_rows, class_target, flat_gradient, implementation,
-    select_craig, select_craig_pb, select_glister, select_gradmatch, softmax_errors, validation_target,
+    GRAM_MAX_BYTES, class_budgets, class_rows, class_target, flat_gradient, select_craig, select_craig_pb,
+    select_glister, select_gradmatch, softmax_errors, validation_target,
 )
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import ray
 import torch
 
-from protocol.config import RunConfig
+from protocol.config import FULL_EARLYSTOP, RunConfig
 from protocol.errors import RunFailed, one_line
 from trainer.builtin.core import MODEL, Trainer, atomic_save, load_checkpoint
 from trainer.client.group import Group
@@ -141,7 +141,7 @@ def check_workers(config: RunConfig, cluster: dict | None = None) -> str | None:
     train = config.train
     if train.workers <= 1:
         return None
-    if config.selector.strategy == "full-earlystop":
+    if config.selector.strategy == FULL_EARLYSTOP:
         return (f"--workers {train.workers}: full-earlystop stops on a wall-time budget in the middle of an epoch, "
                 "which data-parallel workers cannot agree on step by step; use --workers 1")
     if train.workers > train.batch_size:

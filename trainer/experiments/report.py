@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
-from protocol.config import FULL, PAPER_NAMES, ROUND_STRATEGIES  # noqa: E402
+from protocol.config import FULL, PAPER_NAMES, RANDOM, ROUND_STRATEGIES  # noqa: E402
 
 COLUMNS = [
     "trial", "strategy", "label", "budget", "kappa", "R", "seed", "acc", "wall_s", "speedup", "acc_drop",
@@ -89,7 +89,7 @@ def _derive(frame: pd.DataFrame) -> pd.DataFrame:
     frame["rel_error"] = 100 * frame.acc_drop / frame.seed.map(full.acc)
     frame["energy_ratio"] = frame.seed.map(full.energy_j) / frame.energy_j
     keys = ["budget", "kappa", "R", "seed"]
-    random = frame[frame.strategy == "random"].set_index(keys).wall_s
+    random = frame[frame.strategy == RANDOM].set_index(keys).wall_s
     frame["overhead"] = [
         row.wall_s / random.get(tuple(row[k] for k in keys), np.nan) for _, row in frame.iterrows()
     ]

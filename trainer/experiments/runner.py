@@ -27,7 +27,10 @@ from tqdm import tqdm
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from protocol.config import FULL, FULL_EARLYSTOP, ROUND_STRATEGIES, DataConfig, RunConfig
+from protocol.config import (
+    CRAIG, CRAIG_PB, FULL, FULL_EARLYSTOP, GLISTER, GRADMATCH, GRADMATCH_PB, RANDOM, ROUND_STRATEGIES, DataConfig,
+    RunConfig,
+)
 from protocol.errors import RunFailed, one_line
 from protocol.experiment import Grid, Trial
 from trainer.builtin.actor import default_threads
@@ -43,7 +46,7 @@ PRESETS: dict[str, dict] = {
         "name": "smoke",
         "base": {"data": {"dataset": "digits"}, "model": {"name": "mlp"},
                  "train": {"epochs": 4, "eval_every": 2}, "schedule": {"on_late": "wait"}},
-        "strategies": ["random", "gradmatch-pb", "full-earlystop"],
+        "strategies": [RANDOM, GRADMATCH_PB, FULL_EARLYSTOP],
         "budgets": [0.1, 0.3],
         "kappas": [0.5],
         "select_every": [2],
@@ -54,7 +57,7 @@ PRESETS: dict[str, dict] = {
         "base": {"data": {"dataset": "mnist5k"}, "model": {"name": "lenet"},
                  "train": {"epochs": 100, "eval_every": 5},
                  "schedule": {"lead": 0}},  # the paper's synchronous selection, for the reproduction
-        "strategies": ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister", "full-earlystop"],
+        "strategies": [RANDOM, GRADMATCH, GRADMATCH_PB, CRAIG, CRAIG_PB, GLISTER, FULL_EARLYSTOP],
         "budgets": [0.05, 0.1, 0.3],
         "kappas": [0, 0.5],
         "select_every": [10],  # R / T = 0.1 as the paper's 20 / 200
