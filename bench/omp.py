@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from service.omp import orthogonal_matching_pursuit  # noqa: E402
 
-# (n_candidates, n_classes_in_rows, hidden_dim, budget): dim = n_classes_in_rows * (1 + hidden_dim)
+# (n_candidates, n_classes_in_rows, hidden_dim, n_select): dim = n_classes_in_rows * (1 + hidden_dim)
 PROBLEMS = [
     (2500, 10, 512, 250),  # per-example gradients, all logits: 2500 x 5130
     (5000, 1, 512, 500),  # per-class, per-gradient: one logit column, 5000 x 513
@@ -115,35 +115,35 @@ def relative_error(rows: np.ndarray, target: np.ndarray, indices, weights) -> fl
     return float(np.linalg.norm(approx - target64) / np.linalg.norm(target64))
 
 
-def run_sklearn(rows: np.ndarray, target: np.ndarray, budget: int):
+def run_sklearn(rows: np.ndarray, target: np.ndarray, n_select: int):
     """scikit-learn's OMP on the Gram matrix (computed here, inside the timing): indices, weights."""
     gram = rows @ rows.T
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # it may stop early on dependent atoms
-        coef = orthogonal_mp_gram(gram, rows @ target, n_nonzero_coefs=budget, copy_Gram=False)
+        coef = orthogonal_mp_gram(gram, rows @ target, n_nonzero_coefs=n_select, copy_Gram=False)
     indices = np.flatnonzero(coef)
     return indices, coef[indices]
 
 
 def measure(problem, repeats: int, seed: int) -> dict:
-    n, n_columns, hidden, budget = problem
+    n, n_columns, hidden, n_select = problem
     rows, target = gradient_rows(n, n_columns, hidden, seed)
     tensor = torch.from_numpy(rows)
     times, out = best_times(
         {
             "floor_numpy": lambda: rows @ rows.T,
             "floor_torch": lambda: tensor @ tensor.T,
-            "gram": lambda: orthogonal_matching_pursuit(rows, target, budget, method="gram"),
-            "rows": lambda: orthogonal_matching_pursuit(rows, target, budget, method="rows"),
-            "sklearn": lambda: run_sklearn(rows, target, budget),
+            "gram": lambda: orthogonal_matching_pursuit(rows, target, n_select, method="gram"),
+            "rows": lambda: orthogonal_matching_pursuit(rows, target, n_select, method="rows"),
+            "sklearn": lambda: run_sklearn(rows, target, n_select),
         },
         repeats,
     )
     floor_by = "numpy" if times["floor_numpy"] <= times["floor_torch"] else "torch"
-    method = orthogonal_matching_pursuit(rows, target, budget).method  # what method="auto" runs
+    method = orthogonal_matching_pursuit(rows, target, n_select).method  # what method="auto" runs
     ours, (sk_idx, sk_w) = out[method], out["sklearn"]
     return {
-        "shape": rows.shape, "k": budget, "floor_s": times[f"floor_{floor_by}"], "floor_by": floor_by,
+        "shape": rows.shape, "k": n_select, "floor_s": times[f"floor_{floor_by}"], "floor_by": floor_by,
         "ours_s": times[method], "gram_s": times["gram"], "rows_s": times["rows"], "sklearn_s": times["sklearn"],
         "ours_err": ours.error, "sklearn_err": relative_error(rows, target, sk_idx, sk_w), "method": ours.method,
         "n_selected": ours.indices.size, "stop": ours.stop_reason,

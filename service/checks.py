@@ -26,7 +26,7 @@ def as_matrix(x, name: str, min_cols: int = 0) -> np.ndarray:
 def positive_int(value, name: str, at_most: int | None = None, limit: str = "") -> int:
     """``value`` as an int >= 1 (bools refused) and, when ``at_most`` is given, ``<= at_most``.
 
-    ``limit`` names the upper bound in the message (``budget == 21, must be <= n_candidates == 20``).
+    ``limit`` names the upper bound in the message (``n_select == 21, must be <= n_candidates == 20``).
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

@@ -119,7 +119,7 @@ def similarity_from_gram(gram: np.ndarray) -> np.ndarray:
     return dist.max() - dist
 
 
-def facility_location_greedy(similarity: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+def facility_location_greedy(similarity: np.ndarray, n_select: int) -> tuple[np.ndarray, np.ndarray]:
     """Lazy greedy maximisation of ``F(S) = sum_i max_{j in S} similarity[i, j]``.
 
     Each candidate keeps an upper bound on its marginal gain in a max-heap; the top candidate's gain
@@ -131,24 +131,24 @@ def facility_location_greedy(similarity: np.ndarray, budget: int) -> tuple[np.nd
     ----------
     similarity : array_like, shape (n, n)
         ``similarity[i, j] >= 0``: how well candidate ``j`` represents ground element ``i``.
-    budget : int
+    n_select : int
         Number of elements to choose, ``>= 1``; at most ``n`` are chosen.
 
     Returns
     -------
-    indices : ndarray of int64, shape (min(budget, n),)
+    indices : ndarray of int64, shape (min(n_select, n),)
         Chosen candidates in order of selection, no repeats.
-    gains : ndarray of float64, shape (min(budget, n),)
+    gains : ndarray of float64, shape (min(n_select, n),)
         Marginal gain ``F(S + j) - F(S)`` of each choice when it was made (non-increasing).
 
     Raises
     ------
     ValueError
-        If ``similarity`` is not a finite, non-negative square array, or ``budget`` is not an
+        If ``similarity`` is not a finite, non-negative square array, or ``n_select`` is not an
         integer ``>= 1``.
     """
     sim = _as_similarity(similarity)
-    k = min(positive_int(budget, "budget"), sim.shape[0])
+    k = min(positive_int(n_select, "n_select"), sim.shape[0])
     cols = np.asfortranarray(sim)  # column j, the coverage candidate j offers, is contiguous
     cover = np.zeros(sim.shape[0])
     heap = [(-_gain(cols[:, j], cover), j, 0) for j in range(sim.shape[0])]
@@ -198,34 +198,34 @@ def craig_weights(similarity: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return np.bincount(assignment, minlength=idx.size).astype(np.float64)
 
 
-def select_craig(gram: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
+def select_craig(gram: np.ndarray, n_select: int) -> tuple[np.ndarray, np.ndarray]:
     """CRAIG subset of a ground set given the Gram matrix of its gradients.
 
     Parameters
     ----------
     gram : array_like, shape (n, n)
         Gram matrix of the ground gradients (:func:`gradient_gram` or :func:`row_gram`).
-    budget : int
-        Subset size, ``>= 1``. ``budget >= n`` returns every element with weight 1.
+    n_select : int
+        Subset size, ``>= 1``. ``n_select >= n`` returns every element with weight 1.
 
     Returns
     -------
-    indices : ndarray of int64, shape (min(budget, n),)
+    indices : ndarray of int64, shape (min(n_select, n),)
         Chosen elements in order of selection.
-    weights : ndarray of float64, shape (min(budget, n),)
+    weights : ndarray of float64, shape (min(n_select, n),)
         Cluster sizes (:func:`craig_weights`); they sum to ``n``.
 
     Raises
     ------
     ValueError
-        If ``gram`` is not a finite real square array or ``budget`` is not an integer ``>= 1``.
+        If ``gram`` is not a finite real square array or ``n_select`` is not an integer ``>= 1``.
     """
     g = _as_square(gram, "gram")
     n = g.shape[0]
-    if positive_int(budget, "budget") >= n:
+    if positive_int(n_select, "n_select") >= n:
         return np.arange(n, dtype=np.int64), np.ones(n)
     sim = similarity_from_gram(g)
-    indices, _ = facility_location_greedy(sim, budget)
+    indices, _ = facility_location_greedy(sim, n_select)
     return indices, craig_weights(sim, indices)
 
 

@@ -37,7 +37,7 @@ def glister_greedy(
     val_logits: np.ndarray,
     val_features: np.ndarray,
     val_labels: np.ndarray,
-    budget: int,
+    n_select: int,
     lr: float,
     steps: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -55,27 +55,27 @@ def glister_greedy(
         Last-layer input ``h_v`` of each validation example.
     val_labels : array_like of int, shape (m,)
         Validation classes in ``[0, C)``.
-    budget : int
+    n_select : int
         Number of candidates to choose, ``>= 1``; at most ``n`` are chosen.
     lr : float
         Learning rate of the look-ahead step, finite and ``> 0``.
     steps : int or None, optional
         Number of gain evaluations. Each adds the ``ceil(remaining / steps_left)`` unchosen
         candidates with the highest gains (ties to the smallest index). ``None`` or
-        ``steps >= budget``: one candidate per evaluation (pure greedy).
+        ``steps >= n_select``: one candidate per evaluation (pure greedy).
 
     Returns
     -------
-    indices : ndarray of int64, shape (min(budget, n),)
+    indices : ndarray of int64, shape (min(n_select, n),)
         Chosen candidates in order of selection, no repeats.
-    gains : ndarray of float64, shape (min(budget, n),)
+    gains : ndarray of float64, shape (min(n_select, n),)
         Each candidate's gain at the evaluation that chose it.
 
     Raises
     ------
     ValueError
         If an input has the wrong shape, dtype or non-finite values, a label is out of range,
-        ``budget`` or ``steps`` is not an integer ``>= 1`` or ``lr`` is not finite and ``> 0``.
+        ``n_select`` or ``steps`` is not an integer ``>= 1`` or ``lr`` is not finite and ``> 0``.
     FloatingPointError
         If the look-ahead step overflows the validation logits (``lr`` far too large).
     """
@@ -85,7 +85,7 @@ def glister_greedy(
         val_logits, val_features, val_labels, n_classes, a_train.shape[1] - 1
     )
     lr = _check_lr(lr)
-    sizes = step_sizes(min(positive_int(budget, "budget"), n), steps)
+    sizes = step_sizes(min(positive_int(n_select, "n_select"), n), steps)
     chosen = np.zeros(n, dtype=bool)
     sigma = np.zeros((n_classes, a_train.shape[1]))  # sum of the chosen gradients, [bias | W]
     picks, gains = [], []
@@ -100,29 +100,29 @@ def glister_greedy(
     return np.concatenate(picks).astype(np.int64), np.concatenate(gains)
 
 
-def step_sizes(budget: int, steps: int | None) -> list[int]:
+def step_sizes(n_select: int, steps: int | None) -> list[int]:
     """How many candidates each gain evaluation adds.
 
     Parameters
     ----------
-    budget : int
+    n_select : int
         Total number of candidates to add, ``>= 1``.
     steps : int or None
-        Number of evaluations, ``>= 1``; ``None`` or ``>= budget`` gives ``budget`` steps of one.
+        Number of evaluations, ``>= 1``; ``None`` or ``>= n_select`` gives ``n_select`` steps of one.
 
     Returns
     -------
-    list of int, length min(steps, budget)
-        ``ceil(remaining / steps_left)`` at each evaluation; the sizes sum to ``budget``.
+    list of int, length min(steps, n_select)
+        ``ceil(remaining / steps_left)`` at each evaluation; the sizes sum to ``n_select``.
 
     Raises
     ------
     ValueError
-        If ``budget`` or ``steps`` is not an integer ``>= 1``.
+        If ``n_select`` or ``steps`` is not an integer ``>= 1``.
     """
-    budget = positive_int(budget, "budget")
-    n_steps = budget if steps is None else min(positive_int(steps, "steps"), budget)
-    sizes, remaining = [], budget
+    n_select = positive_int(n_select, "n_select")
+    n_steps = n_select if steps is None else min(positive_int(steps, "steps"), n_select)
+    sizes, remaining = [], n_select
     for left in range(n_steps, 0, -1):
         sizes.append(math.ceil(remaining / left))
         remaining -= sizes[-1]

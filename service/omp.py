@@ -4,7 +4,7 @@ GRAD-MATCH chooses a subset ``S`` of candidate gradients (the rows ``A_i`` of ``
 weighted sum matches a target gradient ``b``. With the regulariser of Algorithm 2 the problem is::
 
     minimise  E_lam(S, w) = ||sum_{i in S} w_i A_i - b||^2 + lam ||w||^2
-    subject to  |S| <= budget,  w >= 0  (w free when ``positive=False``)
+    subject to  |S| <= n_select,  w >= 0  (w free when ``positive=False``)
 
 :func:`_pursue` is the greedy loop, read top to bottom as scikit-learn's ``_gram_omp``: correlate the
 candidates with the residual (``c = A b - G_S^T w``), pick the largest, grow a Cholesky factor of
@@ -56,7 +56,7 @@ CACHE_BYTES = 16 << 20
 """Operands up to this size are assumed to stay in the last-level cache from one pick to the next."""
 
 PARALLEL_PICK_ELEMENTS = 1 << 20
-"""Per-pick products of at least this many elements (``n * dim`` for rows, ``n * budget`` for gram) run on the
+"""Per-pick products of at least this many elements (``n * dim`` for rows, ``n * n_select`` for gram) run on the
 caller's BLAS threads; smaller ones on one thread (:func:`_loop_threads`)."""
 
 PRECISION_RTOL = 64.0
@@ -83,7 +83,7 @@ class OMPResult:
     Attributes
     ----------
     indices : ndarray of int64, shape (n_selected,)
-        Chosen candidates in order of selection, no repeats, ``n_selected <= budget``.
+        Chosen candidates in order of selection, no repeats, ``n_selected <= n_select``.
     weights : ndarray of float64, shape (n_selected,)
         Exact ridge (non-negative when ``positive``) least-squares weights on ``indices``.
     error : float
@@ -94,7 +94,7 @@ class OMPResult:
     method : str
         ``"gram"`` or ``"rows"``: how correlations were computed.
     stop_reason : str
-        ``"budget"`` (budget atoms with positive weight), ``"tolerance"`` (``E_lam < eps``, or no candidate
+        ``"budget"`` (n_select atoms with positive weight), ``"tolerance"`` (``E_lam < eps``, or no candidate
         correlates beyond rounding and ``E_lam`` is within its rounding error: matched to working precision),
         ``"no_positive_correlation"`` (no eligible candidate correlates with the residual beyond rounding:
         ``c > 0`` when ``positive``, ``|c| > 0`` otherwise) or ``"exhausted"`` (every candidate chosen or
@@ -110,9 +110,9 @@ class OMPResult:
 
 
 def orthogonal_matching_pursuit(
-    A, b, budget, lam=0.5, eps=1e-10, positive=True, *, method="auto", gram_max_bytes=1 << 30
+    A, b, n_select, lam=0.5, eps=1e-10, positive=True, *, method="auto", gram_max_bytes=1 << 30
 ) -> OMPResult:
-    """Choose at most ``budget`` rows of ``A`` whose weighted sum matches ``b`` (Algorithm 2).
+    """Choose at most ``n_select`` rows of ``A`` whose weighted sum matches ``b`` (Algorithm 2).
 
     Minimises the regularised matching error of paper Eq. 1 (appendix A.1),
     ``||A_S^T w - b||^2 + lam ||w||^2``, greedily: pick the unchosen candidate most correlated with the
@@ -127,8 +127,8 @@ def orthogonal_matching_pursuit(
         when C-contiguous). Floating dtypes are kept (float32 usual); integer arrays become float64.
     b : ndarray or Tensor, shape (dim,)
         Target gradient; cast to ``A``'s dtype and device for the large products.
-    budget : int
-        Maximum number of chosen rows, ``1 <= budget <= n_candidates``.
+    n_select : int
+        Maximum number of chosen rows, ``1 <= n_select <= n_candidates``.
     lam : float, default 0.5
         Ridge regulariser, ``lam >= 0`` (paper: 0.5).
     eps : float, default 1e-10
@@ -149,7 +149,7 @@ def orthogonal_matching_pursuit(
     Raises
     ------
     ValueError
-        ``A`` not 2-D, ``b`` of the wrong shape, NaN or Inf in ``A`` or ``b``, or a bad ``budget``,
+        ``A`` not 2-D, ``b`` of the wrong shape, NaN or Inf in ``A`` or ``b``, or a bad ``n_select``,
         ``lam``, ``eps``, ``method`` or ``gram_max_bytes``.
 
     Warns
@@ -161,30 +161,30 @@ def orthogonal_matching_pursuit(
     """
     A_x, b_x = _as_problem(A, b)
     n, dim = A_x.shape
-    budget = positive_int(budget, "budget", at_most=n, limit="n_candidates")
+    n_select = positive_int(n_select, "n_select", at_most=n, limit="n_candidates")
     lam, eps = nonnegative_float(lam, "lam"), nonnegative_float(eps, "eps")
-    method = _resolve_method(method, n, dim, budget, arrays.itemsize(A_x), gram_max_bytes)
+    method = _resolve_method(method, n, dim, n_select, arrays.itemsize(A_x), gram_max_bytes)
     b64 = arrays.host64(b_x)
     b_sq = float(b64 @ b64)
     if b_sq == 0.0:
         return _zero_target(method)
     if method == "gram":
-        products = _GramProducts(A_x @ A_x.T, A_x @ b_x, budget)  # (n, n) and (n,), all BLAS threads
+        products = _GramProducts(A_x @ A_x.T, A_x @ b_x, n_select)  # (n, n) and (n,), all BLAS threads
     else:
-        products = _RowProducts(A_x, b_x, budget)
-    with _loop_threads(n * (budget if method == "gram" else dim)):
-        run = _pursue(products, b_sq, budget, lam, eps, positive, _precision(A_x))
+        products = _RowProducts(A_x, b_x, n_select)
+    with _loop_threads(n * (n_select if method == "gram" else dim)):
+        run = _pursue(products, b_sq, n_select, lam, eps, positive, _precision(A_x))
         indices, weights, error = _refit(A_x, b64, run, positive)
     _warn_early_end(run)
     return _result(indices, weights, error, run.n_iter, method, run.stop_reason)
 
 
-def omp_gram(gram, correlation, target_sq_norm, budget, lam=0.5, eps=1e-10, positive=True) -> OMPResult:
+def omp_gram(gram, correlation, target_sq_norm, n_select, lam=0.5, eps=1e-10, positive=True) -> OMPResult:
     """Algorithm 2 on a precomputed Gram matrix: the ``"gram"`` method of :func:`orthogonal_matching_pursuit`.
 
     For candidate rows ``A`` and target ``b``, pass ``gram = A A^T``, ``correlation = A b`` and
     ``target_sq_norm = ||b||^2``; the support and weights are those of
-    ``orthogonal_matching_pursuit(A, b, budget, lam, eps, positive, method="gram")``. Partial Gram matrices of
+    ``orthogonal_matching_pursuit(A, b, n_select, lam, eps, positive, method="gram")``. Partial Gram matrices of
     column blocks of ``A`` (class shards) add up to the whole one.
 
     Parameters
@@ -195,7 +195,7 @@ def omp_gram(gram, correlation, target_sq_norm, budget, lam=0.5, eps=1e-10, posi
         ``A b``.
     target_sq_norm : float
         ``||b||^2``, ``>= 0``.
-    budget, lam, eps, positive
+    n_select, lam, eps, positive
         As in :func:`orthogonal_matching_pursuit`.
 
     Returns
@@ -210,7 +210,7 @@ def omp_gram(gram, correlation, target_sq_norm, budget, lam=0.5, eps=1e-10, posi
     ------
     ValueError
         ``gram`` not square, ``correlation`` of the wrong shape, NaN or Inf in either, or a bad
-        ``target_sq_norm``, ``budget``, ``lam`` or ``eps``.
+        ``target_sq_norm``, ``n_select``, ``lam`` or ``eps``.
 
     Warns
     -----
@@ -220,12 +220,12 @@ def omp_gram(gram, correlation, target_sq_norm, budget, lam=0.5, eps=1e-10, posi
     gram_x, p_x = _as_gram_problem(gram, correlation)
     n = gram_x.shape[0]
     b_sq = nonnegative_float(target_sq_norm, "target_sq_norm")
-    budget = positive_int(budget, "budget", at_most=n, limit="n_candidates")
+    n_select = positive_int(n_select, "n_select", at_most=n, limit="n_candidates")
     lam, eps = nonnegative_float(lam, "lam"), nonnegative_float(eps, "eps")
     if b_sq == 0.0:
         return _zero_target("gram")
-    with _loop_threads(n * budget):
-        run = _pursue(_GramProducts(gram_x, p_x, budget), b_sq, budget, lam, eps, positive, _precision(gram_x))
+    with _loop_threads(n * n_select):
+        run = _pursue(_GramProducts(gram_x, p_x, n_select), b_sq, n_select, lam, eps, positive, _precision(gram_x))
     factor = run.factor
     factor.refresh()
     residual_sq = b_sq - factor.explained - lam * float(factor.weights @ factor.weights)
@@ -234,20 +234,20 @@ def omp_gram(gram, correlation, target_sq_norm, budget, lam=0.5, eps=1e-10, posi
     return _result(run.support, factor.weights, error, run.n_iter, "gram", run.stop_reason)
 
 
-def choose_method(n_candidates, dim, budget, itemsize, gram_max_bytes=1 << 30) -> str:
+def choose_method(n_candidates, dim, n_select, itemsize, gram_max_bytes=1 << 30) -> str:
     """Pick the cheaper way to compute correlations.
 
     Cost model, in multiply-adds at matrix-product speed (``s(x)`` is ``CACHED_SLOWDOWN`` for an operand of
     ``x <= CACHE_BYTES`` bytes, ``ROWS_SLOWDOWN`` otherwise):
 
-    - ``"gram"``: ``n^2 d / 2`` (one symmetric product ``A A^T``) plus ``s(budget n) n budget^2 / 2`` (one
+    - ``"gram"``: ``n^2 d / 2`` (one symmetric product ``A A^T``) plus ``s(n_select n) n n_select^2 / 2`` (one
       product with the chosen rows of ``G`` per pick); allowed only when ``n^2 * itemsize <= gram_max_bytes``.
-    - ``"rows"``: ``s(n d) budget d (n + budget)`` (one pass over ``A`` and one over the chosen rows per pick).
+    - ``"rows"``: ``s(n d) n_select d (n + n_select)`` (one pass over ``A`` and one over the chosen rows per pick).
 
     Parameters
     ----------
-    n_candidates, dim, budget : int
-        Shape of ``A`` and the selection budget.
+    n_candidates, dim, n_select : int
+        Shape of ``A`` and the number of rows to choose.
     itemsize : int
         Bytes per element of ``A``.
     gram_max_bytes : int, default 1 GiB
@@ -258,7 +258,7 @@ def choose_method(n_candidates, dim, budget, itemsize, gram_max_bytes=1 << 30) -
     str
         ``"gram"`` or ``"rows"``.
     """
-    n, d, k = n_candidates, dim, budget
+    n, d, k = n_candidates, dim, n_select
     if n * n * itemsize > gram_max_bytes:
         return "rows"
     gram_cost = n * n * d / 2 + _slowdown(k * n * itemsize) * n * k * k / 2
@@ -293,7 +293,7 @@ class _Run:
     rounding: bool  # ended because the remaining correlations are within rounding (dependent candidates)
 
 
-def _pursue(products, b_sq: float, budget: int, lam: float, eps: float, positive: bool,
+def _pursue(products, b_sq: float, n_select: int, lam: float, eps: float, positive: bool,
             precision: float) -> _Run:
     """Greedy selection with a Cholesky factor grown one atom per pick.
 
@@ -302,11 +302,11 @@ def _pursue(products, b_sq: float, budget: int, lam: float, eps: float, positive
     """
     p, norms = products.target, products.norms  # A b and ||A_i||, float64 (n,)
     n, b_norm = p.size, math.sqrt(b_sq)
-    factor = Cholesky(budget, lam, precision)
+    factor = Cholesky(n_select, lam, precision)
     penalty = arrays.zeros((n,), products.target_x)  # -inf on chosen and banned candidates
     support, dependent, n_iter, c = [], [], 0, None
     while True:
-        reason = _stop_reason(len(support), budget, b_sq - factor.explained, eps, n_iter, n)
+        reason = _stop_reason(len(support), n_select, b_sq - factor.explained, eps, n_iter, n)
         if reason:
             break
         if c is None:
@@ -334,8 +334,8 @@ def _pursue(products, b_sq: float, budget: int, lam: float, eps: float, positive
     return _Run(support, factor, n_iter, reason, dependent, rounding)
 
 
-def _stop_reason(size: int, budget: int, energy: float, eps: float, n_blocked: int, n: int) -> str:
-    if size == budget:
+def _stop_reason(size: int, n_select: int, energy: float, eps: float, n_blocked: int, n: int) -> str:
+    if size == n_select:
         return "budget"
     if energy < eps:
         return "tolerance"
@@ -404,7 +404,7 @@ def _nonnegative_from_scratch(factor: Cholesky, products, atoms: np.ndarray, p: 
 
 
 class _ChosenRows:
-    """The rows kept for the chosen atoms, in pick order: ``_rows[:size]`` of a buffer sized for the budget."""
+    """The rows kept for the chosen atoms, in pick order: ``_rows[:size]`` of a buffer sized for ``n_select`` rows."""
 
     _rows = None
     size = 0
@@ -420,11 +420,11 @@ class _ChosenRows:
 class _GramProducts(_ChosenRows):
     """Correlations from a Gram matrix ``G = A A^T``: ``c = A b - G_S^T w``, chosen rows of ``G`` in one buffer."""
 
-    def __init__(self, gram, correlation, budget: int):
+    def __init__(self, gram, correlation, n_select: int):
         self._gram, self.target_x = gram, correlation  # (n, n), (n,): A's array type, dtype and device
         self.target = arrays.host64(correlation)
         self.norms = np.sqrt(np.maximum(arrays.diagonal64(gram), 0.0))
-        self._rows = arrays.empty((budget, gram.shape[0]), gram)  # G[S, :]
+        self._rows = arrays.empty((n_select, gram.shape[0]), gram)  # G[S, :]
         self.size = 0
 
     def correlations(self, w: np.ndarray):
@@ -455,12 +455,12 @@ class _GramProducts(_ChosenRows):
 class _RowProducts(_ChosenRows):
     """Correlations ``c = A (b - A_S^T w)``, one pass over the rows of ``A`` per pick; chosen rows in one buffer."""
 
-    def __init__(self, A_x, b_x, budget: int):
+    def __init__(self, A_x, b_x, n_select: int):
         self._A, self._b = A_x, b_x
         self.target_x = A_x @ b_x
         self.target = arrays.host64(self.target_x)
         self.norms = arrays.row_norms64(A_x)
-        self._rows = arrays.empty((budget, A_x.shape[1]), A_x)  # A[S, :]
+        self._rows = arrays.empty((n_select, A_x.shape[1]), A_x)  # A[S, :]
         self.size = 0
 
     def correlations(self, w: np.ndarray):
@@ -582,14 +582,14 @@ def _check_finite(x, name: str) -> None:
         raise ValueError(f"{name} contains {n_bad} non-finite values; gradients must be finite")
 
 
-def _resolve_method(method, n: int, dim: int, budget: int, itemsize: int, gram_max_bytes) -> str:
+def _resolve_method(method, n: int, dim: int, n_select: int, itemsize: int, gram_max_bytes) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
     valid = not isinstance(gram_max_bytes, bool) and isinstance(gram_max_bytes, numbers.Integral)
     if not valid or gram_max_bytes < 0:
         raise ValueError(f"gram_max_bytes must be an integer >= 0, got {gram_max_bytes!r}")
     if method == "auto":
-        return choose_method(n, dim, budget, itemsize, gram_max_bytes)
+        return choose_method(n, dim, n_select, itemsize, gram_max_bytes)
     if method == "gram" and n * n * itemsize > gram_max_bytes:
         raise ValueError(
             f"method='gram' needs n_candidates**2 * itemsize == {n * n * itemsize} bytes, more than "

@@ -21,12 +21,12 @@ class Cholesky:
     triangular solve is one BLAS call, O(size^2).
     """
 
-    def __init__(self, budget: int, lam: float, precision: float):
+    def __init__(self, n_select: int, lam: float, precision: float):
         self.lam, self.precision, self.size = lam, precision, 0
-        self._packed = np.zeros(budget * (budget + 1) // 2)
-        self._p = np.zeros(budget)  # p_S
-        self._z = np.zeros(budget)
-        self.roots = np.zeros(budget)  # sqrt(G_ii) of the chosen atoms
+        self._packed = np.zeros(n_select * (n_select + 1) // 2)
+        self._p = np.zeros(n_select)  # p_S
+        self._z = np.zeros(n_select)
+        self.roots = np.zeros(n_select)  # sqrt(G_ii) of the chosen atoms
         self.weights = np.empty(0)  # Q^{-1} p_S
         self.explained = 0.0  # ||z||^2
 

@@ -131,19 +131,19 @@ def residual_sq(rows: np.ndarray, target: np.ndarray, indices: np.ndarray, weigh
 
 # --- budgets and padding -----------------------------------------------------------------------
 
-def class_budgets(counts: np.ndarray, budget: int) -> np.ndarray:
-    """Split ``budget`` over classes in proportion to ``counts``, summing exactly to ``budget``.
+def class_budgets(counts: np.ndarray, n_select: int) -> np.ndarray:
+    """Split ``n_select`` over classes in proportion to ``counts``, summing exactly to ``n_select``.
 
     Largest remainders get the leftover units; no class gets more than it has. counts : (n_classes,).
     """
     counts = np.asarray(counts, dtype=np.int64)
-    budget = min(int(budget), int(counts.sum()))
-    share = budget * counts / max(1, counts.sum())
+    n_select = min(int(n_select), int(counts.sum()))
+    share = n_select * counts / max(1, counts.sum())
     out = np.minimum(np.floor(share).astype(np.int64), counts)
     order = np.lexsort((np.arange(len(counts)), -(share - np.floor(share))))
-    while out.sum() < budget:
+    while out.sum() < n_select:
         for c in order:
-            if out.sum() == budget:
+            if out.sum() == n_select:
                 break
             if out[c] < counts[c]:
                 out[c] += 1
@@ -194,13 +194,13 @@ def select_random(
     return Selection(indices.astype(np.int64), np.ones(request.n_select))
 
 
-def run_omp(config: OMPOptions, rows: np.ndarray, target: np.ndarray, budget: int, device: str):
+def run_omp(config: OMPOptions, rows: np.ndarray, target: np.ndarray, n_select: int, device: str):
     goal = target.astype(rows.dtype)
     if device != "cpu":
         rows, goal = torch.from_numpy(rows).to(device), torch.from_numpy(goal).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a short answer is padded and reported
-        return orthogonal_matching_pursuit(rows, goal, budget, lam=config.lam, eps=config.eps,
+        return orthogonal_matching_pursuit(rows, goal, n_select, lam=config.lam, eps=config.eps,
                                            positive=config.positive, gram_max_bytes=GRAM_MAX_BYTES)
 
 
@@ -273,12 +273,12 @@ def select_gradmatch(
                      "val" if config.valid else "train")
 
 
-def _class_omp(config, rows, target, budget, rng, device):
+def _class_omp(config, rows, target, n_select, rng, device):
     if np.linalg.norm(target) == 0:
-        return pad_selection(np.zeros(0, np.int64), np.zeros(0), len(rows), budget, rng)
-    result = run_omp(config, rows, target, budget, device)
+        return pad_selection(np.zeros(0, np.int64), np.zeros(0), len(rows), n_select, rng)
+    result = run_omp(config, rows, target, n_select, device)
     return pad_selection(np.asarray(result.indices, dtype=np.int64), np.asarray(result.weights, dtype=np.float64),
-                         len(rows), budget, rng)
+                         len(rows), n_select, rng)
 
 
 def select_craig(

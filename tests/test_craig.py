@@ -153,9 +153,9 @@ def test_budget_at_least_n_returns_everything_with_unit_weights():
 @pytest.mark.parametrize("budget", [0, -3, 2.5, True, "4", None])
 def test_bad_budget_is_rejected(budget):
     gram = gradient_gram(*factors(n=6))
-    with pytest.raises(ValueError, match="budget must be an integer >= 1"):
+    with pytest.raises(ValueError, match="n_select must be an integer >= 1"):
         select_craig(gram, budget)
-    with pytest.raises(ValueError, match="budget"):
+    with pytest.raises(ValueError, match="n_select"):
         facility_location_greedy(similarity_from_gram(gram), budget)
 
 
@@ -172,7 +172,7 @@ def test_bad_budget_reads_the_same_in_craig_and_omp(budget):
         with pytest.raises(ValueError) as error:
             call()
         messages.append(str(error.value))
-    assert messages == [f"budget must be an integer >= 1, got {budget!r}"] * 3
+    assert messages == [f"n_select must be an integer >= 1, got {budget!r}"] * 3
 
 
 def test_bad_arrays_are_rejected():

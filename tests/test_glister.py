@@ -69,7 +69,7 @@ def direct_selection(problem: TinyProblem, budget: int, steps) -> tuple[list[int
 @pytest.mark.parametrize("seed", range(4))
 def test_pure_greedy_picks_the_argmax_of_direct_gains(seed):
     problem = TinyProblem(seed)
-    picks, gains = glister_greedy(**problem.inputs(), budget=5, lr=LR)
+    picks, gains = glister_greedy(**problem.inputs(), n_select=5, lr=LR)
     assert picks.dtype == np.int64 and gains.dtype == np.float64
     for step, pick in enumerate(picks):
         direct = problem.direct_gains(picks[:step].tolist())
@@ -83,7 +83,7 @@ def test_pure_greedy_picks_the_argmax_of_direct_gains(seed):
 @pytest.mark.parametrize("budget,steps", [(6, 3), (5, 2), (7, 1)])
 def test_several_picks_per_step_match_direct_gains(seed, budget, steps):
     problem = TinyProblem(seed)
-    picks, gains = glister_greedy(**problem.inputs(), budget=budget, lr=LR, steps=steps)
+    picks, gains = glister_greedy(**problem.inputs(), n_select=budget, lr=LR, steps=steps)
     expected_picks, expected_gains = direct_selection(problem, budget, steps)
     assert picks.tolist() == expected_picks
     np.testing.assert_allclose(gains, expected_gains, rtol=1e-5, atol=1e-12)
@@ -97,7 +97,7 @@ def test_the_choice_follows_the_validation_set():
     choices = set()
     for shift in range(C):
         problem.y_val = (labels + shift) % C
-        picks, _ = glister_greedy(**problem.inputs(), budget=3, lr=LR)
+        picks, _ = glister_greedy(**problem.inputs(), n_select=3, lr=LR)
         assert picks.tolist() == direct_selection(problem, 3, None)[0]
         choices.add(tuple(picks.tolist()))
     assert len(choices) == C
@@ -107,14 +107,14 @@ def test_float32_summaries_give_the_same_selection():
     problem = TinyProblem(11)
     inputs = problem.inputs()
     as32 = {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in inputs.items()}
-    picks64, gains64 = glister_greedy(**inputs, budget=4, lr=LR)
-    picks32, gains32 = glister_greedy(**as32, budget=4, lr=LR)
+    picks64, gains64 = glister_greedy(**inputs, n_select=4, lr=LR)
+    picks32, gains32 = glister_greedy(**as32, n_select=4, lr=LR)
     assert picks32.tolist() == picks64.tolist()
     np.testing.assert_allclose(gains32, gains64, rtol=1e-4, atol=1e-6)
 
 
 def test_budget_beyond_n_picks_every_candidate_once():
-    picks, _ = glister_greedy(**TinyProblem(0).inputs(), budget=20, lr=LR, steps=3)
+    picks, _ = glister_greedy(**TinyProblem(0).inputs(), n_select=20, lr=LR, steps=3)
     assert sorted(picks.tolist()) == list(range(N_TRAIN))
 
 
@@ -128,8 +128,8 @@ def test_step_sizes():
 @pytest.mark.parametrize(
     "change,message",
     [
-        (dict(budget=0), "budget must be an integer >= 1, got 0"),
-        (dict(budget=2.0), "budget must be an integer >= 1"),
+        (dict(n_select=0), "n_select must be an integer >= 1, got 0"),
+        (dict(n_select=2.0), "n_select must be an integer >= 1"),
         (dict(steps=0), "steps must be an integer >= 1, got 0"),
         (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),
         (dict(lr=float("nan")), "lr must be a finite number > 0"),
@@ -142,7 +142,7 @@ def test_step_sizes():
     ],
 )
 def test_bad_inputs_are_rejected(change, message):
-    inputs = dict(TinyProblem(0).inputs(), budget=3, lr=LR)
+    inputs = dict(TinyProblem(0).inputs(), n_select=3, lr=LR)
     inputs.update(change)
     with pytest.raises(ValueError, match=message):
         glister_greedy(**inputs)

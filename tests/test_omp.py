@@ -214,7 +214,7 @@ def test_omp_gram_rejects_bad_input():
         omp_gram(np.diag([1.0, np.nan, 1.0, 1.0]), correlation, 1.0, 2)
     with pytest.raises(ValueError, match=r"^target_sq_norm must be a finite number >= 0, got -1.0"):
         omp_gram(gram, correlation, -1.0, 2)
-    with pytest.raises(ValueError, match=r"^budget == 5, must be <= n_candidates == 4"):
+    with pytest.raises(ValueError, match=r"^n_select == 5, must be <= n_candidates == 4"):
         omp_gram(gram, correlation, 1.0, 5)
 
 
@@ -433,13 +433,13 @@ def test_nan_in_gradients_is_rejected_naming_the_array():
         orthogonal_matching_pursuit(gaussian(n=20, dim=5), np.array([1, 2, np.nan, 0, 1.0]), 3)
 
 
-@pytest.mark.parametrize("budget", [0, -1, 2.5, True, "3", 21])
-def test_bad_budget_is_rejected(budget):
-    with pytest.raises(ValueError, match="budget"):
-        orthogonal_matching_pursuit(gaussian(n=20, dim=5), np.ones(5), budget)
-    if budget == 21:
-        with pytest.raises(ValueError, match=r"^budget == 21, must be <= n_candidates == 20$"):
-            orthogonal_matching_pursuit(gaussian(n=20, dim=5), np.ones(5), budget)
+@pytest.mark.parametrize("n_select", [0, -1, 2.5, True, "3", 21])
+def test_bad_n_select_is_rejected(n_select):
+    with pytest.raises(ValueError, match="n_select"):
+        orthogonal_matching_pursuit(gaussian(n=20, dim=5), np.ones(5), n_select)
+    if n_select == 21:
+        with pytest.raises(ValueError, match=r"^n_select == 21, must be <= n_candidates == 20$"):
+            orthogonal_matching_pursuit(gaussian(n=20, dim=5), np.ones(5), n_select)
 
 
 @pytest.mark.parametrize("name, value", [("lam", -0.1), ("lam", float("nan")), ("eps", -1.0), ("eps", None)])

@@ -176,11 +176,11 @@ class Trainer:
 
     def _train(self) -> None:
         start = time.perf_counter() - self.elapsed_s
-        budget_s = self.strategy_plan.time_budget_s
+        stop_after_s = self.strategy_plan.time_budget_s
         stats = self.subset.rounds.stats  # summary passes made only to measure grad_error are not training time
         measured_before = stats.measure_s  # already out of elapsed_s when resumed
         wall = lambda: time.perf_counter() - start - self.eval_s - (stats.measure_s - measured_before)  # noqa: E731
-        out_of_time = (lambda: wall() >= budget_s) if budget_s else None
+        out_of_time = (lambda: wall() >= stop_after_s) if stop_after_s else None
         epoch_start = time.perf_counter()
         for epoch, batches in self.subset:
             self.lr_schedule.start_epoch(epoch, self.subset.step)
@@ -188,9 +188,9 @@ class Trainer:
             loss = self._train_epoch(epoch, batches, out_of_time)
             self.subset.report_loss(loss)
             train_s = time.perf_counter() - epoch_start
-            if budget_s and epoch == 0 and self.config.train.lr_schedule == "epoch":
+            if stop_after_s and epoch == 0 and self.config.train.lr_schedule == "epoch":
                 # FULL-EARLYSTOP anneals over the epochs its time budget affords, estimated from the first one
-                self.lr_schedule.n_epochs = int(min(self.plan.total, max(1, budget_s // max(train_s, 1e-9))))
+                self.lr_schedule.n_epochs = int(min(self.plan.total, max(1, stop_after_s // max(train_s, 1e-9))))
             stopped = out_of_time is not None and out_of_time()
             val_acc = self._maybe_validate(epoch, last=stopped)
             self.elapsed_s = wall()
