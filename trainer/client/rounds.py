@@ -76,7 +76,7 @@ def overlap(stats: RoundStats) -> float | None:
 
     The selection work off the trainer is the selector's busy time plus, when summary workers make the
     passes, the slowest worker's time of each round (a stall can wait for either). Without workers it is
-    DESIGN's ``1 - stall_s / selector_busy_s``. None before any selection work.
+    docs/design.md's ``1 - stall_s / selector_busy_s``. None before any selection work.
     """
     selection_s = stats.selector_busy_s + stats.workers_busy_s
     return 1.0 - stats.stall_s / selection_s if selection_s > 0 else None
