@@ -22,7 +22,7 @@ import torch
 from pydantic import ValidationError
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayError
 
-from protocol.config import RANDOM_STREAM, RunConfig
+from protocol.config import RANDOM_STREAM, RunConfig, StrategyChange
 from protocol.errors import RoundFailed, RunFailed, one_line
 from protocol.messages import RoundRequest, StrategyPlan, SubsetMessage
 from protocol.records import RoundRecord
@@ -571,8 +571,6 @@ class RoundClient:
         self.applied_changes = list(state["applied_changes"])
         self.selector_lost = state["selector_lost"]
         if state["resend_config"] is not None:
-            from protocol.config import StrategyChange
-
             self.resend_config = StrategyChange.model_validate(
                 {"epoch": 1, "selector": state["resend_config"]}).selector
             self.selector_failed = True
