@@ -126,6 +126,8 @@ class Trainer:
         self._progress = Progress(total=self.plan.total)
         self._lock = threading.Lock()
         self._stop_reason: str | None = None
+        self._stop_epoch: int | None = None  # the epoch in progress when a stop request arrived
+        self._epoch_in_progress = 0  # the epoch a stop request arriving now is honoured after
         self.start_epoch = 0
         if resume:
             self._restore()
@@ -163,6 +165,9 @@ class Trainer:
             self._train()
             if self._stop_reason is not None:
                 status, reason = "interrupted", self._stop_reason
+                if self._stop_epoch is not None:
+                    reason += (f" during epoch {self._stop_epoch}; stopped at the end of epoch "
+                               f"{len(self._progress.epochs) - 1}")
         except RunFailed as exc:
             status, reason = "failed", exc.reason
             log.error("run failed: %s", exc.reason)
@@ -197,6 +202,7 @@ class Trainer:
             self.elapsed_s = wall()
             self._record_epoch(epoch, loss, lr, train_s, self.elapsed_s, val_acc)
             asked = self._stop_requested()  # every epoch: data-parallel ranks agree on it together
+            self._epoch_in_progress = epoch + 1  # a request from now on stops after the next epoch
             last = stopped or epoch == self.plan.total - 1 or asked
             if last or (epoch + 1) % self.config.train.checkpoint_every == 0:
                 self._timed_checkpoint()
@@ -234,8 +240,14 @@ class Trainer:
         self.eval_s += time.perf_counter() - start
         return acc
 
-    def request_stop(self, reason: str) -> None:
-        """Stop at the next epoch end, after a checkpoint (a signal's handler calls this)."""
+    def request_stop(self, reason: str, sent_at: float | None = None) -> None:
+        """Stop at the end of the epoch in progress, after a checkpoint (a signal's handler calls this).
+
+        ``sent_at``: the sender's ``time.time()``, so the reason says how long the request took to arrive."""
+        if self._stop_reason is None:
+            self._stop_epoch = self._epoch_in_progress
+            if sent_at is not None:
+                reason += f" (delivered in {max(0.0, time.time() - sent_at):.2f} s)"
         self._stop_reason = reason
 
     def _stop_requested(self) -> bool:

@@ -352,8 +352,8 @@ class DistributedTrainerService:
             return {**{k: s[k] for k in ("epoch", "total", "loss", "val_acc")},
                     "epochs": s["epochs"][n_epochs_seen:], "rounds": s["rounds"][n_rounds_seen:]}
 
-    def request_stop(self, reason: str) -> None:
-        self._stop = reason
+    def request_stop(self, reason: str, sent_at: float | None = None) -> None:
+        self._stop = reason  # rank 0 stops at the end of its epoch in progress (Trainer.on_epoch)
 
 
 DistributedTrainerActor = ray.remote(num_cpus=0, num_gpus=0, max_concurrency=4)(DistributedTrainerService)

@@ -140,7 +140,7 @@ class Stopper:
         """Forward stop requests to ``trainer``, including one made before it existed."""
         self.trainer = trainer
         if self.signal is not None:
-            trainer.request_stop.remote(f"stopped by {signal.Signals(self.signal).name}")
+            trainer.request_stop.remote(f"stopped by {signal.Signals(self.signal).name}", time.time())
 
     def _handle(self, signum, frame):
         if self.signal is not None:
@@ -150,7 +150,7 @@ class Stopper:
         print(f"\n{name}: stopping at the end of this epoch with a checkpoint (again to exit at once)",
               file=sys.stderr, flush=True)
         if self.trainer is not None:
-            self.trainer.request_stop.remote(f"stopped by {name}")
+            self.trainer.request_stop.remote(f"stopped by {name}", time.time())
 
 
 def format_summary(summary: dict, out: Path) -> str:
