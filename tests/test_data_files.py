@@ -437,6 +437,22 @@ def test_bad_factories_are_named_with_the_rule(tmp_path, monkeypatch, body, frag
     _fails(DataConfig(dataset=spec), f"dataset factory {spec!r}", *fragments, check=found_by_check)
 
 
+@pytest.mark.parametrize("body, fragments", [
+    ("def make():\n    x = torch.rand(20, 3)\n    x[4, 1] = float('nan')\n    x[7, 0] = float('inf')\n"
+     "    return TensorDataset(x, torch.arange(20) % 2), None, None",
+     ["2 train examples hold NaN or inf inputs; inputs must be finite"]),
+    ("def make():\n    return TensorDataset(torch.rand(20, 3), torch.zeros(20, dtype=torch.long)), None, None",
+     ["the training split has 1 class(es) (labels [0])", "at least 2 classes"]),
+    ("def make():\n    y = torch.arange(20) % 3\n    y[5] = 10**6\n"
+     "    return TensorDataset(torch.rand(20, 3), y), None, None",
+     ["labels go up to 1000000 but only 4 classes have training examples", "labels must be 0 .. C-1"]),
+])
+def test_silently_wrong_data_is_refused(tmp_path, monkeypatch, body, fragments):
+    """NaN inputs, a single class (every accuracy 100 %) and a stray huge label (a million-output model)."""
+    spec = _factory(tmp_path, monkeypatch, body)
+    _fails(DataConfig(dataset=spec), f"dataset {spec!r}", *fragments, check=False)
+
+
 def test_check_data_does_not_call_the_factory(tmp_path, monkeypatch):
     marker = tmp_path / "called"
     spec = _factory(tmp_path, monkeypatch, f"""

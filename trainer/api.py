@@ -214,18 +214,17 @@ class AdaptiveSubset:
                                      .to(self.device), last_layer)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        self._own_ray = self._group = None
+        self._own_ray, self._group, self._closed = False, None, False
         self._owns_selector = selector is None and leader
-        if self._owns_selector:
-            self._own_ray = connect_ray(ray_choice=ray)
-            options = actor_options("cpu" if self.device.type == "cpu" else "auto")
-            self._group = options.pop("placement_group", None)
-            selector = start_selector(self.config.selector.model_dump(), options)
-        self.selector = selector
+        self.selector, self.workers = selector, None
         source = SummarySource(model, train_inputs, self.labels, self.device,
                                _inputs(val_set, "val_set") if val_set is not None else None, val_labels, self.layer)
-        self.workers = None
         try:
+            if self._owns_selector:
+                self._own_ray = _use_private_ray(connect_ray(ray_choice=ray))
+                options = actor_options("cpu" if self.device.type == "cpu" else "auto")
+                self._group = options.pop("placement_group", None)
+                selector = self.selector = start_selector(self.config.selector.model_dump(), options)
             schedule = self.config.schedule
             if leader and schedule.summary_workers:
                 from trainer.workers import SummaryPool
@@ -245,7 +244,7 @@ class AdaptiveSubset:
         self._shared = None  # the subset last shared with the other ranks
         self.epoch = self.step = 0
         self._epoch_done = False
-        self._finished = self._closed = False
+        self._finished = False
 
     # the loop ----------------------------------------------------------------------------------
     @property
@@ -335,6 +334,10 @@ class AdaptiveSubset:
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"selection state version == {state.get('version')!r}, must be {STATE_VERSION}")
+        saved = state["rounds"]["ever_used"].numel() if hasattr(state["rounds"].get("ever_used"), "numel") else None
+        if saved is not None and saved != len(self.labels):
+            raise ValueError(f"selection state of a training set of {saved} examples, this client's has "
+                             f"{len(self.labels)}: load it into a client of the same data")
         self.epoch, self.step, self._epoch_done = int(state["epoch"]), int(state["step"]), False
         self._shared = None
         self.generator.set_state(state["generator"])
@@ -354,15 +357,34 @@ class AdaptiveSubset:
         if self._owns_selector:
             release(getattr(self, "selector", None), group=self._group)
         if self._own_ray:
-            import ray
-
-            ray.shutdown()
+            _release_private_ray()
 
     def __enter__(self) -> "AdaptiveSubset":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# clients of this process that use the private Ray one of them started; the last to close shuts it down
+_private_ray = {"started": False, "users": 0}
+
+
+def _use_private_ray(started_here: bool) -> bool:
+    """Count this client as a user of the private Ray when it (or an earlier client) started it."""
+    _private_ray["started"] = _private_ray["started"] or started_here
+    if _private_ray["started"]:
+        _private_ray["users"] += 1
+    return _private_ray["started"]
+
+
+def _release_private_ray() -> None:
+    _private_ray["users"] -= 1
+    if _private_ray["users"] <= 0:
+        import ray
+
+        _private_ray.update(started=False, users=0)
+        ray.shutdown()
 
 
 def _as_keywords(message: str) -> str:

@@ -181,6 +181,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         raise DataError(f"dataset == {cfg.dataset!r}, must be one of {', '.join(DATASETS)}, "
                         f"{IMAGEFOLDER}PATH or package.module:function")
     raw = _LOADERS[kind](cfg, seed)
+    _check_values(cfg.dataset, raw)
     parts = _split(raw, cfg, seed)
     keep, imbalance = make_imbalanced(parts["train"][1], raw.n_classes, cfg.imbalance_classes,
                                       cfg.imbalance_drop, seed)
@@ -373,6 +374,24 @@ def _as_raw(n_classes: int, scale: float, train, test=None, val=None) -> _Raw:
         return np.asarray(x, dtype=np.float32) / np.float32(scale), np.asarray(y, dtype=np.int64).reshape(-1)
 
     return _Raw(pair(train), pair(test), pair(val), n_classes)
+
+
+def _check_values(name: str, raw: _Raw) -> None:
+    """Inputs that are all finite, and labels that make at least two classes, most of them present in train.
+
+    A NaN would poison every step; one class makes every accuracy 100 %; a stray large label would build a
+    classifier with that many outputs (one label of 10**6: a million-output model)."""
+    for split, xy in (("train", raw.train), ("val", raw.val), ("test", raw.test)):
+        if xy is not None and not np.isfinite(xy[0]).all():
+            bad = int((~np.isfinite(xy[0])).reshape(len(xy[0]), -1).any(axis=1).sum())
+            raise DataError(f"dataset {name!r}: {bad} {split} examples hold NaN or inf inputs; inputs must be finite")
+    present = np.unique(raw.train[1])
+    if raw.n_classes < 2 or present.size < 2:
+        raise DataError(f"dataset {name!r}: the training split has {present.size} class(es) "
+                        f"(labels {present[:5].tolist()}); selection and accuracy need at least 2 classes")
+    if present.size * 2 < raw.n_classes:
+        raise DataError(f"dataset {name!r}: labels go up to {raw.n_classes - 1} but only {present.size} classes have "
+                        f"training examples; labels must be 0 .. C-1 (most classes present), not arbitrary ids")
 
 
 def _kind(dataset: str) -> str:
