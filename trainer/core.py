@@ -26,12 +26,13 @@ from trainer.data import Splits, augment_batch
 from trainer.energy import EnergyMeter
 from trainer.files import atomic_write, plain
 from trainer.models import build_model, find_classifier
-from trainer.training import CosineSchedule, evaluate, make_optimizer, weighted_step
+from trainer.training import CosineSchedule, dominant_prediction, evaluate, make_optimizer, weighted_step
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 CHECKPOINT_VERSION = 1
+DEGENERATE_SHARE = 0.9  # eval-mode predictions this concentrated on one class are reported
 
 
 @dataclass
@@ -127,6 +128,7 @@ class Trainer:
         self._lock = threading.Lock()
         self._stop_reason: str | None = None
         self._stop_epoch: int | None = None  # the epoch in progress when a stop request arrived
+        self.notes: list[str] = []  # warnings for the summary (an actor's log does not reach the user)
         self._epoch_in_progress = 0  # the epoch a stop request arriving now is honoured after
         self.start_epoch = 0
         if resume:
@@ -237,8 +239,27 @@ class Trainer:
             return None
         start = time.perf_counter()
         acc = evaluate(self.model, self.splits.val_x.to(self.device), self.splits.val_y.to(self.device))
+        self._check_degenerate(epoch)
         self.eval_s += time.perf_counter() - start
         return acc
+
+    def _check_degenerate(self, epoch: int) -> None:
+        """Once per run: a model whose eval-mode predictions fall on one class, though the labels do not, is
+        degenerate in eval mode, and so are the summaries (made in eval mode) and the test accuracy."""
+        if any(note.startswith("eval mode") for note in self.notes):
+            return
+        val_y = self.splits.val_y
+        label_share = float(torch.bincount(val_y).max()) / max(1, val_y.numel())
+        cls, share = dominant_prediction(self.model, self.splits.val_x.to(self.device))
+        if share >= DEGENERATE_SHARE and share > label_share + 0.25:
+            loss = self._progress.loss if self._progress.loss is not None else float("nan")
+            note = (f"eval mode: at epoch {epoch} the model predicts class {cls} for {100 * share:.0f} % of the "
+                    f"validation examples (the most common label is {100 * label_share:.0f} % of them) while it "
+                    f"trains to a loss of {loss:.3g}; the summaries and the test accuracy are computed in eval mode too. Likely cause: BatchNorm "
+                    "running statistics from too few steps (or batches too small); remedy: more full epochs "
+                    "(--kappa), a larger --batch-size, or a model without BatchNorm")
+            self.notes.append(note)
+            log.warning("%s", note)
 
     def request_stop(self, reason: str, sent_at: float | None = None) -> None:
         """Stop at the end of the epoch in progress, after a checkpoint (a signal's handler calls this).
@@ -365,7 +386,7 @@ class Trainer:
             workers_busy_s=rounds["workers_busy_s"],
             overlap=rounds["overlap"], rounds=rounds["rounds"], rounds_rejected=rounds["rounds_rejected"],
             rounds_skipped=rounds["rounds_skipped"], late_adoptions=rounds["late_adoptions"],
-            rounds_harmful=rounds["rounds_harmful"], harmful=rounds["harmful"],
+            rounds_harmful=rounds["rounds_harmful"], harmful=rounds["harmful"], notes=list(self.notes),
             staleness=rounds["staleness"], selector_lost=rounds["selector_lost"], grad_error=rounds["grad_error"],
             grad_error_rel=rounds["grad_error_rel"], grad_error_trained=rounds["grad_error_trained"],
             redundant=rounds["redundant"] if self.strategy_plan.rounds else None,

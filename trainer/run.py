@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         with Stopper() as stopper:
             summary = execute(config, out, resume=resume, stopper=stopper, splits=splits)
             print(format_summary(summary, out))
+            for note in summary.get("notes", []):
+                print(f"warning: {note}", file=sys.stderr)
             if summary["status"] == "failed":
                 print(f"error: the run failed: {summary['reason']}", file=sys.stderr)
                 return EXIT_FAILED
@@ -265,5 +267,14 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
 
 
+def entry() -> int:
+    """``main`` as a program: a Ctrl-C that lands while Ray shuts down still ends in one line, not a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("error: interrupted while shutting down; the run directory keeps its last checkpoint", file=sys.stderr)
+        return EXIT_SIGINT
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
