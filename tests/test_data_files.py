@@ -159,6 +159,34 @@ def test_bad_cifar10_pickles_name_the_file_and_the_rule(tmp_path, name, entry, f
     _fails(_tv("cifar10", tmp_path), str(tmp_path / "cifar-10-batches-py" / name), *fragments)
 
 
+class _Planted:
+    """Unpickling this calls ``os.system``: what a hostile data folder would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_cifar_pickle_is_refused_without_running_code(tmp_path):
+    WRITERS["cifar10"](tmp_path)
+    marker = tmp_path / "ran"
+    _cifar10(tmp_path, "data_batch_2", {"data": _Planted(marker), "labels": [0]})
+    _fails(_tv("cifar10", tmp_path), "data_batch_2: not a readable pickle", "refused global posix.system")
+    assert not marker.exists()
+
+
+def test_a_gzip_that_decompresses_past_the_cap_is_refused(tmp_path, monkeypatch):
+    import trainer.data
+
+    write_mnist(tmp_path, gz=True)
+    monkeypatch.setattr(trainer.data, "GUNZIP_MAX_BYTES", 10_000)  # the training images are 47,056 bytes
+    _fails(_tv("mnist", tmp_path), "train-images-idx3-ubyte.gz: decompresses to more than 0 MiB")
+
+
 def test_cifar_file_that_is_no_pickle(tmp_path):
     WRITERS["cifar10"](tmp_path)
     (tmp_path / "cifar-10-batches-py/test_batch").write_bytes(b"\x00garbage")

@@ -156,6 +156,31 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     assert "drop the other flags" in capsys.readouterr().err
 
 
+def test_resume_imports_no_factory_the_user_did_not_name_again(tmp_path, capsys):
+    """A run directory is data: a factory its config.json names runs only when the user names it again."""
+    from protocol.config import RunConfig
+    from trainer.run import main
+
+    planted = tmp_path / "planted.py"
+    planted.write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('code ran')\ndef make(s, c):\n    raise SystemExit\n")
+    config = RunConfig.model_validate({"model": {"name": "planted:make"}})
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["--resume", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "names the factory 'planted:make' (--model)" in err and "pass --model planted:make again" in err, err
+        assert main(["--resume", str(tmp_path), "--model", "other:make"]) == 2
+        assert "--model 'other:make' differs from the run's 'planted:make'" in capsys.readouterr().err
+        # named again: trusted, and the next check (the checkpoint) speaks
+        assert main(["--resume", str(tmp_path), "--model", "planted:make"]) == 2
+        assert "checkpoint.pt" in capsys.readouterr().err
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert not (tmp_path / "ran").exists()  # nothing from the directory was imported
+
+
 def test_a_full_disk_leaves_whole_records_and_one_line(tmp_path):
     from protocol.errors import RunFailed
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from protocol.config import PB_STRATEGIES, ROUND_STRATEGIES, RunConfig
+from protocol.config import FACTORY, PB_STRATEGIES, ROUND_STRATEGIES, RunConfig
 from protocol.errors import RunFailed, one_line
 from trainer.cli import ConfigError, parse_args, parse_config
 from trainer.launch import RayUnavailable, connect_ray, execute
@@ -57,7 +57,7 @@ def make_run_dir(path: Path) -> Path:
     return path
 
 
-def resume_config(run: str) -> RunConfig:
+def resume_config(run: str, args: dict | None = None) -> RunConfig:
     """The config an interrupted run in ``run`` was started with; refuses a completed run."""
     from trainer.distributed import latest_checkpoint
 
@@ -77,8 +77,26 @@ def resume_config(run: str) -> RunConfig:
         config = RunConfig.model_validate_json((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--resume {run}: cannot read its config.json: {one_line(exc)}") from None
+    confirm_factories(args or {"resume": run}, config)
     check_checkpoint(run, config)
     return config
+
+
+CONFIRMED = {"model.name": "--model", "data.dataset": "--dataset"}  # flags that may confirm a factory on --resume
+
+
+def confirm_factories(args: dict, config: RunConfig) -> None:
+    """A run directory is data, not code: a factory its config.json names (``package.module:function``) is
+    imported and called only when the user names it again on the command line."""
+    for dest, flag in CONFIRMED.items():
+        section, name = dest.split(".")
+        value = getattr(getattr(config, section), name)
+        given = args.get(dest)
+        if given is not None and given != value:
+            raise ConfigError(f"--resume {args['resume']}: {flag} {given!r} differs from the run's {value!r}")
+        if FACTORY.match(value) and given is None:
+            raise ConfigError(f"--resume {args['resume']}: its config.json names the factory {value!r} ({flag}), "
+                              f"which resuming imports and runs; pass {flag} {value} again to confirm you trust it")
 
 
 def check_checkpoint(run: str, config: RunConfig) -> None:
@@ -186,11 +204,11 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
     args.pop("ray", None)  # which Ray to use is not part of the run's config (main reads it)
     resume = "resume" in args
     if resume:
-        extra = sorted(k for k in args if k != "resume")
+        extra = sorted(k for k in args if k not in ("resume", *CONFIRMED))
         if extra:
             raise ConfigError(f"--resume {args['resume']}: continues with the run's own config; drop the other "
                               f"flags ({', '.join(extra)})")
-        config, out = resume_config(args["resume"]), Path(args["resume"])
+        config, out = resume_config(args["resume"], args), Path(args["resume"])
     else:
         config = parse_config(args=args)
     try:
