@@ -181,6 +181,22 @@ def test_resume_imports_no_factory_the_user_did_not_name_again(tmp_path, capsys)
     assert not (tmp_path / "ran").exists()  # nothing from the directory was imported
 
 
+def test_record_files_refuse_a_planted_symlink_and_temporary_names_are_unpredictable(tmp_path):
+    from protocol.errors import RunFailed
+    from trainer.files import atomic_write, temporary_path
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    (tmp_path / "epochs.jsonl").symlink_to(target)
+    with pytest.raises(RunFailed, match="cannot write .*epochs.jsonl"):
+        RecordFile(tmp_path / "epochs.jsonl")
+    assert target.read_text() == "keep me"
+    names = {temporary_path(tmp_path / "summary.json").name for _ in range(3)}
+    assert len(names) == 3 and all(n.startswith(".summary.json.") for n in names)
+    atomic_write(tmp_path / "summary.json", lambda tmp: tmp.write_text("{}"))
+    assert (tmp_path / "summary.json").read_text() == "{}"
+
+
 def test_a_full_disk_leaves_whole_records_and_one_line(tmp_path):
     from protocol.errors import RunFailed
 
