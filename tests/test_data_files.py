@@ -449,6 +449,9 @@ BAD_FACTORIES = [
      "def make():\n    return D((torch.zeros(3), i) for i in range(9)), None, None",
      ["train (n_classes 2 from len(train.classes)): label 2 at index 2 (7 out of range)", "[0, 2)"], False),
     ("def make():\n    return [], None, None", ["train is empty, expected at least one (input, label) item"], False),
+    ("class D(list):\n    def __getitem__(self, i):\n        if i == 3:\n            raise OSError('disk read error')\n"
+     "        return (torch.zeros(3), i % 2)\n"
+     "def make():\n    return D([0] * 9), None, None", ["reading train[3] raised OSError: disk read error"], False),
     ("def make():\n    return [(torch.zeros(3), 0)] * 9, [], None", ["val is empty", "return None to split it"], False),
     ("def make():\n    return [(torch.zeros(3), 0)] * 3 + [(torch.zeros(4), 0)], None, None",
      ["train[3] has shape (1, 1, 4) (as (C, H, W)), expected (1, 1, 3)"], False),

@@ -954,7 +954,11 @@ def _materialise(spec: str, name: str, dataset: Any, shape: tuple | None) -> tup
         raise DataError(f"dataset factory {spec!r}: {name} is empty, expected at least one (input, label) item{hint}")
     x_out, y_out = None, np.empty(n, dtype=np.int64)
     for i in range(n):
-        x, y_out[i] = _item(f"dataset factory {spec!r}: {name}[{i}]", dataset[i])
+        try:
+            item = dataset[i]
+        except Exception as exc:  # noqa: BLE001 - a user's dataset may raise anything; name it and the item
+            raise DataError(f"dataset factory {spec!r}: reading {name}[{i}] raised {_cause(exc)}") from exc
+        x, y_out[i] = _item(f"dataset factory {spec!r}: {name}[{i}]", item)
         if x_out is None:
             shape = shape or x.shape
             x_out = np.empty((n, *shape), dtype=np.float32)
