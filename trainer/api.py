@@ -301,20 +301,26 @@ class AdaptiveSubset:
             order, weights = [ids for ids, _ in parts], [w for _, w in parts]
         return order, weights
 
-    def batch_sampler(self):
+    def batch_sampler(self, advance_on_iter: bool = True):
         """A batch sampler for your own ``DataLoader`` (``batch_sampler=``): each ``iter()`` runs the next epoch's
         boundary and yields that epoch's mini-batches of example ids; :meth:`weights` gives a batch's weights.
-        See ``trainer.integrations.sampler.SubsetBatchSampler``."""
+        One per client. See ``trainer.integrations.sampler.SubsetBatchSampler``."""
         from trainer.integrations.sampler import SubsetBatchSampler
 
         if self._sampler is None:
-            self._sampler = SubsetBatchSampler(self)
+            self._sampler = SubsetBatchSampler(self, advance_on_iter)
+        elif self._sampler.advance_on_iter != advance_on_iter:
+            raise ValueError(f"batch_sampler(advance_on_iter={advance_on_iter}): this client's sampler was made "
+                             f"with advance_on_iter={self._sampler.advance_on_iter}; there is one per client")
         return self._sampler
 
     def weights(self, ids) -> torch.Tensor:
         """The weights (B,) of a batch the :meth:`batch_sampler` gave, from its example ids, mean 1 over the batch;
         on the ids' device (a list: the model's)."""
-        return self.batch_sampler().weights(ids)
+        if self._sampler is None:
+            raise RuntimeError("weights(ids): no epoch started yet; iterate the DataLoader that uses "
+                               "subset.batch_sampler() first")
+        return self._sampler.weights(ids)
 
     def _share(self, subset):
         """Data-parallel: rank 0's subset on every rank, sent only when it changed since the last epoch."""

@@ -32,25 +32,51 @@ from trainer.integrations.data import IndexedCollate, IndexedDataset, with_indic
 class SubsetBatchSampler(Sampler):
     """Batch sampler over the epochs of an :class:`trainer.api.AdaptiveSubset` (``subset.batch_sampler()``).
 
-    ``len()`` is the number of mini-batches of the epoch the next ``iter()`` starts (a full epoch's, or the
+    By default each ``iter()`` is the next epoch: it runs the boundary and yields that epoch's mini-batches (an
+    ``iter()`` again before any batch was drawn, as a ``DataLoader`` with workers makes, yields the same epoch).
+    With ``advance_on_iter=False`` a driver (the Lightning callback, the Hugging Face trainer) calls
+    :meth:`advance` at each epoch boundary and every ``iter()`` yields the current epoch's batches.
+
+    ``len()`` is the number of mini-batches of the epoch the next ``iter()`` yields (a full epoch's, or the
     subset's). :meth:`weights` maps a batch's example ids to their weights, scaled to mean 1 over the mini-batch,
     so ``(w * loss).mean()`` is the reference's ``sum w l / sum w`` per mini-batch.
     """
 
-    def __init__(self, client):
-        self.client = client
+    def __init__(self, client, advance_on_iter: bool = True):
+        self.client, self.advance_on_iter = client, advance_on_iter
         n = len(client.labels)
         self._weight = torch.zeros(n)  # this epoch's per-batch-normalised weight of each example
         self._member = torch.zeros(n, dtype=torch.bool)  # in this epoch's batches
         self.epoch: int | None = None  # the epoch last started here
-        self._order: list[list[int]] | None = None  # its mini-batches, while none has been drawn
+        self._order: list[list[int]] | None = None  # its mini-batches
+        self._drawn = False  # a batch of them was drawn
 
-    def _upcoming(self) -> int:
+    def advance(self) -> bool:
+        """Run the boundary before the next epoch (``AdaptiveSubset.next_epoch``) and lay out its mini-batches;
+        False once every epoch of the plan has been trained."""
         client = self.client
-        return client.epoch + int(client._epoch_done or client._epoch_open)
+        started = client.next_epoch()
+        self._drawn = False
+        if started is None:
+            self._order = []
+            return False
+        self.epoch, subset = started
+        order, weights = client.epoch_order(subset)
+        self._weight.zero_()
+        self._member.zero_()
+        for ids, w in zip(order, weights):
+            self._weight[ids] = w.float()
+            self._member[ids] = True
+        self._order = [ids.tolist() for ids in order]
+        return True
 
     def __len__(self) -> int:
-        client, epoch = self.client, self._upcoming()
+        if self._order is not None and not (self.advance_on_iter and self._drawn):
+            return len(self._order)
+        if not self.advance_on_iter:
+            return 0
+        client = self.client
+        epoch = client.epoch + int(client._epoch_done or client._epoch_open)
         if epoch >= client.epoch_plan.total:
             return 0
         batch_size, n = client.config.train.batch_size, len(client.labels)
@@ -60,29 +86,21 @@ class SubsetBatchSampler(Sampler):
         return len(subset.batches) if subset.fixed else math.ceil(subset.n_examples / batch_size)
 
     def __iter__(self):
-        client = self.client
-        if self._order is not None and client.epoch == self.epoch and client._epoch_open and not client._epoch_done:
-            return self._batches(self._order, self.epoch)  # iter() again before any batch (DataLoader workers do)
-        started = client.next_epoch()
-        if started is None:
-            return iter(())
-        self.epoch, subset = started
-        order, weights = client.epoch_order(subset)
-        self._weight.zero_()
-        self._member.zero_()
-        for ids, w in zip(order, weights):
-            self._weight[ids] = w.float()
-            self._member[ids] = True
-        self._order = [ids.tolist() for ids in order]
+        if self.advance_on_iter and (self._order is None or self._drawn):
+            self.advance()
+        elif self._order is None:
+            raise RuntimeError("the subset's batch sampler was iterated before its first epoch started "
+                               "(advance_on_iter=False: call advance() at each epoch boundary)")
         return self._batches(self._order, self.epoch)
 
     def _batches(self, order: list[list[int]], epoch: int):
         client = self.client
         for ids in order:
-            self._order = None  # drawn from: the next iter() starts the next epoch
+            self._drawn = True
             yield ids
-            client.step += 1
-        if client.epoch == epoch and client._epoch_open:
+            if self.advance_on_iter:  # a driver counts its own steps
+                client.step += 1
+        if self.advance_on_iter and client.epoch == epoch and client._epoch_open:
             client._epoch_done = True
             if epoch + 1 >= client.epoch_plan.total:
                 client.finish()
