@@ -84,7 +84,7 @@ class LoaderFetch:
     def __init__(self, dataset: Dataset, name: str, collate_fn: Callable | None = None, num_workers: int = 0,
                  label_key: str = "labels"):
         self.dataset, self.name, self.num_workers, self.label_key = dataset, name, num_workers, label_key
-        self.collate_fn = collate_fn or default_collate
+        self.collate_fn, self.stack = collate_fn or default_collate, collate_fn is None
 
     def items(self, ids) -> list:
         ids = [int(i) for i in ids]
@@ -101,8 +101,11 @@ class LoaderFetch:
         from trainer.api import DatasetError
 
         try:
-            batch = self.collate_fn(self.items(ids))
-            return split_batch(batch, self.label_key)[0]
+            items = self.items(ids)
+            first = items[0] if items else None
+            if self.stack and isinstance(first, (tuple, list)) and not isinstance(first[0], (Mapping, tuple)):
+                return torch.stack([torch.as_tensor(item[0]) for item in items])  # (input, label): inputs stacked
+            return split_batch(self.collate_fn(items), self.label_key)[0]
         except (RuntimeError, TypeError, KeyError, ValueError) as exc:
             raise DatasetError(f"{self.name}: items cannot be collated into a batch of inputs: "
                                f"{type(exc).__name__}: {exc}".replace("\n", " ")) from None
