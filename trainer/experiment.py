@@ -254,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # the report is written at the end: without its packages, say so before any trial runs
+        import trainer.report  # noqa: F401
+    except ImportError as exc:
+        return _error(str(exc))
     grid = load_grid(args)
     out = Path(args.out or Path("experiments") / grid.name)
     started = False
