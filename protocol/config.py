@@ -148,7 +148,7 @@ class ScheduleConfig(Strict):
     )
     divergence_guard: bool = Field(
         True, description="fall back to the previous subset when an adopted subset makes the training loss "
-        "exceed max(10 x the loss before adoption, ln(C) / 4) for two epochs in a row (off: for ablations)"
+        "exceed max(10 x the loss before adoption, ln(C) / 4) for two epochs in a row without falling by a tenth (off: for ablations)"
     )
     round_timeout_s: float = Field(600.0, gt=0, description="a round not answered by then is failed")
     on_selector_loss: Literal["fail", "continue"] = Field(

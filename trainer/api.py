@@ -354,7 +354,7 @@ class AdaptiveSubset:
 
     def report_loss(self, loss: float) -> None:
         """The mean training loss of the epoch just trained (optional): it arms the divergence guard, which undoes
-        an adopted subset that drives the loss above ``max(10 x the loss before it, ln(C) / 4)`` for two epochs
+        an adopted subset that drives the loss above ``max(10 x the loss before it, ln(C) / 4)`` for two epochs, not falling,
         in a row (``divergence_guard=False`` turns it off; ``summary()["rounds_harmful"]`` counts them)."""
         if self.group is None or self.group.leader:
             self.rounds.observe_loss(self.epoch, float(loss))

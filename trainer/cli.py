@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
              "one (not reproducible) [wait, continue] (default: wait)")
     add("--divergence-guard", dest="schedule.divergence_guard", metavar="BOOL",
         help="undo an adopted subset that drives the training loss above max(10x the loss before it, ln(C)/4) "
-             "for two epochs [true, false] (default: true)")
+             "for two epochs without falling [true, false] (default: true)")
     add("--summary-workers", dest="schedule.summary_workers", metavar="W",
         help="Ray actors that make the summary passes from a model snapshot while training goes on (default: 0)")
     add("--pool", dest="schedule.pool", metavar="F",
