@@ -371,6 +371,12 @@ def test_too_few_examples_for_the_fractions(tmp_path):
            "and 1 for validation", check=False)
 
 
+def test_a_symlink_into_another_class_folder_is_refused(tmp_path):
+    write_imagefolder(tmp_path, {"train": 4})
+    (tmp_path / "train" / "cat" / "loop").symlink_to(tmp_path / "train" / "dog")  # dogs that would be labelled cat
+    _fails(DataConfig(dataset=f"imagefolder:{tmp_path}"), "outside its class folder", "train/dog", "(a symlink)")
+
+
 def test_image_size_is_for_imagefolder_only():
     with pytest.raises(ValidationError, match="image_size == 8 applies to imagefolder:PATH data sets only"):
         DataConfig(dataset="digits", image_size=8)

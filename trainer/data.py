@@ -845,7 +845,18 @@ def _image_folders(dataset: str) -> dict[str, Any]:
                             "expected the same class folders in every split")
         if not folders[split].samples:
             raise DataError(f"{path}: holds no image files, expected at least one")
+        _check_inside_class(path, folders[split])
     return folders
+
+
+def _check_inside_class(path: str, folder: Any) -> None:
+    """Every image lies in its own class folder: a symlink (or a loop of them) reaching into another class's
+    folder, or out of the data set, would give its images the wrong label."""
+    for file, label in folder.samples:
+        home = os.path.realpath(os.path.join(path, folder.classes[label]))
+        if os.path.commonpath([os.path.realpath(file), home]) != home:
+            raise DataError(f"{file}: resolves to {os.path.realpath(file)}, outside its class folder {home} (a "
+                            "symlink); expected each class's images inside its own folder")
 
 
 def _decode(folder: Any, size: int | None, first: tuple[str, tuple] | None) -> tuple[np.ndarray, np.ndarray, tuple]:
