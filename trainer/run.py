@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             print(format_summary(summary, out))
             for note in summary.get("notes", []):
                 print(f"warning: {note}", file=sys.stderr)
+            for event in summary.get("harmful", []):
+                print(f"warning: round {event['round']} undone at epoch {event['epoch']}: the training loss "
+                      f"{event['loss']:.4g} stayed above {event['bound']:.4g} ({event['loss_before']:.4g} before "
+                      "its adoption); the previous subset came back", file=sys.stderr)
             if summary["status"] == "failed":
                 print(f"error: the run failed: {summary['reason']}", file=sys.stderr)
                 return EXIT_FAILED
