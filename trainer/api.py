@@ -387,8 +387,8 @@ class AdaptiveSubset:
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"selection state version == {state.get('version')!r}, must be {STATE_VERSION}")
-        saved = state["rounds"]["ever_used"].numel() if hasattr(state["rounds"].get("ever_used"), "numel") else None
-        if saved is not None and saved != len(self.labels):
+        saved = len(state["rounds"]["ever_used"])  # one flag per training example
+        if saved != len(self.labels):
             raise ValueError(f"selection state of a training set of {saved} examples, this client's has "
                              f"{len(self.labels)}: load it into a client of the same data")
         self.epoch, self.step, self._epoch_done = int(state["epoch"]), int(state["step"]), False
