@@ -19,9 +19,23 @@ MODEL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # a torchvision model name such a
 
 
 class Strict(BaseModel):
-    """Base for every config and message: unknown fields are errors, instances are immutable."""
+    """Base for every config and message: unknown fields are errors, instances are immutable, and a number is
+    never a boolean (``epochs: true`` is an error, not 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, data):
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                if isinstance(value, bool) and field is not None and field.annotation in NUMBERS:
+                    raise ValueError(f"{name} == {value!r}, must be a number, not true or false")
+        return data
+
+
+NUMBERS = (int, float, int | None, float | None)
 
 
 class DataConfig(Strict):
@@ -134,7 +148,7 @@ class ScheduleConfig(Strict):
     )
     divergence_guard: bool = Field(
         True, description="fall back to the previous subset when an adopted subset makes the training loss "
-        "exceed max(10 x the loss before adoption, ln(C) / 4) for two epochs in a row (off: for ablations)"
+        "exceed max(10 x the loss before adoption, ln(C) / 4) for two epochs in a row without falling by a tenth (off: for ablations)"
     )
     round_timeout_s: float = Field(600.0, gt=0, description="a round not answered by then is failed")
     on_selector_loss: Literal["fail", "continue"] = Field(

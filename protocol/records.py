@@ -88,6 +88,8 @@ class RunSummary(Strict):
                                 "above its bound for two epochs; the previous subset came back)")
     harmful: list[dict] = Field(default_factory=list, description="each undone round: round, epoch, loss_before, "
                                 "loss, bound, fallback_round")
+    notes: list[str] = Field(default_factory=list, description="warnings about the run (e.g. a model degenerate in "
+                             "eval mode); the CLI prints each as a warning line")
     late_adoptions: int = Field(0, description="adopted rounds adopted after their due epoch")
     staleness: float | None = Field(None, description="mean epochs between snapshot and adoption, adopted rounds")
     selector_lost: str | None = Field(None, description="why selection stopped for good, if it did")

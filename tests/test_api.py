@@ -11,7 +11,7 @@ from trainer import AdaptiveSubset
 from trainer.client.api import ConfigError, DatasetError
 from trainer.client.layers import ModelError
 
-from scripts import run_example
+from scripts import run_cluster_script, run_example
 
 
 class Blobs(torch.utils.data.Dataset):
@@ -126,10 +126,12 @@ def test_the_same_seed_gives_the_same_subsets_and_model_by_default(ray_address):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("guard, blowup_epochs, undone", [(True, 2, True), (True, 1, False), (False, 2, False)])
-def test_the_divergence_guard_undoes_a_subset_that_blows_the_loss_up(ray_address, guard, blowup_epochs, undone):
-    """The loss of the epochs after the first adoption is reported 100x too high (a collapse): for two epochs in
-    a row the guard brings back the subset trained before; for one epoch, or with the guard off, it does not."""
+@pytest.mark.parametrize("guard, blown, undone", [(True, (500.0, 500.0), True), (True, (500.0,), False),
+                                                  (False, (500.0, 500.0), False), (True, (500.0, 100.0), False)])
+def test_the_divergence_guard_undoes_a_subset_that_blows_the_loss_up(ray_address, guard, blown, undone):
+    """The loss of the epochs after the first adoption is reported as ``blown``: stuck high for two epochs (a
+    collapse), the guard brings back the subset trained before; for one epoch, falling fast (the usual jump of a
+    new subset's loss), or with the guard off, it does not."""
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -145,9 +147,9 @@ def test_the_divergence_guard_undoes_a_subset_that_blows_the_loss_up(ray_address
                 opt.step()
                 total += loss.item()
             first_adopted = subset.records[0]["adopted_epoch"] if subset.records else None
-            blown = first_adopted is not None and first_adopted <= epoch < first_adopted + blowup_epochs
+            after = epoch - first_adopted if first_adopted is not None else -1
             rounds_trained.append(subset.subset.round)
-            subset.report_loss(100 * (total + 1.0) if blown else total)
+            subset.report_loss(blown[after] if 0 <= after < len(blown) else total)
         summary = subset.summary()
     first = subset.records[0]
     assert first["status"] == "adopted" and first["round"] == 0
@@ -159,6 +161,42 @@ def test_the_divergence_guard_undoes_a_subset_that_blows_the_loss_up(ray_address
         assert after is None  # back to the subset trained before round 0: the initial random one
     else:
         assert after == 0
+
+
+TWO_CLIENTS = """
+import json, sys
+import torch
+import torch.nn.functional as F
+from test_api import Blobs, Net, train
+from trainer import AdaptiveSubset
+
+first = AdaptiveSubset(Net(), Blobs(), strategy="random", budget=0.25, epochs=4, select_every=1, kappa=0)
+model = Net()
+second = AdaptiveSubset(model, Blobs(), strategy="gradmatch-pb", budget=0.2, epochs=6, select_every=2, kappa=0.5,
+                        batch_size=16, ray="local")
+first.close()  # the Ray both use was started by the first: it must stay up for the second
+with second:
+    train(second, model, torch.optim.SGD(model.parameters(), lr=0.05))
+json.dump({"rounds": second.summary()["rounds"], "statuses": [r["status"] for r in second.records]},
+          open(sys.argv[1], "w"))
+"""
+
+
+def test_closing_one_client_leaves_the_ray_another_client_uses(tmp_path):
+    """Two clients in one program share the private Ray the first started; it is shut down with the last."""
+    script = tmp_path / "two_clients.py"
+    script.write_text(TWO_CLIENTS)
+    result = run_cluster_script(str(script), timeout_s=300, prefix="two")
+    assert result["rounds"] == 2 and result["statuses"] == ["adopted", "adopted"], result
+
+
+@pytest.mark.ray
+def test_selection_state_of_another_data_set_size_is_refused(ray_address):
+    with AdaptiveSubset(Net(), Blobs(400), strategy="random", budget=0.25, epochs=4, select_every=2, kappa=0) as a:
+        state = a.state_dict()
+    with AdaptiveSubset(Net(), Blobs(200), strategy="random", budget=0.25, epochs=4, select_every=2, kappa=0) as b:
+        with pytest.raises(ValueError, match="selection state of a training set of 400 examples, this client's has 200"):
+            b.load_state_dict(state)
 
 
 @pytest.mark.ray

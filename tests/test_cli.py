@@ -76,6 +76,7 @@ def test_every_help_line_shows_its_default():
         (["--match-run", "/nope", "--strategy", "full-earlystop"], "--match-run /nope: cannot read wall_s"),
         (["--strategy", "craig", "--strategy-schedule", "0:random"], "give the first strategy in one place"),
         (["--imbalance-drop", "2"], "--imbalance-drop '2': Input should be less than or equal to 1"),
+        (["--divergence-guard", "maybe"], "--divergence-guard 'maybe': Input should be a valid boolean"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, expected, capsys, tmp_path):
@@ -110,6 +111,16 @@ def test_run_directory_is_checked_before_anything_starts(tmp_path, capsys):
     assert "exists and is not a directory" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "file" / "below")]) == 2
     assert "cannot create or write there" in capsys.readouterr().err
+
+
+def test_yaml_that_plain_yaml_would_read_silently_wrong_is_refused(tmp_path, capsys):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 3\n  epochs: 5\n")
+    assert main(["--config", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "key 'epochs' given twice (line 3)" in capsys.readouterr().err
+    path.write_text("train:\n  epochs: true\n")
+    assert main(["--config", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "epochs == True, must be a number, not true or false" in capsys.readouterr().err
 
 
 def test_binary_config_file_is_one_line(tmp_path, capsys):

@@ -160,6 +160,34 @@ def test_bad_cifar10_pickles_name_the_file_and_the_rule(tmp_path, name, entry, f
     _fails(_tv("cifar10", tmp_path), str(tmp_path / "cifar-10-batches-py" / name), *fragments)
 
 
+class _Planted:
+    """Unpickling this calls ``os.system``: what a hostile data folder would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_cifar_pickle_is_refused_without_running_code(tmp_path):
+    WRITERS["cifar10"](tmp_path)
+    marker = tmp_path / "ran"
+    _cifar10(tmp_path, "data_batch_2", {"data": _Planted(marker), "labels": [0]})
+    _fails(_tv("cifar10", tmp_path), "data_batch_2: not a readable pickle", "refused global posix.system")
+    assert not marker.exists()
+
+
+def test_a_gzip_that_decompresses_past_the_cap_is_refused(tmp_path, monkeypatch):
+    import trainer.data.formats
+
+    write_mnist(tmp_path, gz=True)
+    monkeypatch.setattr(trainer.data.formats, "GUNZIP_MAX_BYTES", 10_000)  # the training images are 47,056 bytes
+    _fails(_tv("mnist", tmp_path), "train-images-idx3-ubyte.gz: decompresses to more than 0 MiB")
+
+
 def test_cifar_file_that_is_no_pickle(tmp_path):
     WRITERS["cifar10"](tmp_path)
     (tmp_path / "cifar-10-batches-py/test_batch").write_bytes(b"\x00garbage")
@@ -344,6 +372,12 @@ def test_too_few_examples_for_the_fractions(tmp_path):
            "and 1 for validation", check=False)
 
 
+def test_a_symlink_into_another_class_folder_is_refused(tmp_path):
+    write_imagefolder(tmp_path, {"train": 4})
+    (tmp_path / "train" / "cat" / "loop").symlink_to(tmp_path / "train" / "dog")  # dogs that would be labelled cat
+    _fails(DataConfig(dataset=f"imagefolder:{tmp_path}"), "outside its class folder", "train/dog", "(a symlink)")
+
+
 def test_image_size_is_for_imagefolder_only():
     with pytest.raises(ValidationError, match="image_size == 8 applies to imagefolder:PATH data sets only"):
         DataConfig(dataset="digits", image_size=8)
@@ -422,6 +456,9 @@ BAD_FACTORIES = [
      "def make():\n    return D((torch.zeros(3), i) for i in range(9)), None, None",
      ["train (n_classes 2 from len(train.classes)): label 2 at index 2 (7 out of range)", "[0, 2)"], False),
     ("def make():\n    return [], None, None", ["train is empty, expected at least one (input, label) item"], False),
+    ("class D(list):\n    def __getitem__(self, i):\n        if i == 3:\n            raise OSError('disk read error')\n"
+     "        return (torch.zeros(3), i % 2)\n"
+     "def make():\n    return D([0] * 9), None, None", ["reading train[3] raised OSError: disk read error"], False),
     ("def make():\n    return [(torch.zeros(3), 0)] * 9, [], None", ["val is empty", "return None to split it"], False),
     ("def make():\n    return [(torch.zeros(3), 0)] * 3 + [(torch.zeros(4), 0)], None, None",
      ["train[3] has shape (1, 1, 4) (as (C, H, W)), expected (1, 1, 3)"], False),
@@ -436,6 +473,22 @@ BAD_FACTORIES = [
 def test_bad_factories_are_named_with_the_rule(tmp_path, monkeypatch, body, fragments, found_by_check):
     spec = _factory(tmp_path, monkeypatch, body)
     _fails(DataConfig(dataset=spec), f"dataset factory {spec!r}", *fragments, check=found_by_check)
+
+
+@pytest.mark.parametrize("body, fragments", [
+    ("def make():\n    x = torch.rand(20, 3)\n    x[4, 1] = float('nan')\n    x[7, 0] = float('inf')\n"
+     "    return TensorDataset(x, torch.arange(20) % 2), None, None",
+     ["2 train examples hold NaN or inf inputs; inputs must be finite"]),
+    ("def make():\n    return TensorDataset(torch.rand(20, 3), torch.zeros(20, dtype=torch.long)), None, None",
+     ["the training split has 1 class(es) (labels [0])", "at least 2 classes"]),
+    ("def make():\n    y = torch.arange(20) % 3\n    y[5] = 10**6\n"
+     "    return TensorDataset(torch.rand(20, 3), y), None, None",
+     ["labels go up to 1000000 but only 4 classes have training examples", "labels must be 0 .. C-1"]),
+])
+def test_silently_wrong_data_is_refused(tmp_path, monkeypatch, body, fragments):
+    """NaN inputs, a single class (every accuracy 100 %) and a stray huge label (a million-output model)."""
+    spec = _factory(tmp_path, monkeypatch, body)
+    _fails(DataConfig(dataset=spec), f"dataset {spec!r}", *fragments, check=False)
 
 
 def test_check_data_does_not_call_the_factory(tmp_path, monkeypatch):

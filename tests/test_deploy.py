@@ -332,3 +332,18 @@ def test_cluster_has_gpu_workers_for_ray_train(cluster):
     gpu = [node for node in workers.values() if node["resources"].get("GPU", 0) > 0]
     assert sum(node["max_workers"] * node["resources"]["GPU"] for node in gpu) >= 2
     assert cluster["max_workers"] >= sum(node["max_workers"] for node in workers.values())
+
+
+def test_rayjob_ships_a_network_policy_that_admits_only_the_jobs_own_pods():
+    policies = [d for d in _rayjob_docs() if d.get("kind") == "NetworkPolicy"]
+    assert len(policies) == 1
+    spec = policies[0]["spec"]
+    own = {"ray.io/originated-from-crd": "RayJob", "ray.io/originated-from-cr-name": "gradmatch"}
+    assert spec["podSelector"]["matchLabels"] == own and spec["policyTypes"] == ["Ingress"]
+    sources = [peer for rule in spec["ingress"] for peer in rule["from"]]
+    assert all("ipBlock" not in peer for peer in sources)  # no address range outside the cluster
+    assert {"podSelector": {"matchLabels": own}} in sources
+    assert {"podSelector": {"matchLabels": {"job-name": "gradmatch"}}} in sources  # the submitter
+    operator = [p for p in sources if "namespaceSelector" in p]
+    assert operator == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {
+        "app.kubernetes.io/name": "kuberay-operator"}}}]

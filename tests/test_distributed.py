@@ -60,6 +60,13 @@ def _config(**train) -> RunConfig:
     return RunConfig.model_validate({"train": {"epochs": 4, **train}, "schedule": {"select_every": 1}})
 
 
+def test_more_summary_workers_than_cpus_is_refused_before_any_waits():
+    config = RunConfig.model_validate({"schedule": {"summary_workers": 1000}})
+    problem = check_workers(config, {"CPU": 2.0})
+    assert problem.startswith("--summary-workers 1000: more summary workers than the 2 CPUs")
+    assert check_workers(RunConfig.model_validate({"schedule": {"summary_workers": 2}}), {"CPU": 2.0}) is None
+
+
 def test_bad_worker_requests_are_refused_naming_the_flag():
     assert check_workers(_config(workers=1), {"CPU": 1}) is None
     assert check_workers(_config(workers=2), {"CPU": 2}) is None

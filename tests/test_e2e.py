@@ -172,3 +172,33 @@ def test_cli_torchvision_model_on_an_imagefolder(ray_address, tmp_path):
 
     state = torch.load(out / "model.pt", weights_only=True)
     assert set(get_model("mobilenet_v3_small", num_classes=3).state_dict()) == set(state)
+
+
+EVAL_COLLAPSE = """
+import math
+from torch import nn
+
+
+def make(in_shape, n_classes):
+    # BatchNorm whose running statistics never move (momentum 0) after a layer whose outputs sit near 500:
+    # normalised by the batch while training, but not at all in eval mode, where one class wins every input
+    first = nn.Linear(math.prod(in_shape), 32)
+    first.bias.data.fill_(500.0)
+    return nn.Sequential(nn.Flatten(), first, nn.BatchNorm1d(32, momentum=0.0), nn.ReLU(), nn.Linear(32, n_classes))
+"""
+
+
+def test_a_model_degenerate_in_eval_mode_is_reported(tmp_path):
+    (tmp_path / "collapse_model.py").write_text(EVAL_COLLAPSE)
+    # a private Ray: its workers import the model's module from the driver's PYTHONPATH
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{tmp_path}"
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "trainer.run", "--ray", "local", "--dataset", "digits",
+                           "--model", "collapse_model:make",
+                           "--epochs", "4", "--select-every", "2", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary, _, _ = read_run(out)
+    assert len(summary["notes"]) == 1 and "BatchNorm running statistics" in summary["notes"][0], summary["notes"]
+    assert done.stderr.count("warning: eval mode: at epoch") == 1

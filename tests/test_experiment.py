@@ -1,7 +1,13 @@
 """Experiments: grid expansion, the smoke preset end to end on the shared Ray, report consistency, resume."""
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -221,3 +227,20 @@ def test_missing_data_stops_the_experiment_before_ray(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "MNIST/raw/train-images-idx3-ubyte is missing" in err
     assert not (tmp_path / "exp" / "trials").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_runner_with_one_line_and_keeps_finished_trials(ray_address, tmp_path, sig):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": ray_address}
+    runner = subprocess.Popen([sys.executable, "-m", "trainer.experiment", "--preset", "smoke", "--out",
+                               str(tmp_path / "x")], cwd=root, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    end = time.monotonic() + 120
+    while not (tmp_path / "x" / "trials").exists():
+        assert time.monotonic() < end and runner.poll() is None, runner.communicate()[1][-2000:]
+        time.sleep(0.1)
+    runner.send_signal(sig)
+    _, err = runner.communicate(timeout=120)
+    assert runner.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "run the same command again" in err, err[-2000:]

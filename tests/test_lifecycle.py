@@ -5,6 +5,7 @@ Every run here is the real CLI in a subprocess, as a user starts it.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,7 +83,11 @@ def test_sigint_then_resume_equals_an_uninterrupted_run(ray_address, tmp_path):
     assert code == 130, err[-3000:]
     assert "Traceback" not in err and "--resume" in err
     first = summary(cut)
-    assert first["status"] == "interrupted" and first["epochs_run"] < 14 and (cut / "checkpoint.pt").exists()
+    assert first["status"] == "interrupted" and first["epochs_run"] < 13 and (cut / "checkpoint.pt").exists()
+    # honoured at the end of the epoch in which the request reached the trainer, never later
+    arrived, stopped = map(int, re.search(r"during epoch (\d+); stopped at the end of epoch (\d+)",
+                                          first["reason"]).groups())
+    assert arrived == stopped == first["epochs_run"] - 1, first["reason"]
     code, _, err = finish(cli("--resume", str(cut), address=ray_address))
     assert code == 0, err[-3000:]
     assert finish(reference)[0] == 0
@@ -149,6 +154,47 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     assert "already completed" in capsys.readouterr().err
     assert main(["--resume", str(tmp_path), "--epochs", "3"]) == 2
     assert "drop the other flags" in capsys.readouterr().err
+
+
+def test_resume_imports_no_factory_the_user_did_not_name_again(tmp_path, capsys):
+    """A run directory is data: a factory its config.json names runs only when the user names it again."""
+    from protocol.config import RunConfig
+    from trainer.run import main
+
+    planted = tmp_path / "planted.py"
+    planted.write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('code ran')\ndef make(s, c):\n    raise SystemExit\n")
+    config = RunConfig.model_validate({"model": {"name": "planted:make"}})
+    (tmp_path / "config.json").write_text(config.model_dump_json())
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["--resume", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert "names the factory 'planted:make' (--model)" in err and "pass --model planted:make again" in err, err
+        assert main(["--resume", str(tmp_path), "--model", "other:make"]) == 2
+        assert "--model 'other:make' differs from the run's 'planted:make'" in capsys.readouterr().err
+        # named again: trusted, and the next check (the checkpoint) speaks
+        assert main(["--resume", str(tmp_path), "--model", "planted:make"]) == 2
+        assert "checkpoint.pt" in capsys.readouterr().err
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert not (tmp_path / "ran").exists()  # nothing from the directory was imported
+
+
+def test_record_files_refuse_a_planted_symlink_and_temporary_names_are_unpredictable(tmp_path):
+    from protocol.errors import RunFailed
+    from trainer.files import atomic_write, temporary_path
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    (tmp_path / "epochs.jsonl").symlink_to(target)
+    with pytest.raises(RunFailed, match="cannot write .*epochs.jsonl"):
+        RecordFile(tmp_path / "epochs.jsonl")
+    assert target.read_text() == "keep me"
+    names = {temporary_path(tmp_path / "summary.json").name for _ in range(3)}
+    assert len(names) == 3 and all(n.startswith(".summary.json.") for n in names)
+    atomic_write(tmp_path / "summary.json", lambda tmp: tmp.write_text("{}"))
+    assert (tmp_path / "summary.json").read_text() == "{}"
 
 
 def test_a_full_disk_leaves_whole_records_and_one_line(tmp_path):

@@ -108,8 +108,8 @@ def test_invalid_message_is_rejected_and_training_goes_on(ray_address, fault, fi
     assert result["summary"]["rounds_rejected"] == 3 and result["summary"]["rounds"] == 0
 
 
-def test_selector_killed_mid_round_does_not_stop_the_run(ray_address):
-    config = make_config({"strategy": "gradmatch-pb", "delay_s": 2.0}, epochs=12, select_every=4, on_late="wait")
+def run_killing_the_selector_mid_round(config: RunConfig, no_restart: bool) -> dict:
+    """Run ``config``, killing the selector once its first round is under way; the trainer's result."""
     selector, trainer = start(config)
     try:
         run_ref = trainer.run.remote()
@@ -117,11 +117,16 @@ def test_selector_killed_mid_round_does_not_stop_the_run(ray_address):
         while not ray.get(selector.status.remote(), timeout=30)["running"]:
             assert time.monotonic() < deadline, "no round started"
             time.sleep(0.05)
-        ray.kill(selector, no_restart=False)
-        result = ray.get(run_ref, timeout=RUN_TIMEOUT_S)
+        ray.kill(selector, no_restart=no_restart)
+        return ray.get(run_ref, timeout=RUN_TIMEOUT_S)
     finally:
         ray.kill(trainer)
         ray.kill(selector)
+
+
+def test_selector_killed_mid_round_does_not_stop_the_run(ray_address):
+    config = make_config({"strategy": "gradmatch-pb", "delay_s": 2.0}, epochs=12, select_every=4, on_late="wait")
+    result = run_killing_the_selector_mid_round(config, no_restart=False)
     rounds = rounds_of(result)
     assert rounds[0]["status"] == "failed" and "restarted" in rounds[0]["reason"]
     assert rounds[-1]["status"] == "adopted"  # asked of the restarted selector
@@ -134,17 +139,7 @@ def test_a_selector_killed_for_good_mid_round_is_lost_whatever_error_ray_raises(
     (not necessarily ``ActorDiedError``): the run says the selector is lost and follows --on-selector-loss."""
     config = make_config({"strategy": "gradmatch-pb", "delay_s": 2.0}, epochs=12, select_every=4, on_late="wait",
                          on_selector_loss=on_loss)
-    selector, trainer = start(config)
-    try:
-        run_ref = trainer.run.remote()
-        deadline = time.monotonic() + 120
-        while not ray.get(selector.status.remote(), timeout=30)["running"]:
-            assert time.monotonic() < deadline, "no round started"
-            time.sleep(0.05)
-        ray.kill(selector, no_restart=True)
-        result = ray.get(run_ref, timeout=RUN_TIMEOUT_S)
-    finally:
-        ray.kill(trainer)
+    result = run_killing_the_selector_mid_round(config, no_restart=True)
     summary, rounds = result["summary"], rounds_of(result)
     assert summary["selector_lost"] and "selector lost for good" in summary["selector_lost"], rounds
     assert rounds[0]["status"] == "failed" and "selector lost for good" in rounds[0]["reason"]

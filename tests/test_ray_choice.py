@@ -1,7 +1,7 @@
 """Which Ray a run uses (``--ray``, ``ray=``), and a real ``ray start --head`` cluster with token authentication.
 
 The cluster test starts its own head (own temp dir, own port) and stops it by killing the PIDs of its own
-processes, never with ``ray stop`` (that would stop every Ray on the machine).
+processes, never with the CLI's stop command (that would stop every Ray on the machine).
 """
 
 import json

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
              "one (not reproducible) [wait, continue] (default: wait)")
     add("--divergence-guard", dest="schedule.divergence_guard", metavar="BOOL",
         help="undo an adopted subset that drives the training loss above max(10x the loss before it, ln(C)/4) "
-             "for two epochs [true, false] (default: true)")
+             "for two epochs without falling [true, false] (default: true)")
     add("--summary-workers", dest="schedule.summary_workers", metavar="W",
         help="Ray actors that make the summary passes from a model snapshot while training goes on (default: 0)")
     add("--pool", dest="schedule.pool", metavar="F",
@@ -170,10 +170,25 @@ def _parse_schedule(text: str) -> list[dict]:
     return entries
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (where plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (line {key_node.start_mark.line + 1}); give each key once",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str, name: str = "--config") -> dict:
     """A YAML file holding a mapping of config sections; every failure is a one-line ``ConfigError``."""
     try:
-        tree = yaml.safe_load(Path(path).read_text())
+        tree = yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except OSError as exc:
         raise ConfigError(f"{name} {path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from protocol.errors import RunFailed
+
+
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # a record file that is a symlink is refused, not followed
+
+
+def temporary_path(path: Path) -> Path:
+    """A new, empty file beside ``path`` with an unpredictable name (``mkstemp``: created exclusively, mode 0600),
+    so that no one can plant a symlink where the next write goes."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.chmod(name, 0o644)  # the file it becomes is as readable as any other the run writes
+    return Path(name)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -16,13 +29,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     Any failure (disk full, directory gone; ``torch.save`` reports a missing directory as a RuntimeError) is a
     ``RunFailed`` naming the path and the error, and the temporary file is removed.
     """
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = None
     try:
+        tmp = temporary_path(path)
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:
         try:
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
         except OSError:
             pass
         raise RunFailed(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}") from None
@@ -52,7 +67,7 @@ class RecordFile:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | NOFOLLOW, 0o644)
         except OSError as exc:
             raise RunFailed(f"cannot write {path}: {exc.strerror or exc}") from None
         self.size = 0
@@ -61,7 +76,7 @@ class RecordFile:
     def replacing(cls, path: Path, records: list[dict]) -> "RecordFile":
         """A file that replaces ``path`` with ``records`` in one rename (the old file stays whole until then),
         open for appending more."""
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temporary_path(path)
         handle = cls(tmp)
         try:
             handle.append(records)

@@ -54,8 +54,8 @@ class TrainerService:
     def progress(self, n_epochs_seen: int = 0, n_rounds_seen: int = 0) -> dict:
         return self.trainer.progress(n_epochs_seen, n_rounds_seen)
 
-    def request_stop(self, reason: str) -> None:
-        self.trainer.request_stop(reason)
+    def request_stop(self, reason: str, sent_at: float | None = None) -> None:
+        self.trainer.request_stop(reason, sent_at)
 
 
 TrainerActor = ray.remote(num_cpus=0, num_gpus=0, max_concurrency=3)(TrainerService)

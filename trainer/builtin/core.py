@@ -23,7 +23,7 @@ from protocol.errors import RunFailed, one_line
 from protocol.records import EpochRecord, RunSummary
 from trainer.builtin.energy import EnergyMeter
 from trainer.builtin.models import build_model
-from trainer.builtin.training import CosineSchedule, evaluate, make_optimizer, weighted_step
+from trainer.builtin.training import CosineSchedule, dominant_prediction, evaluate, make_optimizer, weighted_step
 from trainer.client.api import AdaptiveSubset
 from trainer.client.layers import find_classifier
 from trainer.data.splits import Splits, augment_batch
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 CHECKPOINT_VERSION = 1
+DEGENERATE_SHARE = 0.9  # eval-mode predictions this concentrated on one class are reported
 
 
 @dataclass
@@ -125,6 +126,9 @@ class Trainer:
         self._progress = Progress(total=self.plan.total)
         self._lock = threading.Lock()
         self._stop_reason: str | None = None
+        self._stop_epoch: int | None = None  # the epoch in progress when a stop request arrived
+        self.notes: list[str] = []  # warnings for the summary (an actor's log does not reach the user)
+        self._epoch_in_progress = 0  # the epoch a stop request arriving now is honoured after
         self.start_epoch = 0
         if resume:
             self._restore()
@@ -162,6 +166,9 @@ class Trainer:
             self._train()
             if self._stop_reason is not None:
                 status, reason = "interrupted", self._stop_reason
+                if self._stop_epoch is not None:
+                    reason += (f" during epoch {self._stop_epoch}; stopped at the end of epoch "
+                               f"{len(self._progress.epochs) - 1}")
         except RunFailed as exc:
             status, reason = "failed", exc.reason
             log.error("run failed: %s", exc.reason)
@@ -196,6 +203,7 @@ class Trainer:
             self.elapsed_s = wall()
             self._record_epoch(epoch, loss, lr, train_s, self.elapsed_s, val_acc)
             asked = self._stop_requested()  # every epoch: data-parallel ranks agree on it together
+            self._epoch_in_progress = epoch + 1  # a request from now on stops after the next epoch
             last = stopped or epoch == self.plan.total - 1 or asked
             if last or (epoch + 1) % self.config.train.checkpoint_every == 0:
                 self._timed_checkpoint()
@@ -230,11 +238,36 @@ class Trainer:
             return None
         start = time.perf_counter()
         acc = evaluate(self.model, self.splits.val_x.to(self.device), self.splits.val_y.to(self.device))
+        self._check_degenerate(epoch)
         self.eval_s += time.perf_counter() - start
         return acc
 
-    def request_stop(self, reason: str) -> None:
-        """Stop at the next epoch end, after a checkpoint (a signal's handler calls this)."""
+    def _check_degenerate(self, epoch: int) -> None:
+        """Once per run: a model whose eval-mode predictions fall on one class, though the labels do not, is
+        degenerate in eval mode, and so are the summaries (made in eval mode) and the test accuracy."""
+        if any(note.startswith("eval mode") for note in self.notes):
+            return
+        val_y = self.splits.val_y
+        label_share = float(torch.bincount(val_y).max()) / max(1, val_y.numel())
+        cls, share = dominant_prediction(self.model, self.splits.val_x.to(self.device))
+        if share >= DEGENERATE_SHARE and share > label_share + 0.25:
+            loss = self._progress.loss if self._progress.loss is not None else float("nan")
+            note = (f"eval mode: at epoch {epoch} the model predicts class {cls} for {100 * share:.0f} % of the "
+                    f"validation examples (the most common label is {100 * label_share:.0f} % of them) while it "
+                    f"trains to a loss of {loss:.3g}; the summaries and the test accuracy are computed in eval mode too. Likely cause: BatchNorm "
+                    "running statistics from too few steps (or batches too small); remedy: more full epochs "
+                    "(--kappa), a larger --batch-size, or a model without BatchNorm")
+            self.notes.append(note)
+            log.warning("%s", note)
+
+    def request_stop(self, reason: str, sent_at: float | None = None) -> None:
+        """Stop at the end of the epoch in progress, after a checkpoint (a signal's handler calls this).
+
+        ``sent_at``: the sender's ``time.time()``, so the reason says how long the request took to arrive."""
+        if self._stop_reason is None:
+            self._stop_epoch = self._epoch_in_progress
+            if sent_at is not None:
+                reason += f" (delivered in {max(0.0, time.time() - sent_at):.2f} s)"
         self._stop_reason = reason
 
     def _stop_requested(self) -> bool:
@@ -352,7 +385,7 @@ class Trainer:
             workers_busy_s=rounds["workers_busy_s"],
             overlap=rounds["overlap"], rounds=rounds["rounds"], rounds_rejected=rounds["rounds_rejected"],
             rounds_skipped=rounds["rounds_skipped"], late_adoptions=rounds["late_adoptions"],
-            rounds_harmful=rounds["rounds_harmful"], harmful=rounds["harmful"],
+            rounds_harmful=rounds["rounds_harmful"], harmful=rounds["harmful"], notes=list(self.notes),
             staleness=rounds["staleness"], selector_lost=rounds["selector_lost"], grad_error=rounds["grad_error"],
             grad_error_rel=rounds["grad_error_rel"], grad_error_trained=rounds["grad_error_trained"],
             redundant=rounds["redundant"] if self.strategy_plan.rounds else None,

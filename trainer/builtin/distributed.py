@@ -138,7 +138,10 @@ def worker_resources(config: RunConfig, cluster: dict | None = None) -> tuple[bo
 def check_workers(config: RunConfig, cluster: dict | None = None) -> str | None:
     """Why ``--workers`` cannot run, or None; with ``cluster`` (``ray.cluster_resources()``), also whether the
     cluster has the CPUs or GPUs the workers ask for. Checked before anything starts."""
-    train = config.train
+    train, n_summary = config.train, config.schedule.summary_workers
+    if cluster is not None and n_summary > max(1, int(cluster.get("CPU", 0))):
+        return (f"--summary-workers {n_summary}: more summary workers than the {cluster.get('CPU', 0):g} CPUs of the "
+                "cluster; each is a process making forward passes, so more would only share the cores")
     if train.workers <= 1:
         return None
     if config.selector.strategy == FULL_EARLYSTOP:
@@ -250,8 +253,8 @@ class DistributedTrainerService:
             return {**{k: s[k] for k in ("epoch", "total", "loss", "val_acc")},
                     "epochs": s["epochs"][n_epochs_seen:], "rounds": s["rounds"][n_rounds_seen:]}
 
-    def request_stop(self, reason: str) -> None:
-        self._stop = reason
+    def request_stop(self, reason: str, sent_at: float | None = None) -> None:
+        self._stop = reason  # rank 0 stops at the end of its epoch in progress (Trainer.on_epoch)
 
 
 DistributedTrainerActor = ray.remote(num_cpus=0, num_gpus=0, max_concurrency=4)(DistributedTrainerService)

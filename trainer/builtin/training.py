@@ -84,3 +84,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         correct += int((model(x[start:start + batch_size]).argmax(1) == y[start:start + batch_size]).sum())
     model.train(was_training)
     return 100.0 * correct / max(1, x.shape[0])
+
+
+@torch.no_grad()
+def dominant_prediction(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> tuple[int, float]:
+    """The class the model in eval mode predicts most often on ``x``, and its share of the predictions."""
+    was_training = model.training
+    model.eval()
+    predicted = torch.cat([model(x[start:start + batch_size]).argmax(1) for start in range(0, x.shape[0], batch_size)])
+    model.train(was_training)
+    counts = torch.bincount(predicted)
+    return int(counts.argmax()), float(counts.max()) / max(1, predicted.numel())

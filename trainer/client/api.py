@@ -31,20 +31,19 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from protocol.config import PB_STRATEGIES, ROUND_STRATEGIES, RunConfig, ScheduleConfig, TrainConfig
 from trainer.cli import ConfigError, config_error, load_yaml
+from trainer.client.batches import DatasetError, LoaderFetch, WithForward, item_label, split_batch
 from trainer.client.cluster import actor_options, connect_ray, release, start_selector
 from trainer.client.group import FollowerRounds, Group
 from trainer.client.layers import find_classifier
 from trainer.client.rounds import RoundClient
+from trainer.client.sampler import SubsetBatchSampler
 from trainer.client.schedule import check_schedule
 from trainer.client.subsets import batch_weights
-from trainer.client.summaries import SummarySource
+from trainer.client.summaries import SummarySource, to_device
 from trainer.client.workers import SummaryPool
 
 STATE_VERSION = 1
 
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used for selection; the message names the dataset and the rule."""
 
 
 def build_config(config=None, options: dict | None = None) -> RunConfig:
@@ -81,8 +80,10 @@ def build_config(config=None, options: dict | None = None) -> RunConfig:
         raise config_error(exc, keywords=True) from None
 
 
-def dataset_labels(dataset: Dataset, name: str) -> torch.Tensor:
-    """The (n,) int64 labels of a map-style dataset: its ``targets`` when it has them, else read item by item."""
+def dataset_labels(dataset: Dataset, name: str, label_key: str = "labels") -> torch.Tensor:
+    """The (n,) int64 labels of a map-style dataset: its ``targets`` (or its ``label_key`` column, for a Hugging
+    Face ``datasets.Dataset``) when it has them, else read item by item (``item[1]``, or ``item[label_key]`` of a
+    dict)."""
     try:
         n = len(dataset)
     except TypeError:
@@ -93,8 +94,10 @@ def dataset_labels(dataset: Dataset, name: str) -> torch.Tensor:
         labels = dataset.tensors[1]
     elif hasattr(dataset, "targets") and len(getattr(dataset, "targets")) == n:
         labels = dataset.targets
+    elif label_key in (getattr(dataset, "column_names", None) or ()):
+        labels = dataset[label_key]
     else:
-        labels = [_item_label(dataset, i, name) for i in range(n)]
+        labels = [_item_label(dataset, i, name, label_key) for i in range(n)]
     labels = torch.as_tensor(np.asarray(labels))
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
         raise DatasetError(f"{name}: labels must be one int per example, got {labels.dtype} of shape "
@@ -102,11 +105,12 @@ def dataset_labels(dataset: Dataset, name: str) -> torch.Tensor:
     return labels.long()
 
 
-def _item_label(dataset: Dataset, i: int, name: str) -> int:
+def _item_label(dataset: Dataset, i: int, name: str, label_key: str = "labels") -> int:
     item = dataset[i]
-    if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise DatasetError(f"{name}[{i}] is {type(item).__name__}; items must be (input, int label)")
-    label = item[1]
+    label = item_label(item, label_key)
+    if label is None:
+        raise DatasetError(f"{name}[{i}] is {type(item).__name__}; items must be (input, int label) or dicts with "
+                           f"the label under {label_key!r} (label_key=)")
     if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.dtype.is_floating_point:
         label = int(label)
     if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)):
@@ -114,19 +118,13 @@ def _item_label(dataset: Dataset, i: int, name: str) -> int:
     return int(label)
 
 
-def _inputs(dataset: Dataset, name: str):
-    """A function of example ids returning their inputs stacked (the un-augmented view for summaries)."""
+def _inputs(dataset: Dataset, name: str, collate_fn=None, num_workers: int = 0, label_key: str = "labels"):
+    """A function of example ids returning their inputs as one batch (the un-augmented view for summaries): a
+    tensor dataset's rows, else the items loaded by ``num_workers`` DataLoader workers and collated by
+    ``collate_fn`` (default: PyTorch's), without their labels (``trainer.client.batches.LoaderFetch``)."""
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[0].__getitem__
-
-    def fetch(ids: torch.Tensor) -> torch.Tensor:
-        items = [dataset[int(i)] for i in ids]
-        try:
-            return torch.stack([torch.as_tensor(item[0]) for item in items])
-        except (RuntimeError, TypeError) as exc:
-            raise DatasetError(f"{name}: inputs cannot be stacked into a batch: {exc}") from None
-
-    return fetch
+    return LoaderFetch(dataset, name, collate_fn, num_workers, label_key)
 
 
 class _IdBatches:
@@ -162,7 +160,17 @@ class AdaptiveSubset:
     n_classes : int, optional
         Default: ``len(train_set.classes)`` when it has them, else the largest label + 1.
     num_workers, pin_memory
-        Passed to the training ``DataLoader`` (tensor datasets are indexed directly).
+        Passed to the training ``DataLoader`` (tensor datasets are indexed directly); ``num_workers`` also loads
+        the summary passes' items.
+    collate_fn : callable, optional
+        Makes a batch of items (default: PyTorch's ``default_collate``), for training and summary batches. A
+        collated batch is ``(inputs, labels, ...)`` or a dict holding the labels under ``label_key``; inputs
+        may be a tensor, a dict (the model is called as ``model(**inputs)``) or anything ``forward`` takes.
+    forward : callable, optional
+        ``forward(model, inputs)`` returns the logits (or an output with ``.logits``); default ``model(inputs)``,
+        or ``model(**inputs)`` for a dict.
+    label_key : str
+        Where dict items and dict batches hold the label (default ``"labels"``).
     selector : ActorHandle, optional
         A running selector actor to use; by default one is started (and released on ``close``).
     group : trainer.client.group.Group or None, optional
@@ -182,14 +190,19 @@ class AdaptiveSubset:
     def __init__(self, model: nn.Module, train_set: Dataset, *, config=None, summary_set: Dataset | None = None,
                  val_set: Dataset | None = None, last_layer: nn.Linear | str | None = None,
                  n_classes: int | None = None, num_workers: int = 0, pin_memory: bool = False, selector=None,
-                 phase=None, group="auto", ray: str = "auto", **options):
+                 phase=None, group="auto", ray: str = "auto", collate_fn=None, forward=None, label_key: str = "labels",
+                 **options):
         self.config = build_config(config, options)
         self.group = Group.current() if group == "auto" else group
         leader = self.group is None or self.group.leader
         if not isinstance(model, nn.Module):
             raise TypeError(f"model is {type(model).__name__}, must be a torch.nn.Module")
+        for what, value in (("collate_fn", collate_fn), ("forward", forward)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{what} is {type(value).__name__}, must be callable or None")
         self.model, self.train_set = model, train_set
-        self.labels = dataset_labels(train_set, "train_set")
+        self.collate_fn, self.label_key = collate_fn, label_key
+        self.labels = dataset_labels(train_set, "train_set", label_key)
         self.n_classes = n_classes or len(getattr(train_set, "classes", ())) or int(self.labels.max()) + 1
         _check_range(self.labels, self.n_classes, "train_set")
         if self.config.selector.shards > self.n_classes:
@@ -208,29 +221,29 @@ class AdaptiveSubset:
                                f"({len(train_set)}): the same examples without augmentation")
         val_labels = None
         if val_set is not None:
-            val_labels = dataset_labels(val_set, "val_set")
+            val_labels = dataset_labels(val_set, "val_set", label_key)
             _check_range(val_labels, self.n_classes, "val_set")
         self.device = _model_device(model)
-        train_inputs = _inputs(summary_set, "summary_set")
-        self.layer = find_classifier(model, self.n_classes, train_inputs(torch.arange(min(2, len(self.labels))))
-                                     .to(self.device), last_layer)
+        train_inputs = _inputs(summary_set, "summary_set", collate_fn, num_workers, label_key)
+        sample = to_device(train_inputs(torch.arange(min(2, len(self.labels)))), self.device)
+        self.layer = find_classifier(model, self.n_classes, sample, last_layer, forward)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        self._own_ray = self._group = None
+        self._own_ray, self._group, self._closed = False, None, False
         self._owns_selector = selector is None and leader
-        if self._owns_selector:
-            self._own_ray = connect_ray(ray_choice=ray)
-            options = actor_options("cpu" if self.device.type == "cpu" else "auto")
-            self._group = options.pop("placement_group", None)
-            selector = start_selector(self.config.selector.model_dump(), options)
-        self.selector = selector
-        source = SummarySource(model, train_inputs, self.labels, self.device,
-                               _inputs(val_set, "val_set") if val_set is not None else None, val_labels, self.layer)
-        self.workers = None
+        self.selector, self.workers = selector, None
+        summarised = model if forward is None else WithForward(model, forward)  # the summary passes' model
+        val_inputs = _inputs(val_set, "val_set", collate_fn, num_workers, label_key) if val_set is not None else None
+        source = SummarySource(summarised, train_inputs, self.labels, self.device, val_inputs, val_labels, self.layer)
         try:
+            if self._owns_selector:
+                self._own_ray = _use_private_ray(connect_ray(ray_choice=ray))
+                options = actor_options("cpu" if self.device.type == "cpu" else "auto")
+                self._group = options.pop("placement_group", None)
+                selector = self.selector = start_selector(self.config.selector.model_dump(), options)
             schedule = self.config.schedule
             if leader and schedule.summary_workers:
-                self.workers = SummaryPool(schedule.summary_workers, model, train_inputs, self.labels, self.layer,
+                self.workers = SummaryPool(schedule.summary_workers, summarised, train_inputs, self.labels, self.layer,
                                            threads=schedule.summary_threads)
             if leader:
                 self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase, workers=self.workers,
@@ -244,8 +257,9 @@ class AdaptiveSubset:
             raise
         self._shared = None  # the subset last shared with the other ranks
         self.epoch = self.step = 0
-        self._epoch_done = False
-        self._finished = self._closed = False
+        self._epoch_done = self._epoch_open = False  # the epoch trained to its end / handed out by next_epoch
+        self._finished = False
+        self._sampler = None
 
     # the loop ----------------------------------------------------------------------------------
     @property
@@ -254,16 +268,54 @@ class AdaptiveSubset:
 
     def __iter__(self) -> Iterator[tuple[int, Iterator]]:
         """Yield ``(epoch, batches)`` for each epoch still to train; rounds run at the boundaries."""
-        while self.epoch < self.epoch_plan.total:
-            if self._epoch_done:
-                self.epoch += 1
-                self._epoch_done = False
-                continue
-            subset = self._share(self.rounds.start_epoch(self.epoch, self.step))
-            self.subset = subset
-            yield self.epoch, self._batches(subset, self.epoch)
+        while (started := self.next_epoch()) is not None:
+            epoch, subset = started
+            yield epoch, self._batches(subset, epoch)
             self._epoch_done = True
-        self.finish()
+
+    def next_epoch(self):
+        """End the epoch under way (if any), run the boundary before the next one (adopt a due subset, start a
+        round) and return ``(epoch, subset)``: a ``trainer.client.subsets.Subset``; None once every epoch of the plan
+        has been trained (the run is then finished). The own iterator and :meth:`batch_sampler` advance by it."""
+        if self._epoch_done or self._epoch_open:
+            self.epoch += 1
+            self._epoch_done = self._epoch_open = False
+        if self.epoch >= self.epoch_plan.total:
+            self.finish()
+            return None
+        self.subset = self._share(self.rounds.start_epoch(self.epoch, self.step))
+        self._epoch_open = True
+        return self.epoch, self.subset
+
+    def epoch_order(self, subset) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This epoch's mini-batches of ``subset`` (example ids, in training order; this rank's share of each,
+        data-parallel) and each one's weights, mean 1 over the whole batch (``batch_weights``). Draws from the
+        seeded shuffle generator: call once per epoch."""
+        order = subset.epoch_batches(self.config.train.batch_size, self.generator)
+        weights = [batch_weights(subset.weights[ids]) for ids in order]
+        if self.group is not None:
+            parts = [self.group.part(ids, w) for ids, w in zip(order, weights)]
+            order, weights = [ids for ids, _ in parts], [w for _, w in parts]
+        return order, weights
+
+    def batch_sampler(self, advance_on_iter: bool = True):
+        """A batch sampler for your own ``DataLoader`` (``batch_sampler=``): each ``iter()`` runs the next epoch's
+        boundary and yields that epoch's mini-batches of example ids; :meth:`weights` gives a batch's weights.
+        One per client. See ``trainer.integrations.sampler.SubsetBatchSampler``."""
+        if self._sampler is None:
+            self._sampler = SubsetBatchSampler(self, advance_on_iter)
+        elif self._sampler.advance_on_iter != advance_on_iter:
+            raise ValueError(f"batch_sampler(advance_on_iter={advance_on_iter}): this client's sampler was made "
+                             f"with advance_on_iter={self._sampler.advance_on_iter}; there is one per client")
+        return self._sampler
+
+    def weights(self, ids) -> torch.Tensor:
+        """The weights (B,) of a batch the :meth:`batch_sampler` gave, from its example ids, mean 1 over the batch;
+        on the ids' device (a list: the model's)."""
+        if self._sampler is None:
+            raise RuntimeError("weights(ids): no epoch started yet; iterate the DataLoader that uses "
+                               "subset.batch_sampler() first")
+        return self._sampler.weights(ids)
 
     def _share(self, subset):
         """Data-parallel: rank 0's subset on every rank, sent only when it changed since the last epoch."""
@@ -283,26 +335,22 @@ class AdaptiveSubset:
         so ``(w * loss).mean()`` is the reference's ``sum w l / sum w`` per mini-batch (``batch_weights``).
 
         Data-parallel, each rank yields its share of every batch (``Group.part``), weights scaled to match."""
-        order = subset.epoch_batches(self.config.train.batch_size, self.generator)
-        weights = [batch_weights(subset.weights[ids]) for ids in order]
-        if self.group is not None:
-            parts = [self.group.part(ids, w) for ids, w in zip(order, weights)]
-            order, weights = [ids for ids, _ in parts], [w for _, w in parts]
+        order, weights = self.epoch_order(subset)
         if isinstance(self.train_set, TensorDataset):
             inputs, labels = self.train_set.tensors[0], self.train_set.tensors[1]
             pairs = ((inputs[ids], labels[ids]) for ids in order)
         else:
             loader = DataLoader(self.train_set, batch_sampler=_IdBatches(order), num_workers=self.num_workers,
-                                pin_memory=self.pin_memory)
-            pairs = ((batch[0], batch[1]) for batch in loader)
+                                pin_memory=self.pin_memory, collate_fn=self.collate_fn)
+            pairs = (split_batch(batch, self.label_key) for batch in loader)
         for w, (x, y) in zip(weights, pairs):
-            yield (x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device), w.to(self.device))
+            yield (to_device(x, self.device), torch.as_tensor(y).to(self.device), w.to(self.device))
             self.step += 1
         self._epoch_done = True
 
     def report_loss(self, loss: float) -> None:
         """The mean training loss of the epoch just trained (optional): it arms the divergence guard, which undoes
-        an adopted subset that drives the loss above ``max(10 x the loss before it, ln(C) / 4)`` for two epochs
+        an adopted subset that drives the loss above ``max(10 x the loss before it, ln(C) / 4)`` for two epochs, not falling,
         in a row (``divergence_guard=False`` turns it off; ``summary()["rounds_harmful"]`` counts them)."""
         if self.group is None or self.group.leader:
             self.rounds.observe_loss(self.epoch, float(loss))
@@ -335,7 +383,12 @@ class AdaptiveSubset:
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"selection state version == {state.get('version')!r}, must be {STATE_VERSION}")
+        saved = len(state["rounds"]["ever_used"])  # one flag per training example
+        if saved != len(self.labels):
+            raise ValueError(f"selection state of a training set of {saved} examples, this client's has "
+                             f"{len(self.labels)}: load it into a client of the same data")
         self.epoch, self.step, self._epoch_done = int(state["epoch"]), int(state["step"]), False
+        self._epoch_open = False
         self._shared = None
         self.generator.set_state(state["generator"])
         self.rounds.load_state_dict(state["rounds"])
@@ -354,15 +407,34 @@ class AdaptiveSubset:
         if self._owns_selector:
             release(getattr(self, "selector", None), group=self._group)
         if self._own_ray:
-            import ray
-
-            ray.shutdown()
+            _release_private_ray()
 
     def __enter__(self) -> "AdaptiveSubset":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# clients of this process that use the private Ray one of them started; the last to close shuts it down
+_private_ray = {"started": False, "users": 0}
+
+
+def _use_private_ray(started_here: bool) -> bool:
+    """Count this client as a user of the private Ray when it (or an earlier client) started it."""
+    _private_ray["started"] = _private_ray["started"] or started_here
+    if _private_ray["started"]:
+        _private_ray["users"] += 1
+    return _private_ray["started"]
+
+
+def _release_private_ray() -> None:
+    _private_ray["users"] -= 1
+    if _private_ray["users"] <= 0:
+        import ray
+
+        _private_ray.update(started=False, users=0)
+        ray.shutdown()
 
 
 def _as_keywords(message: str) -> str:

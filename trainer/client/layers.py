@@ -7,6 +7,9 @@ last linear layer of a feed-forward net.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -15,8 +18,19 @@ class ModelError(ValueError):
     """A model that cannot be built or used for selection; the message is one line naming it."""
 
 
-def find_classifier(model: nn.Module, n_classes: int, sample: torch.Tensor | None = None,
-                    last_layer: nn.Linear | str | None = None) -> nn.Linear:
+def model_logits(model: nn.Module, inputs, forward: Callable | None = None) -> torch.Tensor:
+    """The logits of ``model`` on a batch of ``inputs``: ``forward(model, inputs)`` when given, else
+    ``model(**inputs)`` for a dict and ``model(inputs)`` otherwise; an output with ``.logits`` (Hugging Face)
+    gives those."""
+    if forward is not None:
+        output = forward(model, inputs)
+    else:
+        output = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+    return output if isinstance(output, torch.Tensor) else getattr(output, "logits", output)
+
+
+def find_classifier(model: nn.Module, n_classes: int, sample=None, last_layer: nn.Linear | str | None = None,
+                    forward: Callable | None = None) -> nn.Linear:
     """The ``nn.Linear`` whose outputs are the model's logits.
 
     The last ``nn.Linear`` with ``out_features == n_classes`` (or the module named by ``last_layer``, a module
@@ -41,18 +55,18 @@ def find_classifier(model: nn.Module, n_classes: int, sample: torch.Tensor | Non
     if not isinstance(layer, nn.Linear) or layer.out_features != n_classes:
         raise ModelError(f"last_layer of {kind} is {layer!r}, must be an nn.Linear with out_features == {n_classes}")
     if sample is not None:
-        _confirm(model, layer, sample, kind)
+        _confirm(model, layer, sample, kind, forward)
     return layer
 
 
 @torch.no_grad()
-def _confirm(model: nn.Module, layer: nn.Linear, sample: torch.Tensor, kind: str) -> None:
+def _confirm(model: nn.Module, layer: nn.Linear, sample, kind: str, forward: Callable | None = None) -> None:
     seen = {}
     handle = layer.register_forward_hook(lambda module, args, output: seen.setdefault("out", output))
     was_training = model.training
     model.eval()
     try:
-        output = model(sample)
+        output = model_logits(model, sample, forward)
     finally:
         handle.remove()
         model.train(was_training)

@@ -37,8 +37,10 @@ CALL_TIMEOUT_S = 60.0  # cheap selector calls (plan, reconfigure)
 RESULT_MARGIN_S = 5.0  # the selector gives up this much after the trainer, so the trainer's timeout fires
 ONLINE_STREAM = 2**31 + 2  # seed stream of RANDOM-ONLINE's per-epoch subsets
 # the divergence guard: an adopted subset is harmful when the training loss exceeds
-# max(GUARD_FACTOR * the loss before adoption, GUARD_CHANCE * ln C) for GUARD_EPOCHS epochs in a row
-GUARD_FACTOR, GUARD_CHANCE, GUARD_EPOCHS = 10.0, 0.25, 2
+# max(GUARD_FACTOR * the loss before adoption, GUARD_CHANCE * ln C) for GUARD_EPOCHS epochs in a row without
+# recovering (each such epoch at least GUARD_RECOVERY times the one before): a new subset's loss often jumps
+# and then falls within a few epochs, a collapse stays up
+GUARD_FACTOR, GUARD_CHANCE, GUARD_EPOCHS, GUARD_RECOVERY = 10.0, 0.25, 2, 0.9
 AUTO_MARGIN = 2.0  # lead auto: a round starts when the epochs left before its boundary give it less than
 AUTO_SLACK_S = 0.05  # AUTO_MARGIN times its expected time plus AUTO_SLACK_S, if it waited one epoch more
 
@@ -434,16 +436,19 @@ class RoundClient:
             return
         bound = max(GUARD_FACTOR * self.last_loss, GUARD_CHANCE * self.chance_loss)
         self.watch = {"round": round_id, "epoch": epoch, "loss_before": self.last_loss, "bound": bound, "high": 0,
-                      "previous": previous}
+                      "last": None, "previous": previous}
 
     def observe_loss(self, epoch: int, loss: float) -> None:
-        """The mean training loss of ``epoch``: an adopted subset that drives it above its bound for
-        ``GUARD_EPOCHS`` epochs in a row is undone (the previous subset comes back) and counted as harmful."""
+        """The mean training loss of ``epoch``: an adopted subset that keeps it above its bound for ``GUARD_EPOCHS``
+        epochs in a row, without falling by a tenth from one to the next, is undone (the previous subset comes
+        back) and counted as harmful."""
         if not math.isfinite(loss):
             return
         watch = self.watch
         if watch is not None and epoch >= watch["epoch"]:
-            watch["high"] = watch["high"] + 1 if loss > watch["bound"] else 0
+            stuck = watch["last"] is None or loss >= GUARD_RECOVERY * watch["last"]
+            watch["high"] = watch["high"] + 1 if loss > watch["bound"] and stuck else int(loss > watch["bound"])
+            watch["last"] = loss
             if watch["high"] >= GUARD_EPOCHS:
                 self.watch = None
                 if self.subset.round == watch["round"]:

@@ -117,7 +117,9 @@ def check_schedule(config: RunConfig, n_train: int, pb: bool, rounds: bool) -> t
     n_batches = math.ceil(n_train / train.batch_size)
     if pb and batch_budget(k, train.batch_size, n_batches) >= n_batches:
         errors.append(f"--batch-size {train.batch_size}: the budget of {k} examples needs all {n_batches} mini-batches "
-                      f"of the {n_train} training examples, so nothing is selected; use a smaller --batch-size")
+                      f"of the {n_train} training examples, so nothing is selected; use a smaller --batch-size"
+                      + (f" (or more data: {n_train} examples make {n_batches} mini-batch"
+                         f"{'es' if n_batches > 1 else ''})" if n_batches < 3 else ""))
     elif k >= n_train:
         warnings.append(f"--budget {schedule.budget:g}: the subset is the whole training set ({n_train} examples)")
     if schedule.pool < 1:

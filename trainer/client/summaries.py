@@ -7,15 +7,27 @@ as ``[g_b (C), (g_b ⊗ h) flattened row-major (C*D)]``, the order of ``cat([bia
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from trainer.client.layers import last_linear
+from trainer.client.layers import last_linear, model_logits
 
-Fetch = Callable[[torch.Tensor], torch.Tensor]  # example ids (n,) -> inputs (n, ...) of those examples
+Fetch = Callable[[torch.Tensor], object]  # example ids (n,) -> inputs of those examples: (n, ...), a dict, a tuple
+
+
+def to_device(batch, device: torch.device):
+    """A batch (a tensor, or dicts, lists and tuples of them) on ``device``; anything else as it is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
 
 
 def as_fetch(inputs) -> Fetch:
@@ -64,8 +76,8 @@ def batch_gradients(errors: torch.Tensor, features: torch.Tensor, sizes: torch.T
 
 
 @torch.no_grad()
-def forward_tapped(model: nn.Module, tap: LastLayerTap, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(x)
+def forward_tapped(model: nn.Module, tap: LastLayerTap, x) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model_logits(model, x)
     return logits, tap.inputs
 
 
@@ -97,7 +109,7 @@ def _group_rows(model, tap, fetch: Fetch, y, group: list[torch.Tensor], device) 
     sizes = torch.tensor([len(b) for b in group])
     width = int(sizes.max())
     flat = torch.cat(group)
-    logits, features = forward_tapped(model, tap, fetch(flat).to(device, non_blocking=True))
+    logits, features = forward_tapped(model, tap, to_device(fetch(flat), device))
     errors = logit_errors(logits, y[flat].to(device))
     slot = torch.cat([torch.arange(len(b)) + i * width for i, b in enumerate(group)]).to(device)
     padded_e = errors.new_zeros(len(group) * width, errors.shape[1]).index_copy_(0, slot, errors)
@@ -125,7 +137,7 @@ def example_summaries(
     with _EvalTap(model, layer) as tap:
         for start in range(0, n, chunk_rows):
             ids = torch.arange(start, min(start + chunk_rows, n))
-            logits, features = forward_tapped(model, tap, fetch(ids).to(device))
+            logits, features = forward_tapped(model, tap, to_device(fetch(ids), device))
             errors = logit_errors(logits, y[ids].to(device))
             yield ids, y[ids].cpu(), errors.cpu(), features.float().cpu()
 
@@ -141,7 +153,7 @@ def validation_view(model: nn.Module, x, batch_size: int, device: torch.device, 
     logits, features = [], []
     with _EvalTap(model, layer) as tap:
         for start in range(0, n, batch_size):
-            z, h = forward_tapped(model, tap, fetch(torch.arange(start, min(start + batch_size, n))).to(device))
+            z, h = forward_tapped(model, tap, to_device(fetch(torch.arange(start, min(start + batch_size, n))), device))
             logits.append(z.float().cpu())
             features.append(h.float().cpu())
     return torch.cat(logits), torch.cat(features)

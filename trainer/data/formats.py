@@ -1,6 +1,6 @@
 """torchvision's data sets on disk: every file checked before torchvision's own classes read it.
 
-MNIST and Fashion-MNIST (idx files, also ``.gz``), CIFAR-10/100 (pickles: data folders must be trusted) and
+MNIST and Fashion-MNIST (idx files, also ``.gz``), CIFAR-10/100 (pickles, read as numpy arrays only) and
 SVHN (MATLAB files) under ``DataConfig.data_root``, in torchvision's layout (docs/data.md). ``check_files``
 reads headers, keys, dtypes, counts and label ranges without decoding the images; ``load_torchvision``
 checks, optionally downloads, and reads.
@@ -12,7 +12,6 @@ import gzip
 import math
 import os
 import pickle
-import shutil
 import zlib
 from dataclasses import dataclass
 from functools import cache, partial
@@ -94,6 +93,19 @@ def _missing_files(files: list[str], gzipped: bool) -> list[str]:
     return [p for p in files if not os.path.isfile(p)]
 
 
+GUNZIP_MAX_BYTES = 1 << 30  # MNIST's largest idx file is 47 MB; a gzip bomb stops here
+
+
+def _copy_at_most(src, dst, limit: int, name: str) -> None:
+    copied = 0
+    while chunk := src.read(1 << 20):
+        copied += len(chunk)
+        if copied > limit:
+            raise DataError(f"{name}: decompresses to more than {limit >> 20} MiB; an MNIST idx file is at most "
+                            "47 MB (a damaged or hostile file)")
+        dst.write(chunk)
+
+
 def _gunzip(source: str, target: str) -> None:
     """Decompress ``source`` into ``target`` next to it, as torchvision's MNIST download does.
 
@@ -103,7 +115,7 @@ def _gunzip(source: str, target: str) -> None:
     partial_path = f"{target}.partial-{os.getpid()}"
     try:
         with gzip.open(source, "rb") as src, open(partial_path, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+            _copy_at_most(src, dst, GUNZIP_MAX_BYTES, source)
         os.replace(partial_path, target)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
         message = f"{source}: not a readable gzip file ({cause(exc)}); expected a gzipped idx file"
@@ -225,11 +237,26 @@ def _cifar_files(folder: str, names: list[str], root: str) -> list[str]:
     return [os.path.join(root, folder, name) for name in names]
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays only: a CIFAR pickle holds nothing else, and any
+    other global a file names (a function to call, a module to import) is refused instead of run."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), *((f"numpy.{core}.multiarray", name)
+               for core in ("core", "_core") for name in ("_reconstruct", "scalar")),
+               *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core"))}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} (only numpy arrays may be unpickled)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: str) -> Any:
-    """The object pickled in ``path``, read as torchvision's CIFAR classes read it; unpickling runs code."""
+    """The object pickled in ``path``, as torchvision's CIFAR classes read it, but with numpy arrays as the only
+    objects it may build (``_ArrayUnpickler``): a planted pickle cannot run code."""
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _ArrayUnpickler(f, encoding="latin1").load()
     except Exception as exc:  # pickle raises a zoo of types on bad input (UnpicklingError, EOFError, KeyError, ...)
         raise DataError(f"{path}: not a readable pickle ({cause(exc)}); expected a CIFAR python pickle") from exc
 

@@ -101,7 +101,18 @@ def image_folders(dataset: str) -> dict[str, Any]:
                             "expected the same class folders in every split")
         if not folders[split].samples:
             raise DataError(f"{path}: holds no image files, expected at least one")
+        _check_inside_class(path, folders[split])
     return folders
+
+
+def _check_inside_class(path: str, folder: Any) -> None:
+    """Every image lies in its own class folder: a symlink (or a loop of them) reaching into another class's
+    folder, or out of the data set, would give its images the wrong label."""
+    for file, label in folder.samples:
+        home = os.path.realpath(os.path.join(path, folder.classes[label]))
+        if os.path.commonpath([os.path.realpath(file), home]) != home:
+            raise DataError(f"{file}: resolves to {os.path.realpath(file)}, outside its class folder {home} (a "
+                            "symlink); expected each class's images inside its own folder")
 
 
 def _decode(folder: Any, size: int | None, first: tuple[str, tuple] | None) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -210,7 +221,11 @@ def _materialise(spec: str, name: str, dataset: Any, shape: tuple | None) -> tup
         raise DataError(f"dataset factory {spec!r}: {name} is empty, expected at least one (input, label) item{hint}")
     x_out, y_out = None, np.empty(n, dtype=np.int64)
     for i in range(n):
-        x, y_out[i] = _item(f"dataset factory {spec!r}: {name}[{i}]", dataset[i])
+        try:
+            item = dataset[i]
+        except Exception as exc:  # noqa: BLE001 - a user's dataset may raise anything; name it and the item
+            raise DataError(f"dataset factory {spec!r}: reading {name}[{i}] raised {cause(exc)}") from exc
+        x, y_out[i] = _item(f"dataset factory {spec!r}: {name}[{i}]", item)
         if x_out is None:
             shape = shape or x.shape
             x_out = np.empty((n, *shape), dtype=np.float32)

@@ -12,7 +12,8 @@ Checks
 Every file is checked before its data is used (:func:`check_data`, cheap, runs before Ray starts;
 :func:`load_splits` runs the same checks again): counts, shapes, dtypes, label ranges, class counts,
 headers. Each failure is a :class:`DataError` with one line naming the file, what it holds and what was
-expected. Data folders must be trusted: CIFAR files are pickles, and unpickling can run code.
+expected. CIFAR files are pickles: they are read with an unpickler that builds numpy arrays and plain
+containers only, so a planted file cannot run code.
 
 Splits
 ------
@@ -120,6 +121,24 @@ def check_data(cfg: DataConfig) -> None:
         raise _empty_after_imbalance(cfg, None)
 
 
+def _check_values(name: str, raw: Raw) -> None:
+    """Inputs that are all finite, and labels that make at least two classes, most of them present in train.
+
+    A NaN would poison every step; one class makes every accuracy 100 %; a stray large label would build a
+    classifier with that many outputs (one label of 10**6: a million-output model)."""
+    for split, xy in (("train", raw.train), ("val", raw.val), ("test", raw.test)):
+        if xy is not None and not np.isfinite(xy[0]).all():
+            bad = int((~np.isfinite(xy[0])).reshape(len(xy[0]), -1).any(axis=1).sum())
+            raise DataError(f"dataset {name!r}: {bad} {split} examples hold NaN or inf inputs; inputs must be finite")
+    present = np.unique(raw.train[1])
+    if raw.n_classes < 2 or present.size < 2:
+        raise DataError(f"dataset {name!r}: the training split has {present.size} class(es) "
+                        f"(labels {present[:5].tolist()}); selection and accuracy need at least 2 classes")
+    if present.size * 2 < raw.n_classes:
+        raise DataError(f"dataset {name!r}: labels go up to {raw.n_classes - 1} but only {present.size} classes have "
+                        f"training examples; labels must be 0 .. C-1 (most classes present), not arbitrary ids")
+
+
 def load_splits(cfg: DataConfig, seed: int) -> Splits:
     """Load ``cfg.dataset``, check it, and split, normalise and wrap it.
 
@@ -148,6 +167,7 @@ def load_splits(cfg: DataConfig, seed: int) -> Splits:
         raise DataError(f"dataset == {cfg.dataset!r}, must be one of {', '.join(DATASETS)}, "
                         f"{IMAGEFOLDER}PATH or package.module:function")
     raw = LOADERS[kind](cfg, seed)
+    _check_values(cfg.dataset, raw)
     parts = _split(raw, cfg, seed)
     keep, imbalance = make_imbalanced(parts["train"][1], raw.n_classes, cfg.imbalance_classes,
                                       cfg.imbalance_drop, seed)

@@ -15,12 +15,15 @@ import json
 import platform
 from pathlib import Path
 
-import matplotlib
+try:  # the [experiments] extra
+    import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+except ImportError as exc:
+    raise ImportError(f"the experiment report needs {exc.name}: pip install 'gradmatch[experiments]'") from None
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 from scipy.stats import wilcoxon  # noqa: E402
 
 from protocol.config import FULL, PAPER_NAMES, RANDOM, ROUND_STRATEGIES  # noqa: E402

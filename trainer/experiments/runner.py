@@ -15,6 +15,7 @@ import copy
 import itertools
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -255,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # the report is written at the end: without its packages, say so before any trial runs
+        import trainer.experiments.report  # noqa: F401
+    except ImportError as exc:
+        return _error(str(exc))
     grid = load_grid(args)
     out = Path(args.out or Path("experiments") / grid.name)
     started = False
@@ -276,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = {t.key: "not run yet" for t in experiment.trials if not experiment.done(t)}
         print(f"report: {write_report(experiment, missing, command=command, elapsed_s=0.0)}")
         return 0
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         resources = ray.cluster_resources()
         gpus = args.trial_gpus if args.trial_gpus is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
@@ -285,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         failed = experiment.run()
         elapsed = time.perf_counter() - start
+    except KeyboardInterrupt:
+        print(f"interrupted: finished trials are kept in {out / 'trials'}; run the same command again to go on "
+              "(a half-done trial resumes from its checkpoint)", file=sys.stderr)
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if started:
             ray.shutdown()
     from trainer.experiments.report import write_report
@@ -294,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(experiment.trials) - len(failed)} of {len(experiment.trials)} trials done in {elapsed:.0f} s; "
           f"report: {out / 'report.md'}")
     return 1 if failed else 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

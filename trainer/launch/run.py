@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from protocol.config import PB_STRATEGIES, ROUND_STRATEGIES, RunConfig
+from protocol.config import FACTORY, PB_STRATEGIES, ROUND_STRATEGIES, RunConfig
 from protocol.errors import RunFailed, one_line
 from trainer.builtin.core import load_checkpoint
 from trainer.builtin.distributed import check_workers, latest_checkpoint
@@ -64,7 +64,7 @@ def make_run_dir(path: Path) -> Path:
     return path
 
 
-def resume_config(run: str) -> RunConfig:
+def resume_config(run: str, args: dict | None = None) -> RunConfig:
     """The config an interrupted run in ``run`` was started with; refuses a completed run."""
     path = Path(run)
     if not (path / "checkpoint.pt").is_file() and latest_checkpoint(path) is None:
@@ -82,8 +82,26 @@ def resume_config(run: str) -> RunConfig:
         config = RunConfig.model_validate_json((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--resume {run}: cannot read its config.json: {one_line(exc)}") from None
+    confirm_factories(args or {"resume": run}, config)
     check_checkpoint(run, config)
     return config
+
+
+CONFIRMED = {"model.name": "--model", "data.dataset": "--dataset"}  # flags that may confirm a factory on --resume
+
+
+def confirm_factories(args: dict, config: RunConfig) -> None:
+    """A run directory is data, not code: a factory its config.json names (``package.module:function``) is
+    imported and called only when the user names it again on the command line."""
+    for dest, flag in CONFIRMED.items():
+        section, name = dest.split(".")
+        value = getattr(getattr(config, section), name)
+        given = args.get(dest)
+        if given is not None and given != value:
+            raise ConfigError(f"--resume {args['resume']}: {flag} {given!r} differs from the run's {value!r}")
+        if FACTORY.match(value) and given is None:
+            raise ConfigError(f"--resume {args['resume']}: its config.json names the factory {value!r} ({flag}), "
+                              f"which resuming imports and runs; pass {flag} {value} again to confirm you trust it")
 
 
 def check_checkpoint(run: str, config: RunConfig) -> None:
@@ -142,7 +160,7 @@ class Stopper:
         """Forward stop requests to ``trainer``, including one made before it existed."""
         self.trainer = trainer
         if self.signal is not None:
-            trainer.request_stop.remote(f"stopped by {signal.Signals(self.signal).name}")
+            trainer.request_stop.remote(f"stopped by {signal.Signals(self.signal).name}", time.time())
 
     def _handle(self, signum, frame):
         if self.signal is not None:
@@ -152,7 +170,7 @@ class Stopper:
         print(f"\n{name}: stopping at the end of this epoch with a checkpoint (again to exit at once)",
               file=sys.stderr, flush=True)
         if self.trainer is not None:
-            self.trainer.request_stop.remote(f"stopped by {name}")
+            self.trainer.request_stop.remote(f"stopped by {name}", time.time())
 
 
 def format_summary(summary: dict, out: Path) -> str:
@@ -184,11 +202,11 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
     args.pop("ray", None)  # which Ray to use is not part of the run's config (main reads it)
     resume = "resume" in args
     if resume:
-        extra = sorted(k for k in args if k != "resume")
+        extra = sorted(k for k in args if k not in ("resume", *CONFIRMED))
         if extra:
             raise ConfigError(f"--resume {args['resume']}: continues with the run's own config; drop the other "
                               f"flags ({', '.join(extra)})")
-        config, out = resume_config(args["resume"]), Path(args["resume"])
+        config, out = resume_config(args["resume"], args), Path(args["resume"])
     else:
         config = parse_config(args=args)
     try:
@@ -236,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         with Stopper() as stopper:
             summary = execute(config, out, resume=resume, stopper=stopper, splits=splits)
             print(format_summary(summary, out))
+            for note in summary.get("notes", []):
+                print(f"warning: {note}", file=sys.stderr)
+            for event in summary.get("harmful", []):
+                print(f"warning: round {event['round']} undone at epoch {event['epoch']}: the training loss "
+                      f"{event['loss']:.4g} stayed above {event['bound']:.4g} ({event['loss_before']:.4g} before "
+                      "its adoption); the previous subset came back", file=sys.stderr)
             if summary["status"] == "failed":
                 print(f"error: the run failed: {summary['reason']}", file=sys.stderr)
                 return EXIT_FAILED
@@ -260,5 +284,14 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
 
 
+def entry() -> int:
+    """``main`` as a program: a Ctrl-C that lands while Ray shuts down still ends in one line, not a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("error: interrupted while shutting down; the run directory keeps its last checkpoint", file=sys.stderr)
+        return EXIT_SIGINT
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
