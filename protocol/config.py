@@ -363,6 +363,7 @@ class StrategyChange(Strict):
 class RunConfig(Strict):
     seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of splits, initial weights, subsets")
     out: str | None = Field(None, description="run directory (default: runs/<time>-<strategy>)")
+    tensorboard: str | None = Field(None, description="directory for the run's TensorBoard event files (default: none)")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -371,6 +372,13 @@ class RunConfig(Strict):
     strategy_schedule: tuple[StrategyChange, ...] = Field(
         (), description="live strategy changes; an entry at epoch 0 replaces `selector`"
     )
+
+    @field_validator("tensorboard")
+    @classmethod
+    def _names_a_directory(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must name a directory")
+        return value
 
     @model_validator(mode="before")
     @classmethod

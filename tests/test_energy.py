@@ -334,3 +334,24 @@ def test_reading_is_frozen_and_serialisable():
         reading.energy_j = 2.0  # type: ignore[misc]
     assert reading.to_dict() == {"energy_j": 1.5, "by_domain": {"package_0": 1.5},
                                  "note": "measured package_0"}
+
+
+def test_without_pyjoules_every_reading_is_none_and_names_the_extra(tmp_path):
+    """pyJoules is the [energy] extra: hidden by an import blocker, the meter still works and says how to get it."""
+    import json
+    import os
+    import subprocess
+
+    blocker = tmp_path / "pyJoules"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'pyJoules'\", name='pyJoules')\n")
+    root = Path(__file__).resolve().parents[1]
+    code = ("import json\nfrom trainer.builtin.energy import EnergyMeter\nmeter = EnergyMeter()\nmeter.start()\n"
+            "with meter.phase('training'):\n    pass\n"
+            "print(json.dumps([meter.stop().to_dict(), meter.phases()['training'].to_dict(), meter.domains]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(root)])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    total, phase, domains = json.loads(done.stdout)
+    missing = {"energy_j": None, "by_domain": {}, "note": "pyJoules not installed: pip install 'gradmatch[energy]'"}
+    assert total == phase == missing and domains == []

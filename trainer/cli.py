@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="data-parallel training on N Ray Train workers, rank 0 talks to the selector (default: 1)")
     add("--threads", dest="train.threads", metavar="N", help="torch CPU threads of the trainer (default: all cores but one, at least 1)")
     add("--out", dest="out", metavar="DIR", help="run directory (default: runs/<time>-<strategy>)")
+    add("--tensorboard", dest="tensorboard", metavar="DIR",
+        help="write TensorBoard event files of the epochs and rounds to DIR; needs gradmatch[tensorboard] "
+             "(default: none)")
+    add("--dashboard", action="store_true",
+        help="start the private Ray's dashboard on 127.0.0.1 and print its address; a cluster's dashboard is "
+             "started by `ray start --dashboard-host` (default: off)")
     add("--ray", metavar="WHICH", help="local: start a private Ray; cluster: join the cluster `ray start` recorded or "
         "RAY_ADDRESS names (an error when there is none); HOST:PORT: join that cluster (default: RAY_ADDRESS's "
         "cluster, else the one `ray start` recorded while it runs, else a private Ray)")
@@ -103,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _flags() -> dict[str, tuple[str, ...]]:
     """flag -> the config path it sets, read off the parser's declarations."""
     return {a.option_strings[0]: tuple(a.dest.split(".")) for a in build_parser()._actions
-            if a.option_strings and "." in a.dest or a.dest in ("seed", "out")}
+            if a.option_strings and "." in a.dest or a.dest in ("seed", "out", "tensorboard")}
 
 
 FLAGS = _flags()
@@ -120,6 +126,7 @@ def parse_config(argv: list[str] | None = None, args: dict | None = None) -> Run
     args = dict(parse_args(argv) if args is None else args)
     args.pop("resume", None)
     args.pop("ray", None)
+    args.pop("dashboard", None)
     tree = load_yaml(args.pop("config"), "--config") if "config" in args else {}
     if "match_run" in args:
         args["selector.time_budget_s"] = _matched_wall_s(args.pop("match_run"))

@@ -112,7 +112,7 @@ class Trainer:
         self.subset = AdaptiveSubset(
             self.model, TensorDataset(self.x, self.y), config=config, n_classes=splits.n_classes, last_layer=layer,
             val_set=TensorDataset(splits.val_x.to(device), splits.val_y.to(device)), selector=selector,
-            phase=self.meter.phase, group=group,
+            phase=self.meter.phase, group=group, watch=False,  # the driver watches (trainer.launch.job)
         )
         self.plan = self.subset.epoch_plan
         self.strategy_plan = self.subset.rounds.plan

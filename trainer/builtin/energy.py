@@ -2,7 +2,10 @@
 of every NVIDIA GPU. Counters are read at each start/stop/phase boundary and every ``poll_s`` seconds in between;
 a step backwards is a wrap-around, corrected with the domain's ``max_energy_range_uj`` (a package counter wraps
 after about 262 kJ, every 20-60 minutes under load). No method raises because of pyJoules, NVML or sysfs: a reading
-that measured nothing has ``energy_j = None`` and a note that says why. The meter is thread-safe."""
+that measured nothing has ``energy_j = None`` and a note that says why. The meter is thread-safe.
+
+pyJoules is optional (``pip install 'gradmatch[energy]'``): without it every reading is ``None`` with the note
+``MISSING``, and the run reports its energy as n/a."""
 
 from __future__ import annotations
 
@@ -19,10 +22,14 @@ _guard = logging.NullHandler()
 logging.getLogger().addHandler(_guard)
 try:
     from pyJoules.device import DeviceFactory, rapl_device
+except ImportError:  # the [energy] extra is not installed
+    DeviceFactory = rapl_device = None
 finally:
     logging.getLogger().removeHandler(_guard)
 
-DEFAULT_POWERCAP_ROOT: str = rapl_device.RAPL_API_DIR  # pyJoules' own, used when no powercap_root is given
+MISSING = "pyJoules not installed: pip install 'gradmatch[energy]'"
+# pyJoules' own root, used when no powercap_root is given (the same path when pyJoules is absent)
+DEFAULT_POWERCAP_ROOT: str = rapl_device.RAPL_API_DIR if rapl_device is not None else "/sys/class/powercap/intel-rapl"
 _PATH_LOCK = threading.Lock()
 _Mark = tuple[dict[str, float], int]  # running totals of the counters read, and the number of issues so far
 
@@ -149,8 +156,14 @@ class EnergyMeter:
         self._start_mark: _Mark | None = None
         self._open_phases, self._phases, self._halt = 0, {}, None
         self.last: EnergyReading | None = None  # the reading the latest stop() returned
-        counters, self._absent = _rapl_counters(self._root)
-        gpus, notes = _gpu_counters() if use_gpu else ([], ["GPU not metered (use_gpu=False)"])
+        if rapl_device is None:
+            counters, self._absent, use_gpu = [], [MISSING], False
+        else:
+            counters, self._absent = _rapl_counters(self._root)
+        if use_gpu:
+            gpus, notes = _gpu_counters()
+        else:
+            gpus, notes = [], [] if rapl_device is None else ["GPU not metered (use_gpu=False)"]
         self._absent += notes
         self._counters: list[_Counter] = []
         for counter in counters + gpus:  # a first reading: a counter that cannot be read is left out

@@ -40,6 +40,7 @@ from trainer.client.sampler import SubsetBatchSampler
 from trainer.client.schedule import check_schedule
 from trainer.client.subsets import batch_weights
 from trainer.client.summaries import SummarySource, to_device
+from trainer.client.watch import Watch, tensorboard_module
 from trainer.client.workers import SummaryPool
 
 STATE_VERSION = 1
@@ -61,8 +62,8 @@ def build_config(config=None, options: dict | None = None) -> RunConfig:
     else:
         tree = {}
     for name, value in (options or {}).items():
-        if name == "seed":
-            tree["seed"] = value
+        if name in ("seed", "tensorboard"):
+            tree[name] = value
         elif name in TrainConfig.model_fields:
             tree.setdefault("train", {})[name] = value
         elif name in ScheduleConfig.model_fields:
@@ -182,19 +183,28 @@ class AdaptiveSubset:
         Which Ray to use when none is connected: ``"local"`` (a private one), ``"cluster"`` (the one ``ray start``
         recorded or ``RAY_ADDRESS`` names), ``"HOST:PORT"``, or ``"auto"`` as ``python -m trainer.run`` decides.
         A cluster that cannot be joined raises ``trainer.client.cluster.RayUnavailable``.
+    watch : bool
+        Write the ``tensorboard`` directory (a config field) and publish the rounds as Ray metrics
+        (``trainer.client.watch``); default True. The built-in trainer turns it off: its driver does both.
     **options
         Fields of the config tree: ``strategy``, ``budget``, ``epochs``, ``select_every``, ``kappa``, ``lead``,
         ``on_late``, ``batch_size``, ``seed``, ``valid``, ``lam``... Bad values raise ``ConfigError``.
+        ``tensorboard="DIR"`` writes TensorBoard event files: each round's stall, selector seconds, gradient error
+        and subset size, and each epoch's loss, lr and accuracy given to :meth:`report_loss` (needs
+        ``gradmatch[tensorboard]``).
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, *, config=None, summary_set: Dataset | None = None,
                  val_set: Dataset | None = None, last_layer: nn.Linear | str | None = None,
                  n_classes: int | None = None, num_workers: int = 0, pin_memory: bool = False, selector=None,
                  phase=None, group="auto", ray: str = "auto", collate_fn=None, forward=None, label_key: str = "labels",
-                 **options):
+                 watch: bool = True, **options):
         self.config = build_config(config, options)
         self.group = Group.current() if group == "auto" else group
         leader = self.group is None or self.group.leader
+        watch = bool(watch and leader)
+        if watch and self.config.tensorboard:
+            tensorboard_module("tensorboard=")  # a missing extra fails before anything starts
         if not isinstance(model, nn.Module):
             raise TypeError(f"model is {type(model).__name__}, must be a torch.nn.Module")
         for what, value in (("collate_fn", collate_fn), ("forward", forward)):
@@ -230,6 +240,7 @@ class AdaptiveSubset:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self._own_ray, self._group, self._closed = False, None, False
+        self._watch, self._watched = None, [0, 0]  # the watch, and the round records and harmful events it has had
         self._owns_selector = selector is None and leader
         self.selector, self.workers = selector, None
         summarised = model if forward is None else WithForward(model, forward)  # the summary passes' model
@@ -252,6 +263,8 @@ class AdaptiveSubset:
                 plan = self.group.share(self.rounds.plan if leader else None)
                 if not leader:
                     self.rounds = FollowerRounds(plan, self.config, len(self.labels))
+            if watch:
+                self._watch = Watch(self.config.tensorboard, strategy, what="tensorboard=")
         except BaseException:
             self.close()
             raise
@@ -285,6 +298,7 @@ class AdaptiveSubset:
             return None
         self.subset = self._share(self.rounds.start_epoch(self.epoch, self.step))
         self._epoch_open = True
+        self._feed_watch()
         return self.epoch, self.subset
 
     def epoch_order(self, subset) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -348,18 +362,33 @@ class AdaptiveSubset:
             self.step += 1
         self._epoch_done = True
 
-    def report_loss(self, loss: float) -> None:
+    def report_loss(self, loss: float, lr: float | None = None, acc: float | None = None) -> None:
         """The mean training loss of the epoch just trained (optional): it arms the divergence guard, which undoes
         an adopted subset that drives the loss above ``max(10 x the loss before it, ln(C) / 4)`` for two epochs, not falling,
-        in a row (``divergence_guard=False`` turns it off; ``summary()["rounds_harmful"]`` counts them)."""
+        in a row (``divergence_guard=False`` turns it off; ``summary()["rounds_harmful"]`` counts them).
+        With ``tensorboard=`` the loss, ``lr`` and ``acc`` (when given) are written at step = epoch."""
         if self.group is None or self.group.leader:
             self.rounds.observe_loss(self.epoch, float(loss))
+        if self._watch is not None:
+            self._watch.epochs([{"epoch": self.epoch, "loss": float(loss), "lr": lr, "val_acc": acc}])
+            self._feed_watch()
+
+    def _feed_watch(self) -> None:
+        """The round records and harmful events the watch has not had yet (the leader's; the records are final
+        once appended)."""
+        if self._watch is None:
+            return
+        records, harmful = self.rounds.stats.records, self.rounds.harmful
+        self._watch.rounds(records[self._watched[0]:])
+        self._watch.harmful(harmful[self._watched[1]:])
+        self._watched = [len(records), len(harmful)]
 
     def finish(self) -> None:
         """End of training: the round still out is recorded as unused, rounds never started as skipped."""
         if not self._finished:
             self._finished = True
             self.rounds.finish(self.epoch + int(self._epoch_done))  # epochs trained: a stop skips no later round
+            self._feed_watch()
 
     def summary(self) -> dict:
         """Rounds adopted, rejected and skipped, late adoptions, staleness, stall, selector and summary time,
@@ -392,6 +421,8 @@ class AdaptiveSubset:
         self._shared = None
         self.generator.set_state(state["generator"])
         self.rounds.load_state_dict(state["rounds"])
+        if self._watch is not None:  # the restored rounds were watched by the client that saved them
+            self._watched = [len(self.rounds.stats.records), len(self.rounds.harmful)]
 
     # life cycle --------------------------------------------------------------------------------
     def close(self) -> None:
@@ -400,6 +431,9 @@ class AdaptiveSubset:
             return
         self._closed = True
         rounds = getattr(self, "rounds", None)
+        if self._watch is not None:
+            self._feed_watch()
+            self._watch.close()
         if rounds is not None:
             rounds.shutdown()
         if getattr(self, "workers", None) is not None:

@@ -28,7 +28,7 @@ from protocol.errors import RunFailed, one_line
 from service import actor as selector_actor
 from service.actor import SelectorActor, ShardedSelectorActor
 
-# the dashboard, were it on, would listen on 127.0.0.1; Ray 2.60 itself turns a node address of 127.0.0.1 into
+# the dashboard is off unless asked for (``--dashboard``), and then listens on 127.0.0.1 only; Ray 2.60 itself turns a node address of 127.0.0.1 into
 # the machine's address and its gRPC servers listen on every interface, guarded by token authentication
 LOCAL_OPTIONS = {"include_dashboard": False, "dashboard_host": "127.0.0.1", "log_to_driver": False,
                  "logging_level": "ERROR"}
@@ -49,10 +49,11 @@ class RayConnection:
     started: bool
     address: str
     why: str
+    dashboard: str | None = None  # the private Ray's dashboard URL, when ``--dashboard`` started it
 
     def describe(self) -> str:
         kind = "private local Ray" if self.started else "cluster"
-        return f"{kind} at {self.address} ({self.why})"
+        return f"{kind} at {self.address} ({self.why})" + (f", dashboard {self.dashboard}" if self.dashboard else "")
 
 
 connection: RayConnection | None = None  # the last connection ``connect_ray`` made in this process
@@ -214,17 +215,22 @@ def probe_cluster(address: str, source: str, timeout_s: float = PROBE_TIMEOUT_S)
                              f"the cluster's versions, {fix_local}") from None
 
 
-def connect_ray(num_cpus: int | None = None, ray_choice: str | None = "auto") -> bool:
+def connect_ray(num_cpus: int | None = None, ray_choice: str | None = "auto", dashboard: bool = False) -> bool:
     """Join a cluster or start a private local Ray, as ``ray_choice`` says (``choose_ray``).
 
     A cluster is probed first (``probe_cluster``): one that cannot be joined raises ``RayUnavailable`` within
-    seconds. The choice and its reason are kept in ``connection``.
+    seconds. ``dashboard``: start the private Ray's dashboard on 127.0.0.1 (its URL in ``connection.dashboard``);
+    refused for a cluster, whose dashboard is its own. The choice and its reason are kept in ``connection``.
     Returns True when the Ray was started here (the caller shuts it down).
     """
     global connection
     if ray.is_initialized():  # called from a program that is already connected
         return False
     address, why = choose_ray(ray_choice or "auto")
+    if address and dashboard:
+        raise RayUnavailable(f"--dashboard: this run joins the Ray cluster at {address} ({why}), whose dashboard "
+                             "belongs to the cluster: start it with `ray start --head --dashboard-host 127.0.0.1`, "
+                             "or drop --dashboard, or use --ray local for a private Ray with its own dashboard")
     if address:
         probe_cluster(address, why)
         try:
@@ -234,8 +240,10 @@ def connect_ray(num_cpus: int | None = None, ray_choice: str | None = "auto") ->
                                  "--ray local for a private Ray") from None
         connection = RayConnection(False, ray.get_runtime_context().gcs_address, why)
         return False
-    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **LOCAL_OPTIONS)
-    connection = RayConnection(True, ray.get_runtime_context().gcs_address, why)
+    context = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                       **{**LOCAL_OPTIONS, "include_dashboard": bool(dashboard)})
+    url = getattr(context, "dashboard_url", None) if dashboard else None
+    connection = RayConnection(True, ray.get_runtime_context().gcs_address, why, f"http://{url}" if url else None)
     return True
 
 

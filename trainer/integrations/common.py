@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-
 from protocol.config import ROUND_STRATEGIES, RunConfig
+from trainer.client.extras import require
 from trainer.client.schedule import EpochPlan, plan_epochs
 
-
-def require(module: str, what: str, extra: str):
-    """Import ``module`` or fail in one line naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"{what} needs {module.split('.')[0]}: pip install 'gradmatch[{extra}]'") from None
+__all__ = ["epoch_plan", "require"]
 
 
 def epoch_plan(config: RunConfig) -> EpochPlan:

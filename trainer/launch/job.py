@@ -4,7 +4,8 @@
 (``trainer.client.cluster.connect_ray``): it writes ``config.json``, starts the selector
 (``trainer.client.cluster.start_selector``) and the trainer actor (``trainer.builtin.actor``, or with
 ``--workers N`` the Ray Train run of ``trainer.builtin.distributed``), streams the records to whole-line JSONL
-files and writes ``summary.json`` atomically (``trainer.files``).
+files (and to TensorBoard and Ray metrics, ``trainer.client.watch``) and writes ``summary.json`` atomically
+(``trainer.files``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from trainer.builtin.actor import TrainerActor
 from trainer.builtin.distributed import DistributedTrainerActor, check_workers
 from trainer.client import cluster
 from trainer.client.cluster import actor_options, release, start_selector
+from trainer.client.watch import Watch
 from trainer.files import RecordFile, write_json
 
 PROGRESS_TIMEOUT_S = 600.0  # the first progress call waits for the trainer to build its model
@@ -54,13 +56,16 @@ def execute(config: RunConfig, out: Path, show_progress: bool = True, options: d
     options = dict(actor_options(config.train.device) if options is None else options)
     group = options.pop("placement_group", None)
     actors = ()
+    watch = Watch(config.tensorboard, config.selector.strategy, rewrite=resume)
     try:
         actors = start_actors(config, options, splits, out, resume)
         if stopper is not None:
             stopper.attach(actors[1])
-        result = follow(actors[1], out, show_progress)
+        result = follow(actors[1], out, show_progress, watch)
         summary = result["summary"]
+        watch.harmful(summary.get("harmful", []))
     finally:
+        watch.close()
         release(*actors, group=group)
     if cluster.connection is not None and summary.get("ray") is None:
         summary["ray"] = cluster.connection.describe()
@@ -68,8 +73,9 @@ def execute(config: RunConfig, out: Path, show_progress: bool = True, options: d
     return summary
 
 
-def follow(trainer, out: Path, show_progress: bool = True) -> dict:
-    """Wait for the run, streaming its records to ``out`` and a progress bar to the terminal."""
+def follow(trainer, out: Path, show_progress: bool = True, watch: Watch | None = None) -> dict:
+    """Wait for the run, streaming its records to ``out``, to ``watch`` (TensorBoard, Ray metrics) and a progress
+    bar to the terminal."""
     result_ref = trainer.run.remote()
     seen_epochs = seen_rounds = 0
     files = ()  # opened at the first answer: by then a resumed trainer has read and checked its checkpoint
@@ -89,6 +95,9 @@ def follow(trainer, out: Path, show_progress: bool = True) -> dict:
                 except RunFailed:
                     trainer.request_stop.remote("a record could not be written")
                     raise
+                if watch is not None:
+                    watch.epochs(state["epochs"])
+                    watch.rounds(state["rounds"])
                 bar.total = state["total"]
                 bar.update(state["epoch"] - bar.n)
                 bar.set_postfix(_postfix(state), refresh=False)

@@ -12,6 +12,7 @@ SIGINT / SIGTERM (resumable with ``--resume``).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -25,9 +26,11 @@ from trainer.builtin.core import load_checkpoint
 from trainer.builtin.distributed import check_workers, latest_checkpoint
 from trainer.builtin.models import check_model_name
 from trainer.cli import ConfigError, parse_args, parse_config
+from trainer.client import cluster
 from trainer.client.cluster import RayUnavailable, connect_ray
 from trainer.client.layers import ModelError
 from trainer.client.schedule import check_schedule
+from trainer.client.watch import tensorboard_module
 from trainer.data.splits import load_splits
 from trainer.launch.job import execute
 
@@ -199,7 +202,8 @@ def format_summary(summary: dict, out: Path) -> str:
 def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
     """Everything that can be checked before Ray starts: flags, run directory, model, data and plan."""
     args = parse_args(argv)
-    args.pop("ray", None)  # which Ray to use is not part of the run's config (main reads it)
+    args.pop("ray", None)  # which Ray to use, and its dashboard, are not part of the run's config (main reads them)
+    args.pop("dashboard", None)
     resume = "resume" in args
     if resume:
         extra = sorted(k for k in args if k not in ("resume", *CONFIRMED))
@@ -230,7 +234,24 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
         print(f"warning: {line}", file=sys.stderr)
     if not resume:
         out = run_dir(config, create=False)  # made once Ray is joined: a refused cluster leaves no directory
+    if config.tensorboard:
+        check_tensorboard(config.tensorboard)
     return config, out, resume, splits
+
+
+def check_tensorboard(logdir: str) -> None:
+    """``--tensorboard DIR``: the package is installed and DIR is (or can be made) a writable directory."""
+    try:
+        tensorboard_module()
+    except ImportError as exc:
+        raise ConfigError(str(exc)) from None
+    path = Path(logdir).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--tensorboard {logdir!r}: exists and is not a directory")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--tensorboard {logdir!r}: cannot create or write there ({existing} is not a writable "
+                          "directory)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,10 +261,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        started = connect_ray(ray_choice=parse_args(argv).get("ray", "auto"))
+        flags = parse_args(argv)
+        started = connect_ray(ray_choice=flags.get("ray", "auto"), dashboard=flags.get("dashboard", False))
     except RayUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if flags.get("dashboard"):
+        url = cluster.connection.dashboard if cluster.connection is not None else None
+        print(f"dashboard: {url} (this machine only)" if url else "warning: the Ray dashboard did not start",
+              file=sys.stderr, flush=True)
     try:
         if not resume:
             make_run_dir(out)
