@@ -44,7 +44,8 @@ def test_the_experiment_refuses_to_start_without_its_report_packages():
 
 
 def test_the_core_modules_import_without_the_extras():
-    done = python("import sys\nfor name in ('matplotlib', 'pandas', 'lightning', 'transformers', 'accelerate'):\n"
+    done = python("import sys\nfor name in ('matplotlib', 'pandas', 'lightning', 'transformers', 'accelerate', 'pyJoules',\n"
+                  "             'tensorboard', 'torch.utils.tensorboard'):\n"
                   "    sys.modules[name] = None\n"
                   "import trainer.run, trainer.experiment, trainer.api, trainer.integrations.sampler, trainer.console\n"
                   "print('ok')")
