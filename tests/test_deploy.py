@@ -112,7 +112,7 @@ def test_cluster_has_max_workers(cluster):
 def test_cluster_setup_installs_the_synced_repo(cluster):
     repo_mounts = [remote for remote, local in cluster["file_mounts"].items() if local in (".", "./")]
     assert len(repo_mounts) == 1
-    installs = [c for c in cluster["setup_commands"] if re.search(r"\bpip install \.(\s|$)", c)]
+    installs = [c for c in cluster["setup_commands"] if re.search(r"\bpip install '\.\[energy\]'(\s|$)", c)]
     assert any(f"cd {repo_mounts[0]}" in c for c in installs), cluster["setup_commands"]
 
 
@@ -146,7 +146,7 @@ def test_dockerfile_base_is_installed_ray_gpu_image():
 def test_dockerfile_installs_the_repo():
     text = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^COPY\s+(--\S+\s+)*\.\s+\.\s*$", text, re.M)
-    assert re.search(r"^RUN\s+pip install\b.*\s\.(\s|$)", text, re.M)
+    assert re.search(r"^RUN\s+pip install\b.*\s'\.\[energy\]'(\s|$)", text, re.M), "the image installs the repo with its energy meter"
 
 
 def test_docker_context_leaves_out_local_state():
