@@ -395,7 +395,9 @@ class Trainer:
             device=str(self.device), time_budget_s=self.strategy_plan.time_budget_s, imbalance=self.splits.imbalance,
             strategy_changes=rounds["strategy_changes"], n_train=self.n_train,
         )
-        return {"summary": summary.model_dump(), "progress": self.progress()}
+        clock = self.subset.clock  # the driver turns these instants into start_s and stop_s
+        return {"summary": summary.model_dump(), "progress": self.progress(),
+                "clock": {"first_step_at": clock.first_step_at, "last_step_at": clock.last_step_at}}
 
     def close(self) -> None:
         self.subset.close()

@@ -21,6 +21,7 @@ and trained as they are. Summaries come from a forward hook on the model's class
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from typing import Iterator
 
@@ -192,6 +193,7 @@ class AdaptiveSubset:
                  n_classes: int | None = None, num_workers: int = 0, pin_memory: bool = False, selector=None,
                  phase=None, group="auto", ray: str = "auto", collate_fn=None, forward=None, label_key: str = "labels",
                  **options):
+        self.clock = StartStopClock()
         self.config = build_config(config, options)
         self.group = Group.current() if group == "auto" else group
         leader = self.group is None or self.group.leader
@@ -234,7 +236,8 @@ class AdaptiveSubset:
         self.selector, self.workers = selector, None
         summarised = model if forward is None else WithForward(model, forward)  # the summary passes' model
         val_inputs = _inputs(val_set, "val_set", collate_fn, num_workers, label_key) if val_set is not None else None
-        source = SummarySource(summarised, train_inputs, self.labels, self.device, val_inputs, val_labels, self.layer)
+        source = SummarySource(summarised, train_inputs, self.labels, self.device, val_inputs, val_labels, self.layer,
+                               precision=self.config.schedule.summary_precision)
         try:
             if self._owns_selector:
                 self._own_ray = _use_private_ray(connect_ray(ray_choice=ray))
@@ -244,7 +247,7 @@ class AdaptiveSubset:
             schedule = self.config.schedule
             if leader and schedule.summary_workers:
                 self.workers = SummaryPool(schedule.summary_workers, summarised, train_inputs, self.labels, self.layer,
-                                           threads=schedule.summary_threads)
+                                           threads=schedule.summary_threads, precision=schedule.summary_precision)
             if leader:
                 self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase, workers=self.workers,
                                           n_classes=self.n_classes)
@@ -285,6 +288,7 @@ class AdaptiveSubset:
             return None
         self.subset = self._share(self.rounds.start_epoch(self.epoch, self.step))
         self._epoch_open = True
+        self.clock.first_step()
         return self.epoch, self.subset
 
     def epoch_order(self, subset) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -359,12 +363,14 @@ class AdaptiveSubset:
         """End of training: the round still out is recorded as unused, rounds never started as skipped."""
         if not self._finished:
             self._finished = True
+            self.clock.last_step()
             self.rounds.finish(self.epoch + int(self._epoch_done))  # epochs trained: a stop skips no later round
 
     def summary(self) -> dict:
         """Rounds adopted, rejected and skipped, late adoptions, staleness, stall, selector and summary time,
         the mean gradient error, the share of examples never trained on, epochs and steps so far."""
-        return {**self.rounds.summary(), "epochs_run": self.epoch + int(self._epoch_done), "steps": self.step,
+        return {**self.rounds.summary(), **self.clock.summary(),
+                "epochs_run": self.epoch + int(self._epoch_done), "steps": self.step,
                 "epochs_full": self.epoch_plan.full, "epochs_subset": self.epoch_plan.subset,
                 "strategy": self.config.selector.strategy, "n_train": len(self.labels)}
 
@@ -399,6 +405,7 @@ class AdaptiveSubset:
         if self._closed:
             return
         self._closed = True
+        self.clock.last_step()
         rounds = getattr(self, "rounds", None)
         if rounds is not None:
             rounds.shutdown()
@@ -408,12 +415,43 @@ class AdaptiveSubset:
             release(getattr(self, "selector", None), group=self._group)
         if self._own_ray:
             _release_private_ray()
+        self.clock.closed()
 
     def __enter__(self) -> "AdaptiveSubset":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class StartStopClock:
+    """What a user waits for around training: ``start_s`` from entering ``AdaptiveSubset`` (or ``began``, a
+    ``time.time()``) to the first epoch handed out, ``stop_s`` from the last step (the end of the last epoch,
+    or ``close()`` when training stopped early) to the end of ``close()``. Wall clock (``time.time``), so that a
+    driver can compare the instants an actor reports with its own."""
+
+    def __init__(self, began: float | None = None):
+        self.began = time.time() if began is None else began
+        self.first_step_at: float | None = None
+        self.last_step_at: float | None = None
+        self.closed_at: float | None = None
+
+    def first_step(self) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+
+    def last_step(self) -> None:
+        if self.last_step_at is None:
+            self.last_step_at = time.time()
+
+    def closed(self) -> None:
+        self.closed_at = time.time()
+
+    def summary(self) -> dict:
+        """``start_s`` and ``stop_s``: None until their instants have come."""
+        start = None if self.first_step_at is None else self.first_step_at - self.began
+        stop = None if self.closed_at is None or self.last_step_at is None else self.closed_at - self.last_step_at
+        return {"start_s": start, "stop_s": stop}
 
 
 # clients of this process that use the private Ray one of them started; the last to close shuts it down
