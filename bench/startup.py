@@ -34,6 +34,7 @@ RUN_TIMEOUT_S = 600
 
 def extract(rev: str, into: Path) -> Path:
     """The tree of commit ``rev`` as plain files under ``into``."""
+    into.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into

@@ -121,5 +121,5 @@ def test_startup_last_line_is_the_ratio_of_the_medians():
 
 def test_startup_extracts_a_commit_as_plain_files(tmp_path):
     startup = load("startup")
-    tree = startup.extract("HEAD", tmp_path)
+    tree = startup.extract("HEAD", tmp_path / "new")
     assert (tree / "trainer" / "run.py").is_file() and not (tree / ".git").exists()
