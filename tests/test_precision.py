@@ -15,7 +15,8 @@ from trainer.builtin.models import build_model
 from trainer.cli import ConfigError, parse_config
 from trainer.client.api import build_config
 from trainer.client.summaries import (
-    SummarySource, batch_summaries, cpu_flags, example_summaries, precision_name, summary_dtype, summary_mode,
+    SummarySource, batch_summaries, cpu_flags, example_summaries, needs_pinning, precision_name, summary_dtype,
+    summary_mode, to_device,
 )
 from trainer.data.sources import make_synthetic
 
@@ -67,6 +68,21 @@ def test_summary_mode_is_inference_mode_and_autocast():
         out = layer(torch.randn(2, 4))
     assert out.dtype == torch.float32 and out.is_inference()
     assert not torch.is_inference_mode_enabled()
+
+
+def test_pinning_only_for_cpu_tensors_bound_for_cuda():
+    x = torch.randn(3, 2)
+    assert needs_pinning(x, CUDA) and needs_pinning(x, "cuda:1")
+    assert not needs_pinning(x, CPU)
+    moved = to_device({"a": x, "b": [x, 3]}, CPU, pin=True)  # on the CPU: nothing pinned, nothing copied
+    assert moved["a"] is x and moved["b"][0] is x and moved["b"][1] == 3
+
+
+@needs_cuda
+def test_pinned_copy_to_cuda():
+    moved = to_device(torch.randn(3, 2), CUDA, pin=True)
+    assert moved.device.type == "cuda"
+    assert not needs_pinning(torch.randn(2).pin_memory(), CUDA)
 
 
 # --- the flag ----------------------------------------------------------------------------------------

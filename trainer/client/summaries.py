@@ -84,15 +84,25 @@ def summary_mode(device: torch.device | str, dtype: torch.dtype | None):
     return stack
 
 
-def to_device(batch, device: torch.device):
-    """A batch (a tensor, or dicts, lists and tuples of them) on ``device``; anything else as it is."""
+def to_device(batch, device: torch.device, pin: bool = False):
+    """A batch (a tensor, or dicts, lists and tuples of them) on ``device``; anything else as it is.
+
+    ``pin``: a CPU tensor bound for a GPU goes through pinned memory (``needs_pinning``), so that its copy is
+    asynchronous (the summary passes)."""
     if isinstance(batch, torch.Tensor):
+        if pin and needs_pinning(batch, device):
+            batch = batch.pin_memory()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return {key: to_device(value, device) for key, value in batch.items()}
+        return {key: to_device(value, device, pin) for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(value, device) for value in batch)
+        return type(batch)(to_device(value, device, pin) for value in batch)
     return batch
+
+
+def needs_pinning(tensor: torch.Tensor, device: torch.device | str) -> bool:
+    """Whether ``tensor`` should be pinned before its copy to ``device``: a CPU tensor, not pinned yet, for CUDA."""
+    return torch.device(device).type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned()
 
 
 def as_fetch(inputs) -> Fetch:
@@ -180,7 +190,7 @@ def _group_rows(model, tap, fetch: Fetch, y, group: list[torch.Tensor], device, 
     sizes = torch.tensor([len(b) for b in group])
     width = int(sizes.max())
     flat = torch.cat(group)
-    logits, features = forward_tapped(model, tap, to_device(fetch(flat), device), dtype)
+    logits, features = forward_tapped(model, tap, to_device(fetch(flat), device, pin=True), dtype)
     errors = logit_errors(logits, y[flat].to(device))
     features = features.float()
     slot = torch.cat([torch.arange(len(b)) + i * width for i, b in enumerate(group)]).to(device)
@@ -210,7 +220,8 @@ def example_summaries(
     with _EvalTap(model, layer) as tap:
         for start in range(0, n, chunk_rows):
             ids = torch.arange(start, min(start + chunk_rows, n))
-            errors, features = _example_rows(model, tap, to_device(fetch(ids), device), y[ids].to(device), dtype)
+            errors, features = _example_rows(model, tap, to_device(fetch(ids), device, pin=True), y[ids].to(device),
+                                             dtype)
             yield ids, y[ids].cpu(), errors.cpu(), features.cpu()
 
 
@@ -231,8 +242,8 @@ def validation_view(model: nn.Module, x, batch_size: int, device: torch.device, 
     logits, features = [], []
     with _EvalTap(model, layer) as tap:
         for start in range(0, n, batch_size):
-            z, h = forward_tapped(model, tap, to_device(fetch(torch.arange(start, min(start + batch_size, n))), device),
-                                  dtype)
+            ids = torch.arange(start, min(start + batch_size, n))
+            z, h = forward_tapped(model, tap, to_device(fetch(ids), device, pin=True), dtype)
             logits.append(z.float().cpu())
             features.append(h.float().cpu())
     return torch.cat(logits), torch.cat(features)

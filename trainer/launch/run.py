@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = execute(config, out, resume=resume, stopper=stopper, splits=splits,
                               began=began)
             if started:  # shut down before the table, so that stop_s counts it
+                stopper.trainer = None  # a signal from now on has no actor to reach
                 returned = time.perf_counter()
                 ray.shutdown()
                 started = False
