@@ -1,6 +1,7 @@
 """Start and stop times of one short CLI job, this tree against a baseline commit, side by side in one run.
 
     python bench/startup.py [--baseline REV] [--runs 3] [--ray local] [-- extra CLI flags]
+    python bench/startup.py --trace
 
 Each run starts ``python -m trainer.run`` on a short job (synthetic data, MLP, 2 epochs, one round) as a user
 does, with a private local Ray (``--ray local``), once from this tree and once from ``--baseline`` (a commit,
@@ -9,6 +10,11 @@ from run to run so that a drift of the machine hits both alike. Each job's ``sum
 (from the process's start to the first training step) and ``stop_s`` (from the last step to the end, the
 private Ray's shutdown included); ``process_s`` is the whole process as the bench timed it. The baseline must
 be a commit that writes ``start_s`` and ``stop_s``.
+
+``--trace`` runs the same job's phases one after the other in this process, from this tree, with a private
+Ray, and prints the seconds of each: imports, the command's checks and data, ``ray.init``, the selector
+actor until it answers, the trainer actor until it has built its model, the first step; then the last step
+to the result, the actors' release and Ray's shutdown. (The CLI starts the two actors side by side.)
 
 The last line: ``start_s=X stop_s=Y baseline_start_s=X0 baseline_stop_s=Y0 start_ratio=X/X0 stop_ratio=Y/Y0``
 (medians over the runs; ratios of the medians).
@@ -67,13 +73,65 @@ def last_line(current: dict, baseline: dict) -> str:
             f"stop_ratio={current['stop_s'] / baseline['stop_s']:.3f}")
 
 
+def process_started_at() -> float:
+    """This process's start as a ``time.time()`` (Linux /proc, as ``trainer.launch.job.process_started_at``, read
+    here before anything heavy is imported)."""
+    with open("/proc/self/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def trace(out: Path) -> str:
+    """The phases of one job's start and stop, in sequence (``--trace``)."""
+    sys.path.insert(0, str(ROOT))
+    t = time.time()
+    marks = {"python's start": t - process_started_at()}
+    import ray
+    import torch  # noqa: F401
+
+    from trainer.builtin.actor import TrainerActor
+    from trainer.client.cluster import actor_options, connect_ray, release, start_selector
+    from trainer.launch import run
+
+    marks["imports"], t = time.time() - t, time.time()
+    config, out, _, splits = run.prepare([*JOB, "--ray", "local", "--out", str(out)])
+    marks["checks and data"], t = time.time() - t, time.time()
+    connect_ray(ray_choice="local")
+    marks["ray.init"], t = time.time() - t, time.time()
+    run.make_run_dir(out)
+    options = actor_options(config.train.device)
+    selector = start_selector(config.selector.model_dump(), options)
+    ray.get(selector.plan.remote(), timeout=RUN_TIMEOUT_S)
+    marks["selector actor answering"], t = time.time() - t, time.time()
+    trainer = TrainerActor.options(**options).remote(config.model_dump(), selector, splits, str(out), False)
+    ray.get(trainer.progress.remote(0, 0), timeout=RUN_TIMEOUT_S)
+    marks["trainer actor built"], t = time.time() - t, time.time()
+    result = ray.get(trainer.run.remote(), timeout=RUN_TIMEOUT_S)
+    returned = time.time()
+    clock = result["clock"]
+    marks["to the first step"] = clock["first_step_at"] - t
+    marks["last step to the result"] = returned - clock["last_step_at"]
+    release(trainer, selector)
+    marks["release"], t = time.time() - returned, time.time()
+    ray.shutdown()
+    marks["ray.shutdown"] = time.time() - t
+    return "  ".join(f"{name} {seconds:.2f} s" for name, seconds in marks.items())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD", help="commit to compare with (default: HEAD)")
     parser.add_argument("--runs", type=int, default=3, help="jobs from each tree (default: 3)")
     parser.add_argument("--ray", default="local", help="the CLI's --ray (default: local, a private Ray)")
+    parser.add_argument("--trace", action="store_true", help="the phases of one job from this tree, in sequence")
     parser.add_argument("extra", nargs="*", help="more CLI flags for the job (after --)")
     args = parser.parse_args(argv)
+    if args.trace:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(trace(Path(tmp) / "run"))
+        return 0
     results = {"current": [], "baseline": []}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {"current": ROOT, "baseline": extract(args.baseline, Path(tmp) / "baseline")}
