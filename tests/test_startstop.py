@@ -114,3 +114,14 @@ def test_cli_writes_start_and_stop(tmp_path):
     # the process started after `began`; its steps lasted at least the epochs' training time
     assert summary["start_s"] + summary["stop_s"] + sum(e["train_s"] for e in epochs) <= ended - began
     assert "start / stop" in done.stdout and "from the command to the first step" in done.stdout
+
+
+def test_trainer_actor_loads_neither_sklearn_scipy_nor_the_selector():
+    """What the trainer actor's process imports is on the path to the first step: the selector's code and
+    scikit-learn (the driver makes the splits) stay out of it."""
+    code = ("import sys, trainer.builtin.actor; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'pandas', 'service')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
