@@ -123,5 +123,6 @@ class RunSummary(Strict):
     start_s: float | None = Field(None, description="seconds from the command (python -m trainer.run: the process's "
                                   "start; a job of the experiment runner or a benchmark: its start) to the first "
                                   "training step")
-    stop_s: float | None = Field(None, description="seconds from the last training step to the end: the test "
-                                 "evaluation, the summary, the actors and the private Ray released")
+    stop_s: float | None = Field(None, description="seconds from the last training step to the end: the last "
+                                 "validation and checkpoint, the test evaluation, the summary, the actors and the "
+                                 "private Ray released")

@@ -33,6 +33,10 @@ def test_clock_counts_from_entry_to_first_step_and_from_last_step_to_close():
     last = clock.last_step_at
     clock.last_step()  # close() after finish(): the last step stays the finish
     assert clock.last_step_at == last and clock.summary()["stop_s"] is None  # not closed yet
+    time.sleep(0.01)
+    clock.last_step(again=True)  # the end of each epoch's batches moves it on
+    assert clock.last_step_at > last
+    last = clock.last_step_at
     clock.closed()
     assert clock.summary()["stop_s"] == pytest.approx(clock.closed_at - last)
 

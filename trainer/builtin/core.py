@@ -193,6 +193,7 @@ class Trainer:
             self.lr_schedule.start_epoch(epoch, self.subset.step)
             lr = self.lr_schedule.lr
             loss = self._train_epoch(epoch, batches, out_of_time)
+            self.subset.clock.last_step(again=True)  # a stop inside the epoch leaves the batches unfinished
             self.subset.report_loss(loss)
             train_s = time.perf_counter() - epoch_start
             if stop_after_s and epoch == 0 and self.config.train.lr_schedule == "epoch":

@@ -185,7 +185,8 @@ class AdaptiveSubset:
         A cluster that cannot be joined raises ``trainer.client.cluster.RayUnavailable``.
     **options
         Fields of the config tree: ``strategy``, ``budget``, ``epochs``, ``select_every``, ``kappa``, ``lead``,
-        ``on_late``, ``batch_size``, ``seed``, ``valid``, ``lam``... Bad values raise ``ConfigError``.
+        ``on_late``, ``batch_size``, ``seed``, ``valid``, ``lam``, ``summary_precision``... Bad values raise
+        ``ConfigError``.
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, *, config=None, summary_set: Dataset | None = None,
@@ -351,6 +352,7 @@ class AdaptiveSubset:
             yield (to_device(x, self.device), torch.as_tensor(y).to(self.device), w.to(self.device))
             self.step += 1
         self._epoch_done = True
+        self.clock.last_step(again=True)
 
     def report_loss(self, loss: float) -> None:
         """The mean training loss of the epoch just trained (optional): it arms the divergence guard, which undoes
@@ -368,7 +370,9 @@ class AdaptiveSubset:
 
     def summary(self) -> dict:
         """Rounds adopted, rejected and skipped, late adoptions, staleness, stall, selector and summary time,
-        the mean gradient error, the share of examples never trained on, epochs and steps so far."""
+        the mean gradient error, the share of examples never trained on, epochs and steps so far; ``start_s``
+        (entering ``AdaptiveSubset`` to the first epoch) and, after ``close()``, ``stop_s`` (the last step to the
+        end of ``close()``)."""
         return {**self.rounds.summary(), **self.clock.summary(),
                 "epochs_run": self.epoch + int(self._epoch_done), "steps": self.step,
                 "epochs_full": self.epoch_plan.full, "epochs_subset": self.epoch_plan.subset,
@@ -440,8 +444,10 @@ class StartStopClock:
         if self.first_step_at is None:
             self.first_step_at = time.time()
 
-    def last_step(self) -> None:
-        if self.last_step_at is None:
+    def last_step(self, again: bool = False) -> None:
+        """The end of the last step: the first call counts, or each call with ``again`` (the end of each epoch's
+        batches, so that what follows the last one, evaluation and checkpoints, counts as stopping)."""
+        if again or self.last_step_at is None:
             self.last_step_at = time.time()
 
     def closed(self) -> None:
