@@ -2,7 +2,11 @@
 measured side by side in one run on one machine (same data, model, epochs, budget and seeds).
 
     python bench/overlap.py [--budgets 0.01 0.05 0.1] [--epochs 200] [--seeds 0 1 2] [--summary-workers W]
-                            [--lead E|auto] [--pool-x M]
+                            [--lead E|auto] [--pool-x M] [--model resnet18 --dataset cifar-shaped --synthetic-n N]
+                            [--summary-precision P]
+
+``--dataset cifar-shaped`` is generated 32x32x3 images (``--synthetic-n`` of them, no download), for a network
+where the summary pass matters (``--model resnet18``).
 
 Prints each configuration's wall time, then overhead = wall_s / wall_s(RANDOM) for both GRAD-MATCH modes,
 speedup vs FULL, stall time, selector and summary-worker busy time and overlap = 1 - stall / (selector busy +
@@ -59,12 +63,14 @@ def config(mode: str, args, seed: int, budget: float) -> RunConfig:
     schedule = {"budget": budget, "select_every": args.select_every, **MODES[mode].get("schedule", {})}
     if mode.startswith("gm_"):
         schedule["summary_workers"] = args.summary_workers
+    if args.summary_precision is not None:
+        schedule["summary_precision"] = args.summary_precision
     if mode == "gm_async":
         schedule["lead"] = args.lead
         schedule["pool"] = pool_of(args, budget)
     tree = {
         "seed": seed,
-        "data": {"dataset": args.dataset},
+        "data": {"dataset": args.dataset, **({"synthetic_n": args.synthetic_n} if args.synthetic_n else {})},
         "model": {"name": args.model},
         "train": {"epochs": args.epochs, "threads": args.threads},
         "schedule": schedule,
@@ -202,6 +208,10 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--dataset", default="mnist5k", help="data set (default: mnist5k)")
     parser.add_argument("--model", default="lenet", help="model (default: lenet)")
+    parser.add_argument("--synthetic-n", type=int, default=None,
+                        help="examples of a generated data set (synthetic, cifar-shaped; default: the config's)")
+    parser.add_argument("--summary-precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                        help="summary passes' precision of every run (default: the config's)")
     parser.add_argument("--full-every-seed", action="store_true", help="run FULL for every seed (default: first)")
     parser.add_argument("--skip-full", action="store_true", help="leave FULL out (speedup_vs_full is then nan)")
     parser.add_argument("--lead", type=lead_arg, default=1,

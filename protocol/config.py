@@ -12,7 +12,7 @@ from typing import Annotated, ClassVar, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DATASETS = ("mnist5k", "digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
+DATASETS = ("mnist5k", "digits", "synthetic", "cifar-shaped", "mnist", "fashion-mnist", "cifar10", "cifar100", "svhn")
 MODELS = ("lenet", "mlp", "resnet18")
 FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")  # package.module:function
 MODEL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")  # a torchvision model name such as mobilenet_v3_small
@@ -53,7 +53,7 @@ class DataConfig(Strict):
     test_fraction: float = Field(
         0.2, gt=0, lt=0.5, description="share held out for test when the data set has no test split"
     )
-    synthetic_n: int = Field(2000, ge=20, description="examples in the synthetic data set")
+    synthetic_n: int = Field(2000, ge=20, description="examples in the synthetic and cifar-shaped data sets")
     augment: bool | None = Field(
         None, description="random crop and flip while training (default: on for CIFAR and SVHN)"
     )
@@ -159,6 +159,11 @@ class ScheduleConfig(Strict):
         0, ge=0, description="Ray actors that make the summary passes from a model snapshot (0: the trainer does)"
     )
     summary_threads: int = Field(1, ge=1, description="torch CPU threads of each summary worker")
+    summary_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="dtype of the summary passes' forward (autocast; the summaries are accumulated in "
+        "float32): auto picks bf16 on a GPU that supports it (else fp16) and on a CPU with native bfloat16 "
+        "(AVX512-BF16, AMX), else fp32; fp32 turns autocast off"
+    )
     chunk_examples: int = Field(
         1024, ge=1, description="examples per streamed gradient chunk (and per forward pass of a summary pass)"
     )

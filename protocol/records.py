@@ -120,3 +120,9 @@ class RunSummary(Strict):
     workers: int = Field(1, description="data-parallel training workers (Ray Train); 1: one trainer actor")
     worker_nodes: list[str] = Field(default_factory=list, description="the Ray node of each training worker, by "
                                     "rank (with --workers N > 1)")
+    start_s: float | None = Field(None, description="seconds from the command (python -m trainer.run: the process's "
+                                  "start; a job of the experiment runner or a benchmark: its start) to the first "
+                                  "training step")
+    stop_s: float | None = Field(None, description="seconds from the last training step to the end: the last "
+                                 "validation and checkpoint, the test evaluation, the summary, the actors and the "
+                                 "private Ray released")

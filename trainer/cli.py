@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
              "for two epochs without falling [true, false] (default: true)")
     add("--summary-workers", dest="schedule.summary_workers", metavar="W",
         help="Ray actors that make the summary passes from a model snapshot while training goes on (default: 0)")
+    add("--summary-precision", dest="schedule.summary_precision", metavar="P",
+        help="dtype of the summary passes' forward, summaries kept in float32 [auto, fp32, bf16, fp16] "
+             "(default: fp32)")
     add("--pool", dest="schedule.pool", metavar="F",
         help="share of the mini-batches (PB) or examples each round draws at random and summarises; "
              "1: all, as the paper (default: 1)")

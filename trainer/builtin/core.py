@@ -193,6 +193,7 @@ class Trainer:
             self.lr_schedule.start_epoch(epoch, self.subset.step)
             lr = self.lr_schedule.lr
             loss = self._train_epoch(epoch, batches, out_of_time)
+            self.subset.clock.last_step(again=True)  # a stop inside the epoch leaves the batches unfinished
             self.subset.report_loss(loss)
             train_s = time.perf_counter() - epoch_start
             if stop_after_s and epoch == 0 and self.config.train.lr_schedule == "epoch":
@@ -395,7 +396,9 @@ class Trainer:
             device=str(self.device), time_budget_s=self.strategy_plan.time_budget_s, imbalance=self.splits.imbalance,
             strategy_changes=rounds["strategy_changes"], n_train=self.n_train,
         )
-        return {"summary": summary.model_dump(), "progress": self.progress()}
+        clock = self.subset.clock  # the driver turns these instants into start_s and stop_s
+        return {"summary": summary.model_dump(), "progress": self.progress(),
+                "clock": {"first_step_at": clock.first_step_at, "last_step_at": clock.last_step_at}}
 
     def close(self) -> None:
         self.subset.close()

@@ -21,6 +21,7 @@ and trained as they are. Summaries come from a forward hook on the model's class
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from typing import Iterator
 
@@ -188,9 +189,9 @@ class AdaptiveSubset:
         (``trainer.client.watch``); default True. The built-in trainer turns it off: its driver does both.
     **options
         Fields of the config tree: ``strategy``, ``budget``, ``epochs``, ``select_every``, ``kappa``, ``lead``,
-        ``on_late``, ``batch_size``, ``seed``, ``valid``, ``lam``... Bad values raise ``ConfigError``.
-        ``tensorboard="DIR"`` writes TensorBoard event files: each round's stall, selector seconds, gradient error
-        and subset size, and each epoch's loss, lr and accuracy given to :meth:`report_loss` (needs
+        ``on_late``, ``batch_size``, ``seed``, ``valid``, ``lam``, ``summary_precision``... Bad values raise
+        ``ConfigError``. ``tensorboard="DIR"`` writes TensorBoard event files: each round's stall, selector seconds,
+        gradient error and subset size, and each epoch's loss, lr and accuracy given to :meth:`report_loss` (needs
         ``gradmatch[tensorboard]``).
     """
 
@@ -199,6 +200,7 @@ class AdaptiveSubset:
                  n_classes: int | None = None, num_workers: int = 0, pin_memory: bool = False, selector=None,
                  phase=None, group="auto", ray: str = "auto", collate_fn=None, forward=None, label_key: str = "labels",
                  watch: bool = True, **options):
+        self.clock = StartStopClock()
         self.config = build_config(config, options)
         self.group = Group.current() if group == "auto" else group
         leader = self.group is None or self.group.leader
@@ -245,7 +247,8 @@ class AdaptiveSubset:
         self.selector, self.workers = selector, None
         summarised = model if forward is None else WithForward(model, forward)  # the summary passes' model
         val_inputs = _inputs(val_set, "val_set", collate_fn, num_workers, label_key) if val_set is not None else None
-        source = SummarySource(summarised, train_inputs, self.labels, self.device, val_inputs, val_labels, self.layer)
+        source = SummarySource(summarised, train_inputs, self.labels, self.device, val_inputs, val_labels, self.layer,
+                               precision=self.config.schedule.summary_precision)
         try:
             if self._owns_selector:
                 self._own_ray = _use_private_ray(connect_ray(ray_choice=ray))
@@ -255,7 +258,7 @@ class AdaptiveSubset:
             schedule = self.config.schedule
             if leader and schedule.summary_workers:
                 self.workers = SummaryPool(schedule.summary_workers, summarised, train_inputs, self.labels, self.layer,
-                                           threads=schedule.summary_threads)
+                                           threads=schedule.summary_threads, precision=schedule.summary_precision)
             if leader:
                 self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase, workers=self.workers,
                                           n_classes=self.n_classes)
@@ -299,6 +302,7 @@ class AdaptiveSubset:
         self.subset = self._share(self.rounds.start_epoch(self.epoch, self.step))
         self._epoch_open = True
         self._feed_watch()
+        self.clock.first_step()
         return self.epoch, self.subset
 
     def epoch_order(self, subset) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -361,6 +365,7 @@ class AdaptiveSubset:
             yield (to_device(x, self.device), torch.as_tensor(y).to(self.device), w.to(self.device))
             self.step += 1
         self._epoch_done = True
+        self.clock.last_step(again=True)
 
     def report_loss(self, loss: float, lr: float | None = None, acc: float | None = None) -> None:
         """The mean training loss of the epoch just trained (optional): it arms the divergence guard, which undoes
@@ -387,13 +392,17 @@ class AdaptiveSubset:
         """End of training: the round still out is recorded as unused, rounds never started as skipped."""
         if not self._finished:
             self._finished = True
+            self.clock.last_step()
             self.rounds.finish(self.epoch + int(self._epoch_done))  # epochs trained: a stop skips no later round
             self._feed_watch()
 
     def summary(self) -> dict:
         """Rounds adopted, rejected and skipped, late adoptions, staleness, stall, selector and summary time,
-        the mean gradient error, the share of examples never trained on, epochs and steps so far."""
-        return {**self.rounds.summary(), "epochs_run": self.epoch + int(self._epoch_done), "steps": self.step,
+        the mean gradient error, the share of examples never trained on, epochs and steps so far; ``start_s``
+        (entering ``AdaptiveSubset`` to the first epoch) and, after ``close()``, ``stop_s`` (the last step to the
+        end of ``close()``)."""
+        return {**self.rounds.summary(), **self.clock.summary(),
+                "epochs_run": self.epoch + int(self._epoch_done), "steps": self.step,
                 "epochs_full": self.epoch_plan.full, "epochs_subset": self.epoch_plan.subset,
                 "strategy": self.config.selector.strategy, "n_train": len(self.labels)}
 
@@ -430,6 +439,7 @@ class AdaptiveSubset:
         if self._closed:
             return
         self._closed = True
+        self.clock.last_step()
         rounds = getattr(self, "rounds", None)
         if self._watch is not None:
             self._feed_watch()
@@ -442,12 +452,45 @@ class AdaptiveSubset:
             release(getattr(self, "selector", None), group=self._group)
         if self._own_ray:
             _release_private_ray()
+        self.clock.closed()
 
     def __enter__(self) -> "AdaptiveSubset":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class StartStopClock:
+    """What a user waits for around training: ``start_s`` from entering ``AdaptiveSubset`` (or ``began``, a
+    ``time.time()``) to the first epoch handed out, ``stop_s`` from the last step (the end of the last epoch,
+    or ``close()`` when training stopped early) to the end of ``close()``. Wall clock (``time.time``), so that a
+    driver can compare the instants an actor reports with its own."""
+
+    def __init__(self, began: float | None = None):
+        self.began = time.time() if began is None else began
+        self.first_step_at: float | None = None
+        self.last_step_at: float | None = None
+        self.closed_at: float | None = None
+
+    def first_step(self) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+
+    def last_step(self, again: bool = False) -> None:
+        """The end of the last step: the first call counts, or each call with ``again`` (the end of each epoch's
+        batches, so that what follows the last one, evaluation and checkpoints, counts as stopping)."""
+        if again or self.last_step_at is None:
+            self.last_step_at = time.time()
+
+    def closed(self) -> None:
+        self.closed_at = time.time()
+
+    def summary(self) -> dict:
+        """``start_s`` and ``stop_s``: None until their instants have come."""
+        start = None if self.first_step_at is None else self.first_step_at - self.began
+        stop = None if self.closed_at is None or self.last_step_at is None else self.closed_at - self.last_step_at
+        return {"start_s": start, "stop_s": stop}
 
 
 # clients of this process that use the private Ray one of them started; the last to close shuts it down

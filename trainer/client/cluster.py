@@ -25,8 +25,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from protocol.config import ROUND_STRATEGIES
 from protocol.errors import RunFailed, one_line
-from service import actor as selector_actor
-from service.actor import SelectorActor, ShardedSelectorActor
 
 # the dashboard is off unless asked for (``--dashboard``), and then listens on 127.0.0.1 only; Ray 2.60 itself turns a node address of 127.0.0.1 into
 # the machine's address and its gRPC servers listen on every interface, guarded by token authentication
@@ -270,6 +268,10 @@ def start_selector(selector_config: dict, options: dict | None = None):
     with the same interface, placed by ``options``, that places its shards itself; ``RunFailed`` when they
     cannot all be placed, before anything else starts.
     """
+    # imported here: a trainer actor, which imports this module too, never loads the selector's code (scipy...)
+    from service import actor as selector_actor
+    from service.actor import SelectorActor, ShardedSelectorActor
+
     options = options or {"num_cpus": 0, "num_gpus": 0}
     shards = selector_config.get("shards", 1)
     if shards <= 1 or selector_config.get("strategy") not in ROUND_STRATEGIES:

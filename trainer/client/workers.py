@@ -34,14 +34,14 @@ ROUTE_TIMEOUT_S = 60.0  # the selector's answer to ``routes`` (a cheap call on a
 class SummaryWorkerService:
     """Holds a model copy and the summary view of the training set; computes chunks from weight snapshots."""
 
-    def __init__(self, parts: list, layer_name: str, threads: int = 1):
+    def __init__(self, parts: list, layer_name: str, threads: int = 1, precision: str = "fp32"):
         model, inputs, labels = ray.get(parts, timeout=PLACE_TIMEOUT_S)  # (refs held by the pool: a restart reloads)
         torch.set_num_threads(threads)
         on_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.device = torch.device("cuda:0" if on_gpu else "cpu")
         self.model = model.to(self.device)
         layer = dict(self.model.named_modules())[layer_name]
-        self.source = SummarySource(self.model, inputs, labels, self.device, layer=layer)
+        self.source = SummarySource(self.model, inputs, labels, self.device, layer=layer, precision=precision)
         self.source.example_chunk(0, min(2, len(labels)))  # first-call costs of the forward pass, paid here
 
     def node(self) -> str:
@@ -85,7 +85,7 @@ class SummaryPool:
     """``n`` summary workers placed by a ``SPREAD`` placement group; ``jobs`` are dealt round-robin."""
 
     def __init__(self, n: int, model: nn.Module, inputs, labels: torch.Tensor, layer: nn.Linear, threads: int = 1,
-                 gpus: float = 0.0):
+                 gpus: float = 0.0, precision: str = "fp32"):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -102,7 +102,7 @@ class SummaryPool:
         self.parts = [ray.put(copy_), ray.put(inputs), ray.put(labels.cpu())]
         self.options = lambda i: dict(num_gpus=gpus, scheduling_strategy=PlacementGroupSchedulingStrategy(
             self.group, placement_group_bundle_index=i))
-        self.layer_name, self.threads = name, threads
+        self.layer_name, self.threads, self.precision = name, threads, precision
         self.n_classes, self.n_features = layer.out_features, layer.in_features
         self.labels = labels.cpu().numpy()
         self.workers = [self._place(i) for i in range(n)]
@@ -112,7 +112,8 @@ class SummaryPool:
         self.replaced = 0
 
     def _place(self, i: int):
-        return SummaryWorker.options(**self.options(i)).remote(self.parts, self.layer_name, self.threads)
+        return SummaryWorker.options(**self.options(i)).remote(self.parts, self.layer_name, self.threads,
+                                                               self.precision)
 
     def _replace_lost(self) -> None:
         """A worker whose last call died with it is placed anew in its bundle (its node, if that is still up)."""

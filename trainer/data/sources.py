@@ -1,6 +1,6 @@
 """The data sources other than torchvision's files: the built-in offline sets (``mnist5k``, ``digits``,
 ``synthetic``), ``imagefolder:PATH`` and a ``package.module:function`` factory; ``LOADERS`` maps each kind
-of ``DataConfig.dataset`` to its loader.
+of ``DataConfig.dataset`` to its loader. ``cifar-shaped`` is generated (3, 32, 32) images, no download.
 """
 
 from __future__ import annotations
@@ -70,6 +70,25 @@ def make_synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _load_synthetic(cfg: DataConfig, seed: int) -> Raw:
     """``cfg.synthetic_n`` synthetic examples, (1, 8, 8)."""
     return as_raw(SYNTHETIC_CLASSES, 1.0, make_synthetic(cfg.synthetic_n, seed))
+
+
+def make_cifar_shaped(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded generated images of CIFAR-10's shape: (n, 3, 32, 32) float32 and (n,) labels in ``[0, 10)``.
+
+    Each class is a smooth colour template (8x8 blocks of 4x4 pixels), each example its template plus noise;
+    no download, for measuring networks of CIFAR's size (ResNet-18) where the data itself does not matter.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC1FA]))
+    coarse = rng.normal(size=(SYNTHETIC_CLASSES, 3, 8, 8))
+    templates = coarse.repeat(4, axis=2).repeat(4, axis=3)  # (10, 3, 32, 32)
+    y = rng.permutation(np.arange(n) % SYNTHETIC_CLASSES)
+    x = templates[y] + rng.normal(scale=1.5, size=(n, 3, 32, 32))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def _load_cifar_shaped(cfg: DataConfig, seed: int) -> Raw:
+    """``cfg.synthetic_n`` generated examples, (3, 32, 32)."""
+    return as_raw(SYNTHETIC_CLASSES, 1.0, make_cifar_shaped(cfg.synthetic_n, seed))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,6 +275,7 @@ LOADERS: dict[str, Callable[[DataConfig, int], Raw]] = {
     "mnist5k": _load_mnist5k,
     "digits": _load_digits,
     "synthetic": _load_synthetic,
+    "cifar-shaped": _load_cifar_shaped,
     **{name: load_torchvision for name in LAYOUTS},
     "imagefolder": _load_imagefolder,
     "factory": _load_factory,

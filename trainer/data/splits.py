@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from protocol.config import DATASETS, DataConfig
 from trainer.data.formats import LAYOUTS, check_files
@@ -271,6 +270,8 @@ def _stratified_cut(
     idx: np.ndarray, y: np.ndarray, n_out: int, state: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cut ``n_out`` of ``idx`` away, stratified by ``y[idx]`` when every class fits in both parts."""
+    from sklearn.model_selection import train_test_split  # here: a trainer actor given its splits never loads sklearn
+
     if n_out >= len(idx):
         raise DataError(f"cannot hold out {n_out} of {len(idx)} examples: too few examples")
     labels = y[idx]

@@ -10,7 +10,9 @@ files (and to TensorBoard and Ray metrics, ``trainer.client.watch``) and writes 
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from pathlib import Path
 
 import ray
@@ -45,12 +47,36 @@ def start_actors(config: RunConfig, options: dict, splits, out: Path | None, res
     return selector, trainer
 
 
+def process_started_at() -> float | None:
+    """When this process started, as a ``time.time()`` (Linux: /proc, to 10 ms); None where it cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, in clock ticks after boot
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def start_stop(clock: dict | None, began: float, ended: float) -> dict:
+    """``start_s`` (``began`` to the first step) and ``stop_s`` (the last step to ``ended``) from the trainer's
+    ``clock`` instants; None where an instant is missing (a run that never trained)."""
+    clock = clock or {}
+    first, last = clock.get("first_step_at"), clock.get("last_step_at")
+    return {"start_s": None if first is None else max(0.0, first - began),
+            "stop_s": None if last is None else max(0.0, ended - last)}
+
+
 def execute(config: RunConfig, out: Path, show_progress: bool = True, options: dict | None = None,
-            resume: bool = False, stopper=None, splits=None) -> dict:
+            resume: bool = False, stopper=None, splits=None, began: float | None = None) -> dict:
     """Run one job on the connected Ray: write ``out`` (config, records, checkpoints, model, summary).
 
-    Returns the summary; its ``status`` says whether the run completed, was interrupted or failed.
+    Returns the summary; its ``status`` says whether the run completed, was interrupted or failed. Its
+    ``start_s`` counts from ``began`` (a ``time.time()``: the command's start; default: this call), its
+    ``stop_s`` to the actors' release (a caller that then shuts Ray down adds that, ``finish_stop``).
     """
+    began = time.time() if began is None else began
     if not resume:
         write_json(out / "config.json", config.model_dump(mode="json"))
     options = dict(actor_options(config.train.device) if options is None else options)
@@ -67,9 +93,19 @@ def execute(config: RunConfig, out: Path, show_progress: bool = True, options: d
     finally:
         watch.close()
         release(*actors, group=group)
+    summary.update(start_stop(result.get("clock"), began, time.time()))
     if cluster.connection is not None and summary.get("ray") is None:
         summary["ray"] = cluster.connection.describe()
     write_json(out / "summary.json", summary)
+    return summary
+
+
+def finish_stop(summary: dict, out: Path, seconds: float) -> dict:
+    """Add ``seconds`` spent after ``execute`` returned (shutting the private Ray down) to ``stop_s`` and write
+    ``summary.json`` again."""
+    if summary.get("stop_s") is not None:
+        summary["stop_s"] += seconds
+        write_json(out / "summary.json", summary)
     return summary
 
 

@@ -32,9 +32,10 @@ from trainer.client.layers import ModelError
 from trainer.client.schedule import check_schedule
 from trainer.client.watch import tensorboard_module
 from trainer.data.splits import load_splits
-from trainer.launch.job import execute
+from trainer.launch.job import execute, finish_stop, process_started_at
 
 EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
+COMMAND_AT = time.time()  # the start of start_s where the process's own start cannot be read
 
 
 # --- the run directory --------------------------------------------------------------------------
@@ -192,11 +193,18 @@ def format_summary(summary: dict, out: Path) -> str:
                    f"rejected or failed, {summary['rounds_skipped']} skipped"
                    + (f", {summary['rounds_harmful']} undone as harmful" if summary.get("rounds_harmful") else "")),
         ("energy", energy),
+        ("start / stop", start_stop_text(summary)),
         ("ray", summary.get("ray") or summary["ray_address"]),
         ("run dir", f"{out} (model.pt: the trained weights)"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def start_stop_text(summary: dict) -> str:
+    start, stop = summary.get("start_s"), summary.get("stop_s")
+    seconds = lambda value: "n/a" if value is None else f"{value:.1f} s"  # noqa: E731
+    return f"{seconds(start)} from the command to the first step, {seconds(stop)} from the last step to the end"
 
 
 def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
@@ -255,6 +263,8 @@ def check_tensorboard(logdir: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # start_s counts from the command: the process's start when run as the program, else this call
+    began = (process_started_at() or COMMAND_AT) if argv is None else time.time()
     try:
         config, out, resume, splits = prepare(argv)
     except ConfigError as exc:
@@ -278,7 +288,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_USAGE
         with Stopper() as stopper:
-            summary = execute(config, out, resume=resume, stopper=stopper, splits=splits)
+            summary = execute(config, out, resume=resume, stopper=stopper, splits=splits,
+                              began=began)
+            if started:  # shut down before the table, so that stop_s counts it
+                stopper.trainer = None  # a signal from now on has no actor to reach
+                returned = time.perf_counter()
+                ray.shutdown()
+                started = False
+                finish_stop(summary, out, time.perf_counter() - returned)
             print(format_summary(summary, out))
             for note in summary.get("notes", []):
                 print(f"warning: {note}", file=sys.stderr)
