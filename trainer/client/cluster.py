@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from protocol.config import ROUND_STRATEGIES
 from protocol.errors import RunFailed, one_line
+from protocol.receipts import Rejection
 from service import actor as selector_actor
 from service.actor import SelectorActor, ShardedSelectorActor
 
@@ -269,7 +270,8 @@ def start_selector(selector_config: dict, options: dict | None = None):
     selector = ShardedSelectorActor.options(**options).remote(selector_config)
     timeout_s = selector_actor.SHARD_PLACE_TIMEOUT_S  # read at each call (tests shorten it)
     try:
-        reason = ray.get(selector.placed.remote(timeout_s), timeout=timeout_s + 60)
+        answer = ray.get(selector.placed.remote(timeout_s), timeout=timeout_s + 60)
+        reason = answer.rule if isinstance(answer, Rejection) else None
     except Exception as exc:  # the coordinator itself could not start
         reason = one_line(exc)
     if reason is None:
