@@ -20,7 +20,7 @@ from protocol.routes import BatchMap, ExampleMap, SummaryLayout, WholeChunks, ra
 from service.coordinator import ShardedSelector
 from service.ridge import ridge_weights
 from service.routes import assign_classes, class_ranges, infer_n_classes
-from service.selector import SelectorService
+from service.selector import SELECTOR_CONFIG, SelectorService
 from service.shard import ShardService
 from service.strategies import class_rows
 
@@ -87,6 +87,11 @@ def run_round(service, strategy: str, round_id: int = 0, order=None, validation:
         else:
             assert isinstance(send_routed(route, service, chunk), Accepted)
     return service.result(round_id, timeout_s=60)
+
+
+def selector_config(**fields):
+    """The typed selector branch of a run config, as the launcher hands it to ``start_selector``."""
+    return SELECTOR_CONFIG.validate_python(fields)
 
 
 def layout_of(strategy: str, counts: np.ndarray | None = None) -> SummaryLayout:
@@ -455,7 +460,7 @@ def test_sharded_actor_answers_like_the_single_selector_and_survives_a_lost_shar
 
     from trainer.client.cluster import release, start_selector
 
-    selector = start_selector({"strategy": "gradmatch", "shards": 2, "shard_cpus": 0.01})
+    selector = start_selector(selector_config(strategy="gradmatch", shards=2, shard_cpus=0.01))
     try:
         expected = run_round(SelectorService({"strategy": "gradmatch"}), "gradmatch")
 
@@ -496,7 +501,7 @@ def test_parts_sent_straight_to_the_shard_actors_give_the_same_answer_and_a_lost
 
     from trainer.client.cluster import release, start_selector
 
-    selector = start_selector({"strategy": "gradmatch-pb", "shards": 2, "shard_cpus": 0.01})
+    selector = start_selector(selector_config(strategy="gradmatch-pb", shards=2, shard_cpus=0.01))
     try:
         expected = run_round(SelectorService({"strategy": "gradmatch-pb"}), "gradmatch-pb")
 
@@ -536,7 +541,7 @@ def test_a_restarted_coordinator_reuses_its_placement_group(ray_address):
 
     from trainer.client.cluster import release, start_selector
 
-    selector = start_selector({"strategy": "craig", "shards": 2, "shard_cpus": 0.01})
+    selector = start_selector(selector_config(strategy="craig", shards=2, shard_cpus=0.01))
     try:
         group = ray.get(selector.__ray_call__.remote(lambda self: self._group.id.hex()), timeout=30)
         ray.kill(selector, no_restart=False)  # as the round client does with a selector that does not answer
@@ -576,8 +581,8 @@ def test_shards_that_cannot_be_placed_fail_before_anything_starts(ray_address, m
     monkeypatch.setattr(service.actor, "SHARD_PLACE_TIMEOUT_S", 3.0)
     with pytest.raises(RunFailed, match=r"--shards 2: the 2 shards \(selector.shards\) could not be placed within 3 s"
                                         r": they ask for 2 x \{'CPU': 0.01, 'no-such-node': 1.0\}"):
-        start_selector({"strategy": "craig", "shards": 2, "shard_cpus": 0.01,
-                        "shard_resources": ["no-such-node", "no-such-node"]})
+        start_selector(selector_config(strategy="craig", shards=2, shard_cpus=0.01,
+                                       shard_resources=["no-such-node", "no-such-node"]))
 
 
 @pytest.mark.ray
