@@ -22,7 +22,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from protocol.config import SelectorConfig
 from protocol.errors import RoundFailed
-from protocol.messages import GradientChunk, RoundRequest, SubsetMessage, ValidationSet
+from protocol.messages import GradientChunk, RoundRequest, StrategyPlan, SubsetMessage, ValidationSet
 from protocol.receipts import Accepted, Rejection
 from protocol.routes import SummaryLayout, WholeChunks
 from service.registry import implementation
@@ -177,10 +177,11 @@ class SelectorService:
         return time.perf_counter() - start
 
     # cheap calls -------------------------------------------------------------------------------
-    def plan(self) -> dict:
-        return self._strategy.plan(self.config).model_dump()
+    def plan(self) -> StrategyPlan:
+        """What the configured strategy needs from the trainer."""
+        return self._strategy.plan(self.config)
 
-    def reconfigure(self, config) -> dict:
+    def reconfigure(self, config) -> StrategyPlan:
         """Swap the strategy for rounds asked from now on (open rounds keep theirs); returns the new plan."""
         config = SELECTOR_CONFIG.validate_python(config)
         with self._lock:

@@ -94,18 +94,18 @@ def test_the_round_clock_counts_the_preemptions_of_a_thread_sharing_its_core():
 
 
 def test_plan_declares_needs():
-    assert SelectorService({"strategy": "gradmatch-pb"}).plan() == {
+    assert SelectorService({"strategy": "gradmatch-pb"}).plan().model_dump() == {
         "strategy": "gradmatch-pb", "rounds": True, "ground": "batch", "summaries": "batch",
         "needs_validation": False, "measure_only": False, "time_budget_s": None, "online": False}
-    assert SelectorService({"strategy": "random-online"}).plan()["online"] is True  # no rounds: the trainer draws
-    assert SelectorService({"strategy": "gradmatch-pb", "valid": True}).plan()["needs_validation"] is True
-    assert SelectorService({"strategy": "full"}).plan()["rounds"] is False
-    assert SelectorService({"strategy": "random"}).plan()["summaries"] == "example"  # for its grad_error
-    assert SelectorService({"strategy": "random"}).plan()["measure_only"] is True  # ... only
-    assert SelectorService({"strategy": "full"}).plan()["summaries"] == "none"
-    assert SelectorService({"strategy": "gradmatch"}).plan()["summaries"] == "example"
-    assert SelectorService({"strategy": "glister"}).plan()["needs_validation"] is True
-    assert SelectorService({"strategy": "full-earlystop", "time_budget_s": 3}).plan()["time_budget_s"] == 3
+    assert SelectorService({"strategy": "random-online"}).plan().online is True  # no rounds: the trainer draws
+    assert SelectorService({"strategy": "gradmatch-pb", "valid": True}).plan().needs_validation is True
+    assert SelectorService({"strategy": "full"}).plan().rounds is False
+    assert SelectorService({"strategy": "random"}).plan().summaries == "example"  # for its grad_error
+    assert SelectorService({"strategy": "random"}).plan().measure_only is True  # ... only
+    assert SelectorService({"strategy": "full"}).plan().summaries == "none"
+    assert SelectorService({"strategy": "gradmatch"}).plan().summaries == "example"
+    assert SelectorService({"strategy": "glister"}).plan().needs_validation is True
+    assert SelectorService({"strategy": "full-earlystop", "time_budget_s": 3}).plan().time_budget_s == 3
 
 
 def test_status_answers_while_a_slow_round_runs():
@@ -223,7 +223,7 @@ def test_reconfigure_takes_effect_from_the_next_round():
     service = SelectorService({"strategy": "random", "delay_s": 0.5})
     service.start_round(request(round_id=0, n_chunks=0, strategy="random"))
     plan = service.reconfigure({"strategy": "gradmatch-pb"})
-    assert plan["strategy"] == "gradmatch-pb" and plan["summaries"] == "batch"
+    assert plan.strategy == "gradmatch-pb" and plan.summaries == "batch"
     assert service.result(0, timeout_s=10)["strategy"] == "random"  # asked before the change
     service.start_round(request(round_id=1))
     send_chunks(service, 1)

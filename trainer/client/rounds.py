@@ -236,7 +236,7 @@ class RoundClient:
         selector, record = change.selector, {"epoch": change.epoch, "applied_epoch": epoch,
                                              "strategy": change.selector.strategy}
         try:
-            plan = ray.get(self.selector.reconfigure.remote(selector.model_dump()), timeout=CALL_TIMEOUT_S)
+            plan = ray.get(self.selector.reconfigure.remote(selector), timeout=CALL_TIMEOUT_S)
         except (RayError, GetTimeoutError) as exc:
             log.warning("reconfigure at epoch %d failed: %s", epoch, one_line(exc))
             self.applied_changes.append({**record, "status": "failed"})
@@ -334,7 +334,7 @@ class RoundClient:
         if self.resend_config is None or not self.selector_failed:
             return
         try:
-            ray.get(self.selector.reconfigure.remote(self.resend_config.model_dump()), timeout=CALL_TIMEOUT_S)
+            ray.get(self.selector.reconfigure.remote(self.resend_config), timeout=CALL_TIMEOUT_S)
             self.selector_failed = False
         except (RayError, GetTimeoutError) as exc:
             log.warning("reconfigure after a selector failure failed: %s", one_line(exc))
