@@ -133,9 +133,10 @@ def run_round(ray, selector, strategy: str, chunks: list, n_ground: int, n_selec
 
 
 def _single(ray, strategy: str, chunks: list, n_ground: int, n_select: int, sizes, head: dict) -> dict:
+    from service.selector import SELECTOR_CONFIG
     from trainer.client.cluster import release, start_selector
 
-    selector = start_selector({"strategy": strategy}, head)
+    selector = start_selector(SELECTOR_CONFIG.validate_python({"strategy": strategy}), head)
     try:
         ray.get(selector.plan.remote(), timeout=300)
         base = ray.get(selector.__ray_call__.remote(_peak_reset), timeout=60)
@@ -148,6 +149,7 @@ def _single(ray, strategy: str, chunks: list, n_ground: int, n_select: int, size
 
 def _sharded(ray, strategy: str, n_shards: int, chunks: list, n_ground: int, n_select: int, sizes,
              head: dict) -> dict:
+    from protocol.receipts import Rejection
     from service.actor import ShardedSelectorActor
     from trainer.client.cluster import release
 
@@ -155,9 +157,9 @@ def _sharded(ray, strategy: str, n_shards: int, chunks: list, n_ground: int, n_s
     config = {"strategy": strategy, "shards": n_shards, "shard_cpus": 0.5}
     selector = ShardedSelectorActor.options(**head).remote(config)
     try:
-        reason = ray.get(selector.placed.remote(300), timeout=360)
-        if reason:
-            raise RuntimeError(reason)
+        placed = ray.get(selector.placed.remote(300), timeout=360)
+        if isinstance(placed, Rejection):
+            raise RuntimeError(placed.reason)
         nodes = ray.get(selector.shard_nodes.remote(300), timeout=360)
         answer, seconds = run_round(ray, selector, strategy, chunks, n_ground, n_select, sizes)
         last = ray.get(selector.status.remote(), timeout=60)["last_round"]

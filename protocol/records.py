@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from protocol.config import Strict
 
@@ -57,6 +57,19 @@ class RoundRecord(Strict):
     subset_size: int | None = Field(None, description="examples in the adopted subset")
     n_ground: int | None = Field(None, description="elements the round chose from: the ground set or its --pool")
     n_padded: int | None = None
+
+
+class Progress(Strict):
+    """Where a run is, and its records the caller has not seen yet: the trainer actor's answer to ``progress``."""
+
+    model_config = ConfigDict(allow_inf_nan=True)  # a diverged run's last loss is not finite
+
+    epoch: int = Field(0, ge=0, description="epochs trained so far")
+    total: int = Field(0, ge=0, description="epochs the run trains in all")
+    loss: float | None = Field(None, description="the last epoch's mean training loss")
+    val_acc: float | None = Field(None, description="the last validation accuracy measured")
+    epochs: list[dict] = Field(default_factory=list, description="epoch records (EpochRecord dumps) not yet seen")
+    rounds: list[dict] = Field(default_factory=list, description="round records (RoundRecord dumps) not yet seen")
 
 
 class RunSummary(Strict):

@@ -18,6 +18,7 @@ from ray.util.placement_group import get_placement_group, placement_group, remov
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from threadpoolctl import threadpool_limits
 
+from protocol.receipts import Accepted, Rejection
 from service.coordinator import ShardedSelector
 from service.selector import SELECTOR_CONFIG, SelectorService
 from service.shard import ShardService
@@ -86,18 +87,20 @@ class _PlacedShardedSelector(ShardedSelector):
         torch.set_num_threads(config.threads)
         self._blas_limit = threadpool_limits(limits=config.threads)  # held for the actor's life
 
-    def placed(self, timeout_s: float = SHARD_PLACE_TIMEOUT_S) -> str | None:
-        """None once every shard's bundle is reserved, else why not (within ``timeout_s``)."""
+    def placed(self, timeout_s: float = SHARD_PLACE_TIMEOUT_S) -> Accepted | Rejection:
+        """``Accepted`` once every shard's bundle is reserved, else a ``Rejection`` that says why not (within
+        ``timeout_s``)."""
         try:
             ray.get(self._group.ready(), timeout=timeout_s)
-            return None
+            return Accepted()
         except GetTimeoutError:
             have = {k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
             asks = (f"{len(self._bundles)} x {self._bundles[0]}" if all(b == self._bundles[0] for b in self._bundles)
                     else str(self._bundles))
-            return (f"the {len(self._bundles)} shards (selector.shards) could not be placed within {timeout_s:g} s: "
-                    f"they ask for {asks} ({self.config.shard_placement}); the cluster has "
-                    f"{len(ray.nodes())} nodes and {have}")
+            return Rejection(subject="shard placement", field="selector.shards", value=str(len(self._bundles)),
+                             rule=f"the {len(self._bundles)} shards (selector.shards) could not be placed within "
+                                  f"{timeout_s:g} s: they ask for {asks} ({self.config.shard_placement}); the cluster "
+                                  f"has {len(ray.nodes())} nodes and {have}")
 
     def shard_nodes(self, timeout_s: float = SHARD_PLACE_TIMEOUT_S) -> list[str]:
         """The node id of each shard, in shard order."""

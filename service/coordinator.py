@@ -39,9 +39,13 @@ from pydantic import ValidationError
 
 from protocol.errors import RoundFailed, one_line
 from protocol.messages import GradientChunk, RoundRequest
+from protocol.receipts import Accepted, Rejection
+from protocol.routes import Route, RoutedChunk, SummaryLayout, WholeChunks, with_shards
 from service.registry import implementation
 from service.routes import BatchRoutes, ExampleRoutes, planned_routes, routes_for
-from service.selector import CHUNK_GRACE_S, REQUEST_GRACE_S, RoundClock, RoundState, SelectorService, payload_field
+from service.selector import (
+    CHUNK_GRACE_S, REQUEST_GRACE_S, RoundClock, RoundState, SelectorService, payload_field, round_of,
+)
 from service.sharded import ShardCalls, ShardedRound, select_sharded, sharded_gradient_errors
 
 log = logging.getLogger(__name__)
@@ -73,7 +77,7 @@ class ShardedSelector(SelectorService):
         self._deadlines: dict[int, float] = {}
         self._hint: np.ndarray | None = None  # class counts of the last complete per-example round
         self._stubs: dict[int, dict[int, tuple]] = {}  # round -> chunk index -> (ids, labels) routed
-        self._plans: dict[int, dict] = {}  # round -> the map handed out by ``routes`` (senders split by it)
+        self._plans: dict[int, object] = {}  # round -> the map handed out by ``routes`` (senders split by it)
         self._routed: dict[int, int] = {}  # round -> bytes of summaries that came through this coordinator
         self._routed_total = 0
         self._last: dict = {}
@@ -82,17 +86,18 @@ class ShardedSelector(SelectorService):
     def n_shards(self) -> int:
         return len(self.calls.shards)
 
-    def add_chunk(self, chunk) -> str | None:
+    def add_chunk(self, chunk) -> Accepted | Rejection:
         """Route one chunk to its shards; the coordinator keeps its ids and labels only.
 
         The round's bookkeeping (requests, repeats, supersession, the grace checks) is the single selector's:
-        it receives the chunk without its summaries. Returns None, or the reason an invalid chunk was rejected
-        (its round then fails with it).
+        it receives the chunk without its summaries. Returns ``Accepted``, or the ``Rejection`` of an invalid
+        chunk (its round then fails with it).
         """
         try:
             chunk = GradientChunk.model_validate(chunk)
         except ValidationError as exc:
-            return self._reject(chunk, f"chunk {payload_field(chunk, 'chunk_index')} rejected: {one_line(exc)}")
+            return self._reject(Rejection.invalid(f"chunk {payload_field(chunk, 'chunk_index')}", round_of(chunk),
+                                                  exc))
         size = sum(a.nbytes for a in (chunk.rows, chunk.errors, chunk.features) if a is not None)
         stub = {"round_id": chunk.round_id, "chunk_index": chunk.chunk_index, "ids": chunk.ids.copy(),
                 "labels": chunk.labels.copy(), "rows": np.zeros((len(chunk.ids), 0), np.float32)}  # no view pins it
@@ -106,57 +111,68 @@ class ShardedSelector(SelectorService):
                 self._stubs[chunk.round_id][chunk.chunk_index] = (stub["ids"], stub["labels"])
         if not skip:
             failure = self._route(chunk, routes, request.n_ground if request is not None else None)
-            if failure is not None:
+            if isinstance(failure, Rejection):
                 return failure
         return super().add_chunk(stub)
 
-    def routes(self, round_id: int, layout: dict | None = None) -> dict | str | None:
+    def routes(self, round_id: int, layout: SummaryLayout | None = None) -> Route:
         """Fix round ``round_id``'s class map before its summaries are made, for senders that split them.
 
-        ``layout`` says what the summaries will be (``planned_routes``). Returns the map as plain data with the
-        shard handles (``"shards"``): a sender splits each chunk by it and sends the parts to the shards and the
-        rest to ``add_routed`` (``send_routed``). A string: the round takes no summaries (it failed with that
-        reason, or is over); send nothing. None: send whole chunks to ``add_chunk`` (no ``layout``, or the
-        round's map was already made from chunks that came whole). Asking again returns the same map.
+        ``layout`` says what the summaries will be (``planned_routes``). Returns the map (``ExampleMap`` or
+        ``BatchMap``) with the shard handles: a sender splits each chunk by it and sends the parts to the shards
+        and the rest to ``add_routed`` (``send_routed``). A ``Rejection``: the round takes no summaries (it
+        failed, or is over); send nothing. ``WholeChunks``: send whole chunks to ``add_chunk`` (no ``layout``, or
+        the round's map was already made from chunks that came whole). Asking again returns the same map.
         """
         failure = None
         with self._lock:
             state = self._rounds.get(round_id)
             if round_id < self._latest:
-                return f"superseded by round {self._latest}"
+                return Rejection(subject="summary layout", round_id=round_id,
+                                 rule=f"round {round_id} was superseded by round {self._latest}")
             if state is not None and state.done.is_set():
-                return state.error or "already answered"
+                return Rejection(subject="summary layout", round_id=round_id,
+                                 rule=f"round {round_id} failed: {state.error}" if state.error
+                                 else f"round {round_id} is answered")
             if layout is None:
-                return None
+                return WholeChunks()
             plan = self._plans.get(round_id)
             if plan is None and round_id in self._routes and not isinstance(self._routes[round_id], str):
-                return None
+                return WholeChunks()
             if plan is None:
                 try:
                     routes = self._routes_of(round_id, state, lambda config: planned_routes(
                         self.n_shards, layout, config))
-                    if not isinstance(routes, str):
-                        plan = self._plans[round_id] = routes.plan(int(layout["n_ground"]))
+                    if isinstance(routes, str):
+                        failure = Rejection(subject="summary layout", round_id=round_id, rule=routes)
+                    else:
+                        plan = self._plans[round_id] = routes.plan(int(layout.n_ground))
                 except (KeyError, TypeError, ValueError) as exc:
-                    routes = self._routes[round_id] = f"summary layout rejected: {one_line(exc)}"
-                failure = routes if isinstance(routes, str) else None
+                    failure = Rejection(subject="summary layout", round_id=round_id, rule=one_line(exc))
+                    self._routes[round_id] = failure.reason
         if failure is not None:
-            return self._fail_round(round_id, failure)
-        return {**plan, "shards": list(self.calls.shards)}
+            return self._fail_round(failure)
+        return with_shards(plan, self.calls.shards)
 
-    def add_routed(self, chunk, delivered: list) -> str | None:
+    def add_routed(self, routed: RoutedChunk) -> Accepted | Rejection:
         """A chunk whose summaries its sender split by ``routes``'s map and delivered to the shards itself.
 
-        ``chunk`` carries ``round_id``, ``chunk_index``, ``ids`` and ``labels`` only; ``delivered`` lists
-        ``(shard index, ref of the add_part call, bytes)``, one per part. The round's bookkeeping is as for
-        ``add_chunk``, and its shards gather once these calls are done, as for parts the coordinator sent.
-        Returns None, or the reason the chunk was rejected (its round then fails with it).
+        ``routed`` carries the chunk's ``round_id``, ``chunk_index``, ``ids`` and ``labels`` and where its parts
+        went (``delivered``: the shard, the ref of its ``add_part`` call and the bytes of each part). The round's
+        bookkeeping is as for ``add_chunk``, and its shards gather once these calls are done, as for parts the
+        coordinator sent. Returns ``Accepted``, or the ``Rejection`` of the chunk (its round then fails with it).
         """
+        subject = f"chunk {getattr(routed, 'chunk_index', None)}"
         try:
-            head = GradientChunk.model_validate({**chunk, "rows": np.zeros((np.size(payload_field(chunk, "ids")), 0),
-                                                                          np.float32)})
-        except (ValidationError, TypeError) as exc:
-            return self._reject(chunk, f"chunk {payload_field(chunk, 'chunk_index')} rejected: {one_line(exc)}")
+            if not isinstance(routed, RoutedChunk):
+                raise TypeError(f"a {type(routed).__name__}, must be a protocol.routes.RoutedChunk")
+            head = GradientChunk.model_validate({"round_id": routed.round_id, "chunk_index": routed.chunk_index,
+                                                 "ids": routed.ids, "labels": routed.labels,
+                                                 "rows": np.zeros((np.size(routed.ids), 0), np.float32)})
+        except ValidationError as exc:
+            return self._reject(Rejection.invalid(subject, round_of(routed), exc))
+        except TypeError as exc:
+            return self._reject(Rejection(subject=subject, round_id=round_of(routed), rule=str(exc)))
         with self._lock:
             state, _, skip = self._arrival(head)
             routes = self._routes.get(head.round_id) if head.round_id in self._plans else None
@@ -165,32 +181,33 @@ class ShardedSelector(SelectorService):
         if skip:
             return super().add_chunk(head)
         if routes is None:
-            return self._fail_round(head.round_id, f"chunk {head.chunk_index} was split by a class map this "
-                                                   "coordinator did not make (restarted since the round began?)")
+            return self._fail_round(Rejection(subject=subject, round_id=head.round_id, rule=(
+                "split by a class map this coordinator did not make (restarted since the round began?)")))
         try:
             sizes = routes.tally(head.labels)
-            sent_to = sorted(int(index) for index, _, _ in delivered)
+            sent_to = sorted(int(delivery.shard) for delivery in routed.delivered)
             if sent_to != np.flatnonzero(sizes).tolist():
                 raise ValueError(f"parts went to shards {sent_to}, its labels route to shards "
                                  f"{np.flatnonzero(sizes).tolist()}")
         except ValueError as exc:
-            return self._fail_round(head.round_id, f"chunk {head.chunk_index}: {exc}")
-        self.calls.expect(head.round_id, delivered)
+            return self._fail_round(Rejection(subject=subject, round_id=head.round_id, rule=str(exc)))
+        self.calls.expect(head.round_id, [(d.shard, d.ref, d.nbytes) for d in routed.delivered])
         return super().add_chunk(head)
 
-    def _route(self, chunk: GradientChunk, routes, n_ground: int | None) -> str | None:
+    def _route(self, chunk: GradientChunk, routes, n_ground: int | None) -> Accepted | Rejection:
         """Send each shard its part of ``chunk``; a failure fails the round and is returned."""
+        subject = f"chunk {chunk.chunk_index}"
         if isinstance(routes, str):
-            return self._fail_round(chunk.round_id, routes)
+            return self._fail_round(Rejection(subject=subject, round_id=chunk.round_id, rule=routes))
         try:
             for index, part in enumerate(routes.split(chunk, n_ground)):
                 if part is not None:
                     self.calls.send(chunk.round_id, index, part)
         except RoundFailed as exc:
-            return self._fail_round(chunk.round_id, exc.reason)
+            return self._fail_round(Rejection(subject=subject, round_id=chunk.round_id, rule=exc.reason))
         except ValueError as exc:
-            return self._fail_round(chunk.round_id, f"chunk {chunk.chunk_index}: {exc}")
-        return None
+            return self._fail_round(Rejection(subject=subject, round_id=chunk.round_id, rule=str(exc)))
+        return Accepted(round_id=chunk.round_id)
 
     def result(self, round_id: int, timeout_s: float, request_grace_s: float = REQUEST_GRACE_S,
                chunk_grace_s: float = CHUNK_GRACE_S) -> dict:
@@ -241,11 +258,12 @@ class ShardedSelector(SelectorService):
             self._routes[round_id] = routes
         return routes
 
-    def _fail_round(self, round_id: int, reason: str) -> str:
-        log.warning("round %d: %s", round_id, reason)
+    def _fail_round(self, rejection: Rejection) -> Rejection:
+        """Fail the round of ``rejection`` with its reason."""
+        log.warning("round %d: %s", rejection.round_id, rejection.reason)
         with self._lock:
-            self._fail(self._rounds.setdefault(round_id, RoundState()), reason)
-        return reason
+            self._fail(self._rounds.setdefault(rejection.round_id, RoundState()), rejection.reason)
+        return rejection
 
     def _deadline_of(self, round_id: int, started: float):
         return lambda: self._deadlines.get(round_id, started + DEFAULT_WAIT_S)

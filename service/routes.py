@@ -12,7 +12,7 @@ import numpy as np
 
 from protocol.config import GlisterSelector
 from protocol.messages import GradientChunk
-from protocol.routes import batch_parts, example_parts, range_columns
+from protocol.routes import BatchMap, ExampleMap, SummaryLayout, batch_parts, example_parts, range_columns
 
 ZERO_SUM_RTOL = 1e-4  # softmax errors sum to zero over the classes, to float32 rounding
 ONE_SHARD = (GlisterSelector,)
@@ -140,11 +140,10 @@ class ExampleRoutes:
             self.sent += sizes
         return sizes
 
-    def plan(self, n_ground: int) -> dict:
-        """The map as plain data for a sender that splits chunks itself (``split_chunk``)."""
+    def plan(self, n_ground: int) -> ExampleMap:
+        """The map for a sender that splits chunks itself (``split_chunk``)."""
         with self._lock:
-            return {"kind": self.kind, "n_classes": self.n_classes, "owner": self.owner.copy(),
-                    "capacity": self._room(n_ground)}
+            return ExampleMap(self.n_classes, self.owner.copy(), self._room(n_ground))
 
     def loads(self) -> np.ndarray:
         """Expected examples per shard under the current map."""
@@ -184,10 +183,9 @@ class BatchRoutes:
             self.sent += sizes
         return sizes
 
-    def plan(self, n_ground: int) -> dict:
-        """The map as plain data for a sender that splits chunks itself (``split_chunk``)."""
-        return {"kind": self.kind, "n_classes": self.n_classes, "width": self.width, "ranges": list(self.ranges),
-                "n_rows": n_ground}
+    def plan(self, n_ground: int) -> BatchMap:
+        """The map for a sender that splits chunks itself (``split_chunk``)."""
+        return BatchMap(self.n_classes, self.width, tuple(self.ranges), n_ground)
 
     def slice(self, vector: np.ndarray, s: int) -> np.ndarray:
         """Shard ``s``'s entries of a full-width vector (C (1 + D),)."""
@@ -212,23 +210,23 @@ def routes_for(chunk: GradientChunk, n_shards: int, config, hint: np.ndarray | N
                                                                    one_shard=isinstance(config, ONE_SHARD))
 
 
-def planned_routes(n_shards: int, layout: dict, config):
+def planned_routes(n_shards: int, layout: SummaryLayout, config):
     """The routes of a round fixed before its summaries are made, from what their sender knows of them.
 
-    ``layout`` is ``{"kind": "batch" or "example", "n_classes": C, "n_features": D, "n_ground": n, "counts": (C,)
-    examples per class (per-example rounds)}``. Per-example classes are dealt by ``counts`` (the ground set's,
-    so no class appears later); PB rounds split the C classes into ranges as ``routes_for`` does. A string says
-    why the round cannot be sharded.
+    Per-example classes are dealt by ``layout.counts`` (the ground set's, so no class appears later); PB rounds
+    split the C classes into ranges as ``routes_for`` does. A string says why the round cannot be sharded.
     """
-    kind, n_classes = layout["kind"], int(layout["n_classes"])
+    if not isinstance(layout, SummaryLayout):
+        raise TypeError(f"layout is a {type(layout).__name__}, must be a protocol.routes.SummaryLayout")
+    kind, n_classes = layout.kind, int(layout.n_classes)
     if kind not in ("batch", "example") or n_classes < 1:
         raise ValueError(f"kind {kind!r} and n_classes {n_classes}: must be 'batch' or 'example' and >= 1")
     reason = too_many_shards(n_shards, n_classes)
     if reason is not None:
         return reason
     if kind == "batch":
-        return BatchRoutes(n_shards, n_classes, n_classes * (1 + int(layout["n_features"])))
-    counts = np.asarray(layout["counts"], dtype=np.int64)
+        return BatchRoutes(n_shards, n_classes, n_classes * (1 + int(layout.n_features)))
+    counts = np.asarray(layout.counts, dtype=np.int64)
     if counts.shape != (n_classes,) or (counts < 0).any():
         raise ValueError(f"counts has shape {counts.shape}, must be ({n_classes},) of counts >= 0")
     return ExampleRoutes(n_shards, n_classes, counts, one_shard=isinstance(config, ONE_SHARD))

@@ -4,8 +4,9 @@
 around it (a threaded actor, so cheap calls answer while a selection runs).
 
 The trainer sends requests, chunks and validation sets without waiting for an answer, so a message that
-fails validation here is not raised back to it: the rejection fails its round, and ``result`` raises
-``protocol.errors.RoundFailed`` with the reason at once.
+fails validation here is not raised back to it: each call answers ``Accepted`` or a ``Rejection``
+(``protocol.receipts``), the rejection fails its round, and ``result`` raises ``protocol.errors.RoundFailed``
+with its reason at once.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import numpy as np
 from pydantic import Field, TypeAdapter, ValidationError
 
 from protocol.config import SelectorConfig
-from protocol.errors import RoundFailed, one_line
-from protocol.messages import GradientChunk, RoundRequest, SubsetMessage, ValidationSet
+from protocol.errors import RoundFailed
+from protocol.messages import GradientChunk, RoundRequest, StrategyPlan, SubsetMessage, ValidationSet
+from protocol.receipts import Accepted, Rejection
+from protocol.routes import SummaryLayout, WholeChunks
 from service.registry import implementation
 from service.strategies import GradientErrors, GroundSet, Selection, gradient_errors
 
@@ -143,7 +146,7 @@ class SelectorService:
         self._answered = 0
         self._stopped = False
         self._latest = -1  # newest round asked; older rounds are superseded
-        self._unclaimed: str | None = None  # a rejection that came before any round it could belong to
+        self._unclaimed: Rejection | None = None  # a rejection that came before any round it could belong to
 
     def warm_up(self) -> float:
         """One tiny round of the configured strategy, so imports and first-call costs (kernel set-up, thread
@@ -174,10 +177,11 @@ class SelectorService:
         return time.perf_counter() - start
 
     # cheap calls -------------------------------------------------------------------------------
-    def plan(self) -> dict:
-        return self._strategy.plan(self.config).model_dump()
+    def plan(self) -> StrategyPlan:
+        """What the configured strategy needs from the trainer."""
+        return self._strategy.plan(self.config)
 
-    def reconfigure(self, config) -> dict:
+    def reconfigure(self, config) -> StrategyPlan:
         """Swap the strategy for rounds asked from now on (open rounds keep theirs); returns the new plan."""
         config = SELECTOR_CONFIG.validate_python(config)
         with self._lock:
@@ -204,24 +208,24 @@ class SelectorService:
             for state in self._rounds.values():
                 self._fail(state, "selector stopped")
 
-    def routes(self, round_id: int, layout: dict | None = None) -> None:
-        """Where round ``round_id``'s summaries go: None, whole chunks to ``add_chunk`` (this selector holds them).
+    def routes(self, round_id: int, layout: SummaryLayout | None = None) -> WholeChunks:
+        """Where round ``round_id``'s summaries go: whole chunks to ``add_chunk`` (this selector holds them).
 
         The sharded coordinator (``service.coordinator.ShardedSelector.routes``) answers with a class map instead, by
         which senders deliver the summaries to its shards themselves; ``layout`` describes the summaries for it.
         """
-        return None
+        return WholeChunks()
 
     # the round ---------------------------------------------------------------------------------
-    def start_round(self, request) -> str | None:
+    def start_round(self, request) -> Accepted | Rejection:
         """Open a round; an older open round is superseded (its answer would be stale).
 
-        Returns None, or the reason an invalid request was rejected (its round then fails with it).
+        Returns ``Accepted``, or the ``Rejection`` of an invalid request (its round then fails with it).
         """
         try:
             request = RoundRequest.model_validate(request)
         except ValidationError as exc:
-            return self._reject(request, f"request rejected: {one_line(exc)}")
+            return self._reject(Rejection.invalid("request", round_of(request), exc))
         with self._lock:
             if self._stopped:
                 raise RoundFailed(request.round_id, "selector stopped")
@@ -240,32 +244,39 @@ class SelectorService:
             state.config, state.strategy = self.config, self._strategy
             self._latest = max(self._latest, request.round_id)
             if self._unclaimed is not None:
-                self._fail(state, self._unclaimed)
+                self._fail(state, self._unclaimed.reason)
                 self._unclaimed = None
             if request.strategy != self.config.strategy:
+                rejection = Rejection(subject="request", round_id=request.round_id, field="strategy",
+                                      value=repr(request.strategy), rule=f"this selector runs {self.config.strategy!r} "
+                                      "(restarted since a reconfigure?)")
                 self._fail(state, f"round asked of strategy {request.strategy!r}, but this selector runs "
                                   f"{self.config.strategy!r} (restarted since a reconfigure?)")
-                return
+                return rejection
             self._maybe_start(request.round_id, state)
+        return Accepted(round_id=request.round_id)
 
-    def add_chunk(self, chunk) -> str | None:
+    def add_chunk(self, chunk) -> Accepted | Rejection:
         """Store one chunk; chunks may arrive before their request or out of order.
 
-        Returns None, or the reason an invalid chunk was rejected (its round then fails with it).
+        Returns ``Accepted``, or the ``Rejection`` of an invalid chunk (its round then fails with it).
         """
         try:
             chunk = GradientChunk.model_validate(chunk)
         except ValidationError as exc:
-            return self._reject(chunk, f"chunk {payload_field(chunk, 'chunk_index')} rejected: {one_line(exc)}")
+            return self._reject(Rejection.invalid(f"chunk {payload_field(chunk, 'chunk_index')}", round_of(chunk),
+                                                  exc))
+        accepted = Accepted(round_id=chunk.round_id)
         with self._lock:
             if chunk.round_id < self._latest:
-                return  # a superseded round's late chunk
+                return accepted  # a superseded round's late chunk
             state = self._rounds.setdefault(chunk.round_id, RoundState())
             if state.request is not None and chunk.chunk_index >= state.request.n_chunks:
                 self._fail(state, f"chunk_index == {chunk.chunk_index}, must be < {state.request.n_chunks}")
-                return
+                return Rejection(subject=f"chunk {chunk.chunk_index}", round_id=chunk.round_id, field="chunk_index",
+                                 value=str(chunk.chunk_index), rule=f"must be < {state.request.n_chunks}")
             if chunk.chunk_index in state.received:
-                return  # a repeated delivery of a chunk already placed
+                return accepted  # a repeated delivery of a chunk already placed
             state.received.add(chunk.chunk_index)
             if state.buffer is not None:
                 self._place(state, chunk)
@@ -273,22 +284,23 @@ class SelectorService:
                 state.chunks[chunk.chunk_index] = chunk
             state.last_input = time.monotonic()
             self._maybe_start(chunk.round_id, state)
+        return accepted
 
-    def add_validation(self, validation) -> str | None:
+    def add_validation(self, validation) -> Accepted | Rejection:
         """Store the validation set's last-layer view for a round that asked for it.
 
-        Returns None, or the reason an invalid validation set was rejected (its round then fails with it).
+        Returns ``Accepted``, or the ``Rejection`` of an invalid validation set (its round then fails with it).
         """
         try:
             validation = ValidationSet.model_validate(validation)
         except ValidationError as exc:
-            return self._reject(validation, f"validation set rejected: {one_line(exc)}")
+            return self._reject(Rejection.invalid("validation set", round_of(validation), exc))
         with self._lock:
-            if validation.round_id < self._latest:
-                return
-            state = self._rounds.setdefault(validation.round_id, RoundState())
-            state.validation = validation
-            self._maybe_start(validation.round_id, state)
+            if validation.round_id >= self._latest:
+                state = self._rounds.setdefault(validation.round_id, RoundState())
+                state.validation = validation
+                self._maybe_start(validation.round_id, state)
+        return Accepted(round_id=validation.round_id)
 
     def result(self, round_id: int, timeout_s: float, request_grace_s: float = REQUEST_GRACE_S,
                chunk_grace_s: float = CHUNK_GRACE_S) -> dict:
@@ -328,23 +340,23 @@ class SelectorService:
                 f"none for {chunk_grace_s} s (lost to a selector restart?)"
             )
 
-    def _reject(self, payload, reason: str) -> str:
+    def _reject(self, rejection: Rejection) -> Rejection:
         """Fail the round an invalid message belongs to: its own round id when readable, else the newest open one.
 
-        With no open round the reason waits for the next round to be asked (its message came first).
+        With no open round the rejection waits for the next round to be asked (its message came first).
         """
-        log.warning("%s", reason)
-        round_id = _round_of(payload)
+        log.warning("%s", rejection.reason)
+        round_id = rejection.round_id
         with self._lock:
             if round_id is None:
                 open_rounds = [r for r, state in self._rounds.items() if not state.done.is_set()]
                 if not open_rounds:
-                    self._unclaimed = reason
-                    return reason
+                    self._unclaimed = rejection
+                    return rejection
                 round_id = max(open_rounds)
             if round_id >= self._latest:
-                self._fail(self._rounds.setdefault(round_id, RoundState()), reason)
-        return reason
+                self._fail(self._rounds.setdefault(round_id, RoundState()), rejection.reason)
+        return rejection
 
     def _place(self, state: RoundState, chunk: GradientChunk) -> None:
         try:
@@ -423,7 +435,7 @@ def payload_field(payload, name: str):
     return payload.get(name) if isinstance(payload, dict) else getattr(payload, name, None)
 
 
-def _round_of(payload) -> int | None:
+def round_of(payload) -> int | None:
     """The round id of a message that failed validation, when it is itself a valid round id."""
     try:
         return _ROUND_ID.validate_python(payload_field(payload, "round_id"))

@@ -273,8 +273,9 @@ def test_labels_and_summary_set_are_checked():
     ({"strategy": "nope"}, "strategy 'nope': must be one of"),
     ({"strategy": "random", "lam": 0.1}, "lam: not an option of strategy 'random'"),
     ({"lr": float("nan")}, "lr nan: Input should be a finite number"),
-    ({"pool": 0.05, "budget": 0.2, "batch_size": 20}, "pool 0.05: a pool of 1 of the 20 mini-batches leaves nothing"),
-    ({"select_every": 50, "epochs": 10, "kappa": 0}, "select_every 50: no selection round fits"),
+    ({"pool": 0.05, "budget": 0.2, "batch_size": 20}, "pool=0.05: a pool of 1 of the 20 mini-batches leaves nothing"),
+    ({"select_every": 50, "epochs": 10, "kappa": 0}, "select_every=50: no selection round fits in the 10 subset "
+                                                     "epochs of epochs=10 (kappa=0); use a smaller select_every"),
 ])
 def test_invalid_options_are_one_line_config_errors(options, expected):
     with pytest.raises(ConfigError) as info:

@@ -126,17 +126,18 @@ def run_scenario(cluster, workers: dict) -> dict:
     import ray
 
     from protocol.errors import RoundFailed
+    from test_shards import selector_config
     from trainer.client.cluster import release, start_selector
 
     head_options = {"num_cpus": 0, "num_gpus": 0, "resources": {"head": 0.01}}
     result = {"head_node": cluster.head_node.node_id,
               "worker_nodes": {name: node.node_id for name, node in workers.items()}, "same": {}}
-    spread = start_selector({"strategy": "gradmatch-pb", "shards": 3, "shard_cpus": 0.5}, head_options)
+    spread = start_selector(selector_config(strategy="gradmatch-pb", shards=3, shard_cpus=0.5), head_options)
     result["coordinator_node"] = ray.get(spread.__ray_call__.remote(
         lambda self: ray.get_runtime_context().get_node_id()), timeout=60)
     result["spread_nodes"] = _nodes(spread)
-    pinned = start_selector({"strategy": "gradmatch", "shards": 2, "shard_cpus": 0.5,
-                             "shard_resources": ["node_c", "node_a"]}, head_options)
+    pinned = start_selector(selector_config(strategy="gradmatch", shards=2, shard_cpus=0.5,
+                                            shard_resources=["node_c", "node_a"]), head_options)
     result["pinned_nodes"] = _nodes(pinned)
     result["same"]["gradmatch"] = _same(_local("gradmatch"), _remote_round(pinned, "gradmatch", 0))
     result["direct"] = {"gradmatch": _same(_local("gradmatch"), _remote_round(pinned, "gradmatch", 1, direct=True))}

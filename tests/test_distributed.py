@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protocol.config import RunConfig
-from protocol.errors import RunFailed
-from trainer.builtin.distributed import check_workers, latest_checkpoint
+from trainer.builtin.distributed import ClusterRefused, check_cluster, check_workers, latest_checkpoint
 from trainer.client.group import Group
 from trainer.client.subsets import batch_weights
 from trainer.launch.job import execute
@@ -62,25 +61,25 @@ def _config(**train) -> RunConfig:
 
 def test_more_summary_workers_than_cpus_is_refused_before_any_waits():
     config = RunConfig.model_validate({"schedule": {"summary_workers": 1000}})
-    problem = check_workers(config, {"CPU": 2.0})
+    problem = check_cluster(config, {"CPU": 2.0})
     assert problem.startswith("--summary-workers 1000: more summary workers than the 2 CPUs")
-    assert check_workers(RunConfig.model_validate({"schedule": {"summary_workers": 2}}), {"CPU": 2.0}) is None
+    assert check_cluster(RunConfig.model_validate({"schedule": {"summary_workers": 2}}), {"CPU": 2.0}) is None
 
 
 def test_bad_worker_requests_are_refused_naming_the_flag():
-    assert check_workers(_config(workers=1), {"CPU": 1}) is None
-    assert check_workers(_config(workers=2), {"CPU": 2}) is None
-    too_many = check_workers(_config(workers=3), {"CPU": 2})
+    assert check_cluster(_config(workers=1), {"CPU": 1}) is None and check_workers(_config(workers=1)) is None
+    assert check_cluster(_config(workers=2), {"CPU": 2}) is None and check_workers(_config(workers=2)) is None
+    too_many = check_cluster(_config(workers=3), {"CPU": 2})
     assert "--workers 3" in too_many and "needs 3 CPU" in too_many and "has 2" in too_many
-    gpus = check_workers(_config(workers=2, device="cuda"), {"CPU": 16, "GPU": 1})
+    gpus = check_cluster(_config(workers=2, device="cuda"), {"CPU": 16, "GPU": 1})
     assert "--workers 2" in gpus and "2 GPU" in gpus and "has 1" in gpus
-    batch = check_workers(_config(workers=8, batch_size=4), None)
+    batch = check_workers(_config(workers=8, batch_size=4))
     assert "--workers 8" in batch and "--batch-size" in batch
     early = RunConfig.model_validate({"train": {"workers": 2}, "selector": {"strategy": "full-earlystop",
                                                                            "time_budget_s": 5}})
-    assert "full-earlystop" in check_workers(early, None)
+    assert "full-earlystop" in check_workers(early)
     # auto uses GPUs only when there is one per worker
-    assert check_workers(_config(workers=2), {"CPU": 2, "GPU": 1}) is None
+    assert check_cluster(_config(workers=2), {"CPU": 2, "GPU": 1}) is None
 
 
 def test_the_cli_refuses_workers_above_the_batch_before_ray_starts(tmp_path, capsys):
@@ -147,7 +146,7 @@ def test_a_stopped_two_worker_run_resumes_from_ray_trains_checkpoint(ray_address
 @pytest.mark.ray
 def test_workers_that_cannot_be_placed_fail_the_run_with_the_reason(ray_address, tmp_path):
     config = _run_config(2, tmp_path / "r")
-    with pytest.raises(RunFailed, match="--workers 3: needs 3 CPU"):
+    with pytest.raises(ClusterRefused, match="--workers 3: needs 3 CPU"):
         execute(config.model_copy(update={"train": config.train.model_copy(update={"workers": 3})}),
                 tmp_path / "r", show_progress=False)
 

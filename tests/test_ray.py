@@ -29,8 +29,8 @@ def make_config(selector: dict, **schedule) -> RunConfig:
 
 
 def start(config: RunConfig):
-    selector = SelectorActor.remote(config.selector.model_dump())
-    trainer = TrainerActor.remote(config.model_dump(), selector)
+    selector = SelectorActor.remote(config.selector)
+    trainer = TrainerActor.remote(config, selector)
     return selector, trainer
 
 

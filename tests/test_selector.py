@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from protocol.errors import RoundFailed
 from protocol.messages import RoundRequest, SubsetMessage
+from protocol.receipts import Accepted, Rejection
 from service.selector import RoundClock, SelectorService
 from protocol.config import GradMatchPBSelector
 from service.strategies import GroundSet, gradient_errors
@@ -93,18 +94,18 @@ def test_the_round_clock_counts_the_preemptions_of_a_thread_sharing_its_core():
 
 
 def test_plan_declares_needs():
-    assert SelectorService({"strategy": "gradmatch-pb"}).plan() == {
+    assert SelectorService({"strategy": "gradmatch-pb"}).plan().model_dump() == {
         "strategy": "gradmatch-pb", "rounds": True, "ground": "batch", "summaries": "batch",
         "needs_validation": False, "measure_only": False, "time_budget_s": None, "online": False}
-    assert SelectorService({"strategy": "random-online"}).plan()["online"] is True  # no rounds: the trainer draws
-    assert SelectorService({"strategy": "gradmatch-pb", "valid": True}).plan()["needs_validation"] is True
-    assert SelectorService({"strategy": "full"}).plan()["rounds"] is False
-    assert SelectorService({"strategy": "random"}).plan()["summaries"] == "example"  # for its grad_error
-    assert SelectorService({"strategy": "random"}).plan()["measure_only"] is True  # ... only
-    assert SelectorService({"strategy": "full"}).plan()["summaries"] == "none"
-    assert SelectorService({"strategy": "gradmatch"}).plan()["summaries"] == "example"
-    assert SelectorService({"strategy": "glister"}).plan()["needs_validation"] is True
-    assert SelectorService({"strategy": "full-earlystop", "time_budget_s": 3}).plan()["time_budget_s"] == 3
+    assert SelectorService({"strategy": "random-online"}).plan().online is True  # no rounds: the trainer draws
+    assert SelectorService({"strategy": "gradmatch-pb", "valid": True}).plan().needs_validation is True
+    assert SelectorService({"strategy": "full"}).plan().rounds is False
+    assert SelectorService({"strategy": "random"}).plan().summaries == "example"  # for its grad_error
+    assert SelectorService({"strategy": "random"}).plan().measure_only is True  # ... only
+    assert SelectorService({"strategy": "full"}).plan().summaries == "none"
+    assert SelectorService({"strategy": "gradmatch"}).plan().summaries == "example"
+    assert SelectorService({"strategy": "glister"}).plan().needs_validation is True
+    assert SelectorService({"strategy": "full-earlystop", "time_budget_s": 3}).plan().time_budget_s == 3
 
 
 def test_status_answers_while_a_slow_round_runs():
@@ -222,7 +223,7 @@ def test_reconfigure_takes_effect_from_the_next_round():
     service = SelectorService({"strategy": "random", "delay_s": 0.5})
     service.start_round(request(round_id=0, n_chunks=0, strategy="random"))
     plan = service.reconfigure({"strategy": "gradmatch-pb"})
-    assert plan["strategy"] == "gradmatch-pb" and plan["summaries"] == "batch"
+    assert plan.strategy == "gradmatch-pb" and plan.summaries == "batch"
     assert service.result(0, timeout_s=10)["strategy"] == "random"  # asked before the change
     service.start_round(request(round_id=1))
     send_chunks(service, 1)
@@ -261,9 +262,10 @@ def test_a_rejected_chunk_fails_its_round_at_once_with_the_reason():
     bad = chunk(2, 1, parts[1])
     bad["rows"] = bad["rows"].copy()
     bad["rows"][0, 3] = np.nan
-    service.add_chunk(chunk(2, 0, parts[0]))
-    reason = service.add_chunk(bad)
-    assert reason == _fails_at_once(service, 2, "chunk 1 rejected: .*rows contain 1 non-finite values")
+    assert service.add_chunk(chunk(2, 0, parts[0])) == Accepted(round_id=2)
+    answer = service.add_chunk(bad)
+    assert isinstance(answer, Rejection) and (answer.subject, answer.round_id) == ("chunk 1", 2)
+    assert answer.reason == _fails_at_once(service, 2, "chunk 1 rejected: .*rows contain 1 non-finite values")
     assert service._rounds == {}  # nothing left behind
 
 
@@ -271,7 +273,7 @@ def test_a_rejection_before_the_request_fails_the_round_it_names():
     service = SelectorService({"strategy": "gradmatch-pb"})
     bad = chunk(0, 0, np.arange(10))
     bad["labels"] = np.zeros(3)  # misaligned with ids
-    assert "labels has 3 entries, must equal ids (10)" in service.add_chunk(bad)
+    assert "labels has 3 entries, must equal ids (10)" in service.add_chunk(bad).reason
     service.start_round(request(round_id=0))
     send_chunks(service, 0, order=(1, 2))
     _fails_at_once(service, 0, "chunk 0 rejected: .*labels has 3 entries")
@@ -282,8 +284,9 @@ def test_a_chunk_with_an_unreadable_round_id_fails_the_newest_open_round():
     service.start_round(request(round_id=4))
     bad = chunk(4, 0, np.arange(10))
     bad["round_id"] = "four"
-    reason = service.add_chunk(bad)
-    assert "round_id" in reason
+    answer = service.add_chunk(bad)
+    assert (answer.field, answer.value, answer.round_id) == ("round_id", "'four'", None)
+    assert answer.rule.startswith("Input should be a valid integer")
     _fails_at_once(service, 4, "chunk 0 rejected: round_id: ")
 
 
@@ -300,7 +303,8 @@ def test_an_unreadable_rejection_before_any_round_fails_the_next_round_asked():
 def test_a_rejected_request_fails_its_round_at_once():
     service = SelectorService({"strategy": "gradmatch-pb"})
     asked = dict(request(round_id=1), n_select=31)
-    assert "n_select == 31, must be <= n_ground (30)" in service.start_round(asked)
+    answer = service.start_round(asked)
+    assert answer.subject == "request" and "n_select == 31, must be <= n_ground (30)" in answer.rule
     _fails_at_once(service, 1, "request rejected: .*n_select == 31")
 
 

@@ -15,11 +15,12 @@ from pydantic import ValidationError
 
 from protocol.config import GradMatchSelector, RunConfig
 from protocol.errors import RoundFailed, RunFailed
-from protocol.routes import range_columns, send_routed, split_chunk
+from protocol.receipts import Accepted, Rejection
+from protocol.routes import BatchMap, ExampleMap, SummaryLayout, WholeChunks, range_columns, send_routed, split_chunk
 from service.coordinator import ShardedSelector
 from service.ridge import ridge_weights
 from service.routes import assign_classes, class_ranges, infer_n_classes
-from service.selector import SelectorService
+from service.selector import SELECTOR_CONFIG, SelectorService
 from service.shard import ShardService
 from service.strategies import class_rows
 
@@ -71,6 +72,7 @@ def run_round(service, strategy: str, round_id: int = 0, order=None, validation:
     chunks = chunks or (batch_chunks() if pb else example_chunks())
     n = len(ROWS) if pb else len(LABELS)
     route = service.routes(round_id, layout_of(strategy, counts)) if routed else None
+    assert route is None or isinstance(route, (ExampleMap, BatchMap)), route
     service.start_round({
         "round_id": round_id, "model_step": 1, "ground": "batch" if pb else "example", "n_ground": n,
         "n_select": n_select or n // 10, "n_chunks": len(chunks), "seed": 3, "strategy": strategy, "lr": 0.05,
@@ -83,16 +85,21 @@ def run_round(service, strategy: str, round_id: int = 0, order=None, validation:
         if route is None:
             service.add_chunk(chunk)
         else:
-            assert send_routed(route, service, chunk) is None
+            assert isinstance(send_routed(route, service, chunk), Accepted)
     return service.result(round_id, timeout_s=60)
 
 
-def layout_of(strategy: str, counts: np.ndarray | None = None) -> dict:
+def selector_config(**fields):
+    """The typed selector branch of a run config, as the launcher hands it to ``start_selector``."""
+    return SELECTOR_CONFIG.validate_python(fields)
+
+
+def layout_of(strategy: str, counts: np.ndarray | None = None) -> SummaryLayout:
     """What a summary worker tells ``routes`` of a round's summaries (per-example: the class counts)."""
     if strategy.endswith("-pb"):
-        return {"kind": "batch", "n_classes": N_CLASSES, "n_features": DIM, "n_ground": len(ROWS)}
+        return SummaryLayout("batch", N_CLASSES, DIM, len(ROWS))
     counts = np.bincount(LABELS, minlength=N_CLASSES) if counts is None else counts
-    return {"kind": "example", "n_classes": N_CLASSES, "n_features": DIM, "n_ground": len(LABELS), "counts": counts}
+    return SummaryLayout("example", N_CLASSES, DIM, len(LABELS), counts)
 
 
 def routed_round(service, strategy: str, **options) -> dict:
@@ -313,19 +320,19 @@ def test_the_answer_does_not_depend_on_which_shard_owns_a_class(strategy, option
 def test_the_map_handed_out_is_fixed_for_the_round_and_splits_as_the_coordinator_would():
     service = sharded({"strategy": "gradmatch"}, 3)
     route = service.routes(0, layout_of("gradmatch"))
-    assert service.routes(0, layout_of("gradmatch", np.ones(N_CLASSES, np.int64)))["owner"].tolist() == \
-        route["owner"].tolist() == assign_classes(np.bincount(LABELS, minlength=N_CLASSES), 3).tolist()
-    assert [type(shard) for shard in route["shards"]] == [ShardService] * 3
+    assert service.routes(0, layout_of("gradmatch", np.ones(N_CLASSES, np.int64))).owner.tolist() == \
+        route.owner.tolist() == assign_classes(np.bincount(LABELS, minlength=N_CLASSES), 3).tolist()
+    assert [type(shard) for shard in route.shards] == [ShardService] * 3
     chunk = {"round_id": 0, "chunk_index": 0, **example_chunks()[0]}
     parts = split_chunk(route, chunk)
     assert sum(len(part["ids"]) for part in parts if part is not None) == 100
     for shard, part in enumerate(parts):
         if part is not None:
-            assert set(route["owner"][part["labels"]]) == {shard}
+            assert set(route.owner[part["labels"]]) == {shard}
     pb = service.routes(1, layout_of("gradmatch-pb"))
-    assert pb["ranges"] == class_ranges(N_CLASSES, 3) and pb["width"] == ROWS.shape[1]
-    assert SelectorService({"strategy": "gradmatch"}).routes(0, layout_of("gradmatch")) is None  # whole chunks
-    assert service.routes(1, None) is None
+    assert list(pb.ranges) == class_ranges(N_CLASSES, 3) and pb.width == ROWS.shape[1]
+    assert SelectorService({"strategy": "gradmatch"}).routes(0, layout_of("gradmatch")) == WholeChunks()
+    assert service.routes(1, None) == WholeChunks()
 
 
 def test_a_chunk_that_does_not_fit_the_map_is_refused_by_its_sender():
@@ -359,8 +366,9 @@ def test_chunks_split_by_a_map_the_coordinator_did_not_make_fail_the_round():
     service = sharded({"strategy": "gradmatch"}, 2)  # as a coordinator restarted after it handed out the map
     service.start_round({"round_id": 0, "model_step": 1, "ground": "example", "n_ground": 600, "n_select": 60,
                          "n_chunks": 6, "seed": 3, "strategy": "gradmatch"})
-    reason = send_routed(route, service, {"round_id": 0, "chunk_index": 0, **example_chunks()[0]})
-    assert reason == "chunk 0 was split by a class map this coordinator did not make (restarted since the round began?)"
+    answer = send_routed(route, service, {"round_id": 0, "chunk_index": 0, **example_chunks()[0]})
+    assert answer == Rejection(subject="chunk 0", round_id=0, rule="split by a class map this coordinator did not "
+                               "make (restarted since the round began?)")
     with pytest.raises(RoundFailed, match="did not make"):
         service.result(0, timeout_s=30)
 
@@ -368,9 +376,10 @@ def test_chunks_split_by_a_map_the_coordinator_did_not_make_fail_the_round():
 @pytest.mark.parametrize("strategy", ["gradmatch", "gradmatch-pb"])
 def test_a_map_for_more_shards_than_classes_is_refused_with_the_reason_and_fails_the_round(strategy):
     service = sharded({"strategy": strategy}, 7)
-    reason = service.routes(0, layout_of(strategy))
-    assert reason.startswith(f"--shards 7 (selector.shards) is more than the {N_CLASSES} classes")
-    assert service.routes(0, layout_of(strategy)) == reason  # asked again: the round has failed with it
+    answer = service.routes(0, layout_of(strategy))
+    assert isinstance(answer, Rejection) and answer.subject == "summary layout"
+    assert answer.rule.startswith(f"--shards 7 (selector.shards) is more than the {N_CLASSES} classes")
+    assert service.routes(0, layout_of(strategy)).rule == f"round 0 failed: {answer.reason}"  # asked again
     with pytest.raises(RoundFailed, match=r"--shards 7 \(selector.shards\) is more than"):
         service.result(0, timeout_s=30, request_grace_s=30)
 
@@ -451,7 +460,7 @@ def test_sharded_actor_answers_like_the_single_selector_and_survives_a_lost_shar
 
     from trainer.client.cluster import release, start_selector
 
-    selector = start_selector({"strategy": "gradmatch", "shards": 2, "shard_cpus": 0.01})
+    selector = start_selector(selector_config(strategy="gradmatch", shards=2, shard_cpus=0.01))
     try:
         expected = run_round(SelectorService({"strategy": "gradmatch"}), "gradmatch")
 
@@ -492,7 +501,7 @@ def test_parts_sent_straight_to_the_shard_actors_give_the_same_answer_and_a_lost
 
     from trainer.client.cluster import release, start_selector
 
-    selector = start_selector({"strategy": "gradmatch-pb", "shards": 2, "shard_cpus": 0.01})
+    selector = start_selector(selector_config(strategy="gradmatch-pb", shards=2, shard_cpus=0.01))
     try:
         expected = run_round(SelectorService({"strategy": "gradmatch-pb"}), "gradmatch-pb")
 
@@ -506,11 +515,11 @@ def test_parts_sent_straight_to_the_shard_actors_give_the_same_answer_and_a_lost
                 if i == kill_after:  # once the parts before are with the shards (else a restart gets them all)
                     ray.get(selector.__ray_call__.remote(
                         lambda self: self.calls.settle(round_id, time.monotonic() + 30)), timeout=60)
-                    ray.kill(route["shards"][1], no_restart=False)
+                    ray.kill(route.shards[1], no_restart=False)
                     time.sleep(0.5)
                 ref = send_routed(route, selector, {"round_id": round_id, "chunk_index": i, **chunk})
                 if kill_after is not None and i < kill_after:
-                    assert ray.get(ref, timeout=60) is None
+                    assert isinstance(ray.get(ref, timeout=60), Accepted)
             return ray.get(selector.result.remote(round_id, 60), timeout=90)
 
         assert_same_answer(expected, remote_round(0))
@@ -532,7 +541,7 @@ def test_a_restarted_coordinator_reuses_its_placement_group(ray_address):
 
     from trainer.client.cluster import release, start_selector
 
-    selector = start_selector({"strategy": "craig", "shards": 2, "shard_cpus": 0.01})
+    selector = start_selector(selector_config(strategy="craig", shards=2, shard_cpus=0.01))
     try:
         group = ray.get(selector.__ray_call__.remote(lambda self: self._group.id.hex()), timeout=30)
         ray.kill(selector, no_restart=False)  # as the round client does with a selector that does not answer
@@ -544,7 +553,7 @@ def test_a_restarted_coordinator_reuses_its_placement_group(ray_address):
             except ray.exceptions.RayActorError:
                 assert time.monotonic() < deadline, "the coordinator did not come back"
                 time.sleep(0.5)
-        assert again == group and ray.get(selector.placed.remote(30), timeout=60) is None
+        assert again == group and isinstance(ray.get(selector.placed.remote(30), timeout=60), Accepted)
         assert_same_answer(run_round(SelectorService({"strategy": "craig"}), "craig"),
                            _actor_round(selector, "craig"))
         ray.get(selector.stop.remote(), timeout=30)
@@ -572,8 +581,8 @@ def test_shards_that_cannot_be_placed_fail_before_anything_starts(ray_address, m
     monkeypatch.setattr(service.actor, "SHARD_PLACE_TIMEOUT_S", 3.0)
     with pytest.raises(RunFailed, match=r"--shards 2: the 2 shards \(selector.shards\) could not be placed within 3 s"
                                         r": they ask for 2 x \{'CPU': 0.01, 'no-such-node': 1.0\}"):
-        start_selector({"strategy": "craig", "shards": 2, "shard_cpus": 0.01,
-                        "shard_resources": ["no-such-node", "no-such-node"]})
+        start_selector(selector_config(strategy="craig", shards=2, shard_cpus=0.01,
+                                       shard_resources=["no-such-node", "no-such-node"]))
 
 
 @pytest.mark.ray

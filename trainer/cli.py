@@ -233,6 +233,11 @@ def _name_of(loc: tuple[str, ...], keywords: bool) -> str | None:
     return flag or EXTRA_FLAGS.get(loc[:1])
 
 
+def flag_of(path: str) -> str:
+    """The flag that sets the dotted config path ``path`` (the path itself for a field without a flag)."""
+    return _name_of(tuple(path.split(".")), keywords=False) or path
+
+
 def config_error(exc: Exception, keywords: bool = False) -> ConfigError:
     """One line naming the flag (or keyword, or config key), the value and the rule of a validation error."""
     if isinstance(exc, ConfigError):

@@ -12,6 +12,7 @@ import ray
 import torch
 
 from protocol.config import RunConfig
+from protocol.records import Progress
 from trainer.builtin.core import Trainer
 from trainer.data.splits import load_splits
 
@@ -38,8 +39,7 @@ def pick_device(requested: str, gpu_ids: list) -> torch.device:
 
 
 class TrainerService:
-    def __init__(self, config: dict, selector, splits=None, out: str | None = None, resume: bool = False):
-        config = RunConfig.model_validate(config)
+    def __init__(self, config: RunConfig, selector, splits=None, out: str | None = None, resume: bool = False):
         torch.set_num_threads(config.train.threads or default_threads())
         device = pick_device(config.train.device, ray.get_gpu_ids())
         splits = load_splits(config.data, config.seed) if splits is None else splits
@@ -51,7 +51,7 @@ class TrainerService:
         finally:
             self.trainer.close()
 
-    def progress(self, n_epochs_seen: int = 0, n_rounds_seen: int = 0) -> dict:
+    def progress(self, n_epochs_seen: int = 0, n_rounds_seen: int = 0) -> Progress:
         return self.trainer.progress(n_epochs_seen, n_rounds_seen)
 
     def request_stop(self, reason: str, sent_at: float | None = None) -> None:

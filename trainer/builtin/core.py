@@ -20,12 +20,11 @@ from torch.utils.data import TensorDataset
 
 from protocol.config import RunConfig
 from protocol.errors import RunFailed, one_line
-from protocol.records import EpochRecord, RunSummary
+from protocol.records import EpochRecord, Progress, RunSummary
 from trainer.builtin.energy import EnergyMeter
 from trainer.builtin.models import build_model
 from trainer.builtin.training import CosineSchedule, dominant_prediction, evaluate, make_optimizer, weighted_step
 from trainer.client.api import AdaptiveSubset
-from trainer.client.layers import find_classifier
 from trainer.data.splits import Splits, augment_batch
 from trainer.files import atomic_write, plain
 
@@ -37,7 +36,9 @@ DEGENERATE_SHARE = 0.9  # eval-mode predictions this concentrated on one class a
 
 
 @dataclass
-class Progress:
+class RunState:
+    """The trainer's own view of the run, read under its lock (``progress`` answers a ``Progress`` from it)."""
+
     epoch: int = 0
     total: int = 0
     loss: float | None = None
@@ -108,9 +109,8 @@ class Trainer:
         self.x, self.y = splits.train_x.to(device), splits.train_y.to(device)
         self.n_train = int(self.y.shape[0])
         self.meter = EnergyMeter(use_gpu=device.type == "cuda")
-        layer = find_classifier(self.model, splits.n_classes, self.x[:2])
-        self.subset = AdaptiveSubset(
-            self.model, TensorDataset(self.x, self.y), config=config, n_classes=splits.n_classes, last_layer=layer,
+        self.subset = AdaptiveSubset(  # finds and checks the classifier layer (the model's last nn.Linear)
+            self.model, TensorDataset(self.x, self.y), config=config, n_classes=splits.n_classes,
             val_set=TensorDataset(splits.val_x.to(device), splits.val_y.to(device)), selector=selector,
             phase=self.meter.phase, group=group, watch=False,  # the driver watches (trainer.launch.job)
         )
@@ -123,7 +123,7 @@ class Trainer:
         self.lr_schedule = CosineSchedule(self.optimizer, config.train.lr, config.train.lr_schedule,
                                           self.plan.nominal_total, self._total_steps(), nominal=self.plan.nominal)
         self.eval_s = self.elapsed_s = 0.0
-        self._progress = Progress(total=self.plan.total)
+        self._progress = RunState(total=self.plan.total)
         self._lock = threading.Lock()
         self._stop_reason: str | None = None
         self._stop_epoch: int | None = None  # the epoch in progress when a stop request arrived
@@ -353,14 +353,12 @@ class Trainer:
             p.val_acc = val_acc if val_acc is not None else p.val_acc
             p.epochs.append(record.model_dump())
 
-    def progress(self, n_epochs_seen: int = 0, n_rounds_seen: int = 0) -> dict:
+    def progress(self, n_epochs_seen: int = 0, n_rounds_seen: int = 0) -> Progress:
         """The state of the run and the records not yet seen by the caller."""
         with self._lock:
             p = self._progress
-            return {
-                "epoch": p.epoch, "total": p.total, "loss": p.loss, "val_acc": p.val_acc,
-                "epochs": p.epochs[n_epochs_seen:], "rounds": p.rounds[n_rounds_seen:],
-            }
+            return Progress(epoch=p.epoch, total=p.total, loss=p.loss, val_acc=p.val_acc,
+                            epochs=p.epochs[n_epochs_seen:], rounds=p.rounds[n_rounds_seen:])
 
     def _energy_j(self, total) -> float | None:
         """Joules of the measured phases (training, summaries, stall): evaluation excluded, as in wall_s."""
@@ -397,7 +395,7 @@ class Trainer:
             strategy_changes=rounds["strategy_changes"], n_train=self.n_train,
         )
         clock = self.subset.clock  # the driver turns these instants into start_s and stop_s
-        return {"summary": summary.model_dump(), "progress": self.progress(),
+        return {"summary": summary.model_dump(), "progress": self.progress().model_dump(),
                 "clock": {"first_step_at": clock.first_step_at, "last_step_at": clock.last_step_at}}
 
     def close(self) -> None:

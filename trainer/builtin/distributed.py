@@ -31,6 +31,7 @@ import torch
 
 from protocol.config import FULL_EARLYSTOP, RunConfig
 from protocol.errors import RunFailed, one_line
+from protocol.records import Progress
 from trainer.builtin.core import MODEL, Trainer, atomic_save, load_checkpoint
 from trainer.client.group import Group
 from trainer.client.schedule import plan_epochs
@@ -93,7 +94,7 @@ def train_loop(setup: dict) -> None:
 
     context = ray.train.get_context()
     group = Group(context.get_world_rank(), context.get_world_size())
-    config = RunConfig.model_validate(setup["config"])
+    config = setup["config"]
     torch.set_num_threads(worker_threads(config))
     device = ray.train.torch.get_device()
     splits = ray.get(setup["splits"], timeout=DATA_TIMEOUT_S)
@@ -117,8 +118,8 @@ def _pusher(sink):
 
     def push(trainer) -> str | None:
         state = trainer.progress(seen["epochs"], seen["rounds"])
-        seen["epochs"] += len(state["epochs"])
-        seen["rounds"] += len(state["rounds"])
+        seen["epochs"] += len(state.epochs)
+        seen["rounds"] += len(state.rounds)
         return ray.get(sink.push.remote(state), timeout=CALL_TIMEOUT_S)
 
     return push
@@ -135,13 +136,14 @@ def worker_resources(config: RunConfig, cluster: dict | None = None) -> tuple[bo
     return use_gpu, {"CPU": train.worker_cpus, **({"GPU": 1} if use_gpu else {})}
 
 
-def check_workers(config: RunConfig, cluster: dict | None = None) -> str | None:
-    """Why ``--workers`` cannot run, or None; with ``cluster`` (``ray.cluster_resources()``), also whether the
-    cluster has the CPUs or GPUs the workers ask for. Checked before anything starts."""
-    train, n_summary = config.train, config.schedule.summary_workers
-    if cluster is not None and n_summary > max(1, int(cluster.get("CPU", 0))):
-        return (f"--summary-workers {n_summary}: more summary workers than the {cluster.get('CPU', 0):g} CPUs of the "
-                "cluster; each is a process making forward passes, so more would only share the cores")
+class ClusterRefused(RunFailed):
+    """The connected cluster lacks what the run's workers ask for (``check_cluster``); nothing was started."""
+
+
+def check_workers(config: RunConfig) -> str | None:
+    """Why ``--workers`` cannot run with this config, or None: checked once per run, before Ray starts (the
+    command line's ``prepare``, the experiment runner's trial)."""
+    train = config.train
     if train.workers <= 1:
         return None
     if config.selector.strategy == FULL_EARLYSTOP:
@@ -150,30 +152,39 @@ def check_workers(config: RunConfig, cluster: dict | None = None) -> str | None:
     if train.workers > train.batch_size:
         return (f"--workers {train.workers}: more workers than the {train.batch_size} examples of a mini-batch "
                 f"(--batch-size); each worker trains on a share of every batch")
-    if cluster is None:
+    return None
+
+
+def check_cluster(config: RunConfig, cluster: dict) -> str | None:
+    """Why the cluster (``ray.cluster_resources()``) cannot hold the run's summary workers or data-parallel
+    workers, or None: checked once per run, when its actors are about to start (``trainer.launch.job``)."""
+    train, n_summary = config.train, config.schedule.summary_workers
+    if n_summary > max(1, int(cluster.get("CPU", 0))):
+        return (f"--summary-workers {n_summary}: more summary workers than the {cluster.get('CPU', 0):g} CPUs of the "
+                "cluster; each is a process making forward passes, so more would only share the cores")
+    if train.workers <= 1:
         return None
     use_gpu, per_worker = worker_resources(config, cluster)
-    have = cluster
     for name, amount in per_worker.items():
         need = amount * train.workers
-        if have.get(name, 0) + 1e-9 < need:
+        if cluster.get(name, 0) + 1e-9 < need:
             return (f"--workers {train.workers}: needs {need:g} {name} ({amount:g} per worker), the cluster has "
-                    f"{have.get(name, 0):g}")
+                    f"{cluster.get(name, 0):g}")
     return None
 
 
 class DistributedTrainerService:
     """The driver's handle on a Ray Train run: same calls as ``trainer.builtin.actor.TrainerService``."""
 
-    def __init__(self, config: dict, selector, splits, out: str | None, resume: bool = False):
-        self.config = RunConfig.model_validate(config)
+    def __init__(self, config: RunConfig, selector, splits, out: str | None, resume: bool = False):
+        self.config = config
         self.selector, self.out = selector, Path(out).resolve() if out else None
         self.splits = ray.put(splits) if splits is not None else None
         self.resume = resume
         self._lock = threading.Lock()
         total = plan_epochs(self.config.train.epochs, self.config.schedule.kappa, self.config.schedule.budget,
                             True).total  # refined by rank 0's first push
-        self._state = {"epoch": 0, "total": total, "loss": None, "val_acc": None, "epochs": [], "rounds": []}
+        self._state = Progress(total=total)
         self._stop: str | None = None
         self._result = self._model = None
         self._started = threading.Event()
@@ -190,7 +201,7 @@ class DistributedTrainerService:
         use_gpu, per_worker = worker_resources(self.config)
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"config": self.config.model_dump(mode="json"), "splits": self.splits,
+            train_loop_config={"config": self.config, "splits": self.splits,
                                "selector": self.selector, "sink": ray.get_runtime_context().current_actor},
             scaling_config=ScalingConfig(num_workers=self.config.train.workers, use_gpu=use_gpu,
                                          resources_per_worker=per_worker),
@@ -233,25 +244,23 @@ class DistributedTrainerService:
         if rank == 0:
             self._started.set()
 
-    def push(self, state: dict) -> str | None:
+    def push(self, state: Progress) -> str | None:
+        """Rank 0's records since its last push; answers the stop request, if any."""
         with self._lock:
             mine = self._state
-            for key in ("epoch", "total", "loss"):
-                mine[key] = state[key]
-            mine["val_acc"] = state["val_acc"] if state["val_acc"] is not None else mine["val_acc"]
-            mine["epochs"] += state["epochs"]
-            mine["rounds"] += state["rounds"]
+            self._state = Progress(epoch=state.epoch, total=state.total, loss=state.loss,
+                                   val_acc=state.val_acc if state.val_acc is not None else mine.val_acc,
+                                   epochs=mine.epochs + state.epochs, rounds=mine.rounds + state.rounds)
             return self._stop
 
     def finish(self, result: dict, model_state: dict | None) -> None:
         self._result, self._model = result, model_state
 
     # the driver calls these -----------------------------------------------------------------------
-    def progress(self, n_epochs_seen: int = 0, n_rounds_seen: int = 0) -> dict:
+    def progress(self, n_epochs_seen: int = 0, n_rounds_seen: int = 0) -> Progress:
         with self._lock:
             s = self._state
-            return {**{k: s[k] for k in ("epoch", "total", "loss", "val_acc")},
-                    "epochs": s["epochs"][n_epochs_seen:], "rounds": s["rounds"][n_rounds_seen:]}
+            return s.model_copy(update={"epochs": s.epochs[n_epochs_seen:], "rounds": s.rounds[n_rounds_seen:]})
 
     def request_stop(self, reason: str, sent_at: float | None = None) -> None:
         self._stop = reason  # rank 0 stops at the end of its epoch in progress (Trainer.on_epoch)

@@ -20,7 +20,6 @@ and trained as they are. Summaries come from a forward hook on the model's class
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from typing import Iterator
@@ -224,9 +223,9 @@ class AdaptiveSubset:
         errors, notes = check_schedule(self.config, len(self.labels), pb=strategy in PB_STRATEGIES,
                                        rounds=strategy in ROUND_STRATEGIES)
         if errors:
-            raise ConfigError(_as_keywords(errors[0]))
+            raise ConfigError(errors[0].render(keyword_of, "="))
         for note in notes:
-            warnings.warn(_as_keywords(note), stacklevel=2)
+            warnings.warn(note.render(keyword_of, "="), stacklevel=2)
         summary_set = train_set if summary_set is None else summary_set
         if len(summary_set) != len(train_set):
             raise DatasetError(f"summary_set has {len(summary_set)} examples, must have as many as train_set "
@@ -254,7 +253,7 @@ class AdaptiveSubset:
                 self._own_ray = _use_private_ray(connect_ray(ray_choice=ray))
                 options = actor_options("cpu" if self.device.type == "cpu" else "auto")
                 self._group = options.pop("placement_group", None)
-                selector = self.selector = start_selector(self.config.selector.model_dump(), options)
+                selector = self.selector = start_selector(self.config.selector, options)
             schedule = self.config.schedule
             if leader and schedule.summary_workers:
                 self.workers = SummaryPool(schedule.summary_workers, summarised, train_inputs, self.labels, self.layer,
@@ -514,9 +513,9 @@ def _release_private_ray() -> None:
         ray.shutdown()
 
 
-def _as_keywords(message: str) -> str:
-    """A schedule check's message with its command-line flags as the keywords of ``AdaptiveSubset``."""
-    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message)
+def keyword_of(path: str) -> str:
+    """The keyword of ``AdaptiveSubset`` that sets the dotted config path ``path`` (its last part)."""
+    return path.rpartition(".")[2]
 
 
 def _check_range(labels: torch.Tensor, n_classes: int, name: str) -> None:

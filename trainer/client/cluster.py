@@ -23,8 +23,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from protocol.config import ROUND_STRATEGIES
+from protocol.config import ROUND_STRATEGIES, SelectorConfig
 from protocol.errors import RunFailed, one_line
+from protocol.receipts import Rejection
 
 # the dashboard is off unless asked for (``--dashboard``), and then listens on 127.0.0.1 only; Ray 2.60 itself turns a node address of 127.0.0.1 into
 # the machine's address and its gRPC servers listen on every interface, guarded by token authentication
@@ -261,8 +262,8 @@ def actor_options(device: str) -> dict:
     return {"num_cpus": 0, "num_gpus": 0.5, "scheduling_strategy": strategy, "placement_group": group}
 
 
-def start_selector(selector_config: dict, options: dict | None = None):
-    """A selector actor for ``selector_config`` (a ``SelectorConfig`` dump), placed by ``options``.
+def start_selector(selector_config: SelectorConfig, options: dict | None = None):
+    """A selector actor for ``selector_config`` (the run config's ``selector`` branch), placed by ``options``.
 
     With ``shards > 1`` and a strategy with rounds it is the sharded selector (docs/scaling.md): a coordinator
     with the same interface, placed by ``options``, that places its shards itself; ``RunFailed`` when they
@@ -273,13 +274,14 @@ def start_selector(selector_config: dict, options: dict | None = None):
     from service.actor import SelectorActor, ShardedSelectorActor
 
     options = options or {"num_cpus": 0, "num_gpus": 0}
-    shards = selector_config.get("shards", 1)
-    if shards <= 1 or selector_config.get("strategy") not in ROUND_STRATEGIES:
+    shards = selector_config.shards
+    if shards <= 1 or selector_config.strategy not in ROUND_STRATEGIES:
         return SelectorActor.options(**options).remote(selector_config)
     selector = ShardedSelectorActor.options(**options).remote(selector_config)
     timeout_s = selector_actor.SHARD_PLACE_TIMEOUT_S  # read at each call (tests shorten it)
     try:
-        reason = ray.get(selector.placed.remote(timeout_s), timeout=timeout_s + 60)
+        answer = ray.get(selector.placed.remote(timeout_s), timeout=timeout_s + 60)
+        reason = answer.rule if isinstance(answer, Rejection) else None
     except Exception as exc:  # the coordinator itself could not start
         reason = one_line(exc)
     if reason is None:

@@ -24,6 +24,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayEr
 
 from protocol.config import RANDOM_STREAM, RunConfig, StrategyChange
 from protocol.errors import RoundFailed, RunFailed, one_line
+from protocol.jobs import BatchJob, ExampleJob
 from protocol.messages import RoundRequest, StrategyPlan, SubsetMessage
 from protocol.records import RoundRecord
 from trainer.client.schedule import (
@@ -235,7 +236,7 @@ class RoundClient:
         selector, record = change.selector, {"epoch": change.epoch, "applied_epoch": epoch,
                                              "strategy": change.selector.strategy}
         try:
-            plan = ray.get(self.selector.reconfigure.remote(selector.model_dump()), timeout=CALL_TIMEOUT_S)
+            plan = ray.get(self.selector.reconfigure.remote(selector), timeout=CALL_TIMEOUT_S)
         except (RayError, GetTimeoutError) as exc:
             log.warning("reconfigure at epoch %d failed: %s", epoch, one_line(exc))
             self.applied_changes.append({**record, "status": "failed"})
@@ -296,11 +297,11 @@ class RoundClient:
     def _stream_on_workers(self, round_id: int, plan: StrategyPlan, ground: GroundLayout, chunk_rows: int) -> list:
         """Put a snapshot of the model in the object store and let the workers make and send the chunks."""
         if plan.summaries == "batch":
-            jobs = [("batch", i, start, ground.batches[start:start + chunk_rows])
+            jobs = [BatchJob(i, start, ground.batches[start:start + chunk_rows])
                     for i, start in enumerate(range(0, ground.n_ground, chunk_rows))]
         else:
-            jobs = [("example", i, start, min(start + chunk_rows, ground.n_ground),
-                     None if ground.ids is None else ground.ids[start:start + chunk_rows])
+            jobs = [ExampleJob(i, start, min(start + chunk_rows, ground.n_ground),
+                               None if ground.ids is None else ground.ids[start:start + chunk_rows])
                     for i, start in enumerate(range(0, ground.n_ground, chunk_rows))]
         refs, _ = self.workers.start(round_id, self.source.model, jobs, self.selector)
         if plan.needs_validation:
@@ -326,14 +327,14 @@ class RoundClient:
             reports = ray.get(pending.workers, timeout=CALL_TIMEOUT_S)
         except (RayError, GetTimeoutError):
             return {}
-        return {"worker_s": max(r["seconds"] for r in reports), "worker_nodes": [r["node"] for r in reports]}
+        return {"worker_s": max(r.seconds for r in reports), "worker_nodes": [r.node for r in reports]}
 
     def _resend_config(self) -> None:
         """After a selector failure, give the (restarted) selector the scheduled strategy again."""
         if self.resend_config is None or not self.selector_failed:
             return
         try:
-            ray.get(self.selector.reconfigure.remote(self.resend_config.model_dump()), timeout=CALL_TIMEOUT_S)
+            ray.get(self.selector.reconfigure.remote(self.resend_config), timeout=CALL_TIMEOUT_S)
             self.selector_failed = False
         except (RayError, GetTimeoutError) as exc:
             log.warning("reconfigure after a selector failure failed: %s", one_line(exc))

@@ -3,7 +3,8 @@
 Plain functions of the config (docs/design.md §3): ``plan_epochs`` splits the epoch budget into full and
 subset epochs, ``round_schedule`` places the rounds, ``budget_size`` / ``batch_budget`` turn the budget (a
 fraction) into a count, ``ground_layout`` / ``pool_layout`` make the ground set a round summarises.
-``check_schedule`` refuses a schedule with no round before anything starts. ``RoundClient``
+``check_schedule`` refuses a schedule with no round before anything starts, as ``ScheduleProblem``s that the
+command line and the Python API each put in their own words. ``RoundClient``
 (``trainer.client.rounds``) drives the rounds along this plan.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -98,8 +100,55 @@ def batch_budget(k: int, batch_size: int, n_batches: int) -> int:
     return max(1, min(n_batches, math.floor(k / batch_size + 0.5)))
 
 
-def check_schedule(config: RunConfig, n_train: int, pb: bool, rounds: bool) -> tuple[list[str], list[str]]:
-    """What keeps a run from selecting as asked: ``(errors, warnings)``, each a list of one-line messages.
+@dataclass(frozen=True)
+class ScheduleProblem:
+    """One thing that keeps a run from selecting as asked: the config field at fault (a dotted path such as
+    ``schedule.select_every``), its value as shown (None: the field as a whole) and the rule it breaks.
+
+    Other fields the rule names are written ``{section.field}``, or ``{section.field:VALUE}`` with a value;
+    ``render`` names them, and the field at fault, in the caller's words: ``--select-every 4`` on the command
+    line, ``select_every=4`` in the Python API.
+    """
+
+    field: str
+    value: str | None
+    rule: str
+
+    def render(self, name_of: Callable[[str], str], assign: str = " ") -> str:
+        """The one line a user reads: ``name_of(path)`` names a field; ``assign`` joins a name and its value."""
+        head = name_of(self.field) + (f"{assign}{self.value}" if self.value is not None else "")
+        return f"{head}: {self.rule.format_map(_Names(name_of, assign))}"
+
+
+class _Names(dict):
+    """``{section.field}`` and ``{section.field:VALUE}`` in a rule, named by ``name_of`` and joined by ``assign``."""
+
+    def __init__(self, name_of: Callable[[str], str], assign: str):
+        super().__init__()
+        self.name_of, self.assign = name_of, assign
+
+    def __missing__(self, section: str):
+        names = self
+
+        class Section:
+            def __getattr__(self, field: str):
+                return _Name(names.name_of(f"{section}.{field}"), names.assign)
+
+        return Section()
+
+
+@dataclass(frozen=True)
+class _Name:
+    name: str
+    assign: str
+
+    def __format__(self, value: str) -> str:
+        return f"{self.name}{self.assign}{value}" if value else self.name
+
+
+def check_schedule(config: RunConfig, n_train: int, pb: bool,
+                   rounds: bool) -> tuple[list[ScheduleProblem], list[ScheduleProblem]]:
+    """What keeps a run from selecting as asked: ``(errors, warnings)``, each a list of ``ScheduleProblem``.
 
     Errors: no round fits in the subset phase (the run would train on its initial random subset only); a PB
     batch size that makes the budget every mini-batch. Warnings: strategy changes at or after the last epoch,
@@ -111,29 +160,37 @@ def check_schedule(config: RunConfig, n_train: int, pb: bool, rounds: bool) -> t
     schedule, train = config.schedule, config.train
     plan = plan_epochs(train.epochs, schedule.kappa, schedule.budget, rounds)
     if not round_schedule(plan, schedule.select_every, schedule.max_lead):
-        errors.append(f"--select-every {schedule.select_every}: no selection round fits in the {plan.subset} subset "
-                      f"epochs of --epochs {train.epochs} (kappa {schedule.kappa:g}); use a smaller --select-every")
+        errors.append(ScheduleProblem(
+            "schedule.select_every", str(schedule.select_every),
+            f"no selection round fits in the {plan.subset} subset epochs of {{train.epochs:{train.epochs}}} "
+            f"({{schedule.kappa:{schedule.kappa:g}}}); use a smaller {{schedule.select_every}}"))
     k = budget_size(schedule.budget, n_train)
     n_batches = math.ceil(n_train / train.batch_size)
     if pb and batch_budget(k, train.batch_size, n_batches) >= n_batches:
-        errors.append(f"--batch-size {train.batch_size}: the budget of {k} examples needs all {n_batches} mini-batches "
-                      f"of the {n_train} training examples, so nothing is selected; use a smaller --batch-size"
-                      + (f" (or more data: {n_train} examples make {n_batches} mini-batch"
-                         f"{'es' if n_batches > 1 else ''})" if n_batches < 3 else ""))
+        errors.append(ScheduleProblem(
+            "train.batch_size", str(train.batch_size),
+            f"the budget of {k} examples needs all {n_batches} mini-batches of the {n_train} training examples, so "
+            "nothing is selected; use a smaller {train.batch_size}"
+            + (f" (or more data: {n_train} examples make {n_batches} mini-batch"
+               f"{'es' if n_batches > 1 else ''})" if n_batches < 3 else "")))
     elif k >= n_train:
-        warnings.append(f"--budget {schedule.budget:g}: the subset is the whole training set ({n_train} examples)")
+        warnings.append(ScheduleProblem("schedule.budget", f"{schedule.budget:g}",
+                                        f"the subset is the whole training set ({n_train} examples)"))
     if schedule.pool < 1:
         n_ground, n_select, what = (n_batches, batch_budget(k, train.batch_size, n_batches), "mini-batches") if pb \
             else (n_train, k, "examples")
         m = pool_size(schedule.pool, n_ground)
         if m <= n_select:
-            errors.append(f"--pool {schedule.pool:g}: a pool of {m} of the {n_ground} {what} leaves nothing to choose "
-                          f"for the budget of {n_select}; use a --pool of at least {2 * n_select / n_ground:.3g} "
-                          f"(ten times the budget, {min(1.0, 10 * n_select / n_ground):.3g}, chooses well)")
+            errors.append(ScheduleProblem(
+                "schedule.pool", f"{schedule.pool:g}",
+                f"a pool of {m} of the {n_ground} {what} leaves nothing to choose for the budget of {n_select}; use "
+                f"a {{schedule.pool}} of at least {2 * n_select / n_ground:.3g} (ten times the budget, "
+                f"{min(1.0, 10 * n_select / n_ground):.3g}, chooses well)"))
     late = [c.epoch for c in config.strategy_schedule if c.epoch >= plan.total]
     if late:
-        warnings.append(f"--strategy-schedule: entries at epochs {late} are at or after the last epoch "
-                        f"({plan.total - 1}) and never take effect")
+        warnings.append(ScheduleProblem(
+            "strategy_schedule", None,
+            f"entries at epochs {late} are at or after the last epoch ({plan.total - 1}) and never take effect"))
     return errors, warnings
 
 

@@ -6,10 +6,11 @@ compute their share of the round's chunks and stream them straight to the select
 round is the snapshot ``put``. Workers are spread over the cluster's nodes by a placement group (``SPREAD``,
 best effort), each with its own CPU/GPU request.
 
-Each round the pool asks the selector where the summaries go (``routes``, not waited for by the trainer):
-the single selector takes whole chunks (``add_chunk``); the sharded coordinator hands out the round's class
-map and its shards, and each worker splits its chunks by class, sends the parts straight to the shards and
-only ids and labels to the coordinator (``protocol.routes.send_routed``).
+Each round the pool describes the round's summaries (``protocol.routes.SummaryLayout``) and asks the selector
+where they go (``routes``, not waited for by the trainer): the single selector takes whole chunks
+(``WholeChunks``: ``add_chunk``); the sharded coordinator hands out the round's class map and its shards, and
+each worker splits its chunks by class, sends the parts straight to the shards and only ids and labels to the
+coordinator (``protocol.routes.send_routed``). Jobs and answers are ``protocol.jobs`` types.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import ray
 import torch
 from torch import nn
 
-from protocol.routes import send_routed
+from protocol.jobs import BatchJob, SummaryJob, WorkerReport
+from protocol.receipts import Rejection
+from protocol.routes import SummaryLayout, WholeChunks, send_routed
 from trainer.client.cluster import release
 from trainer.client.summaries import SummarySource
 
@@ -47,34 +50,30 @@ class SummaryWorkerService:
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def summarise(self, round_id: int, state: dict, jobs: list, selector, route: list | None = None) -> dict:
-        """Compute ``jobs`` from the weights ``state`` and send each chunk on; returns where and how long.
-
-        A job is ``("batch", index, start, group)`` or ``("example", index, start, stop, ids)``, ``ids`` the
-        example ids of a pool's elements ``start .. stop - 1`` (None: the examples of those numbers).
+    def summarise(self, round_id: int, state: dict, jobs: list[SummaryJob], selector,
+                  route: list | None = None) -> WorkerReport:
+        """Compute ``jobs`` from the weights ``state`` and send each chunk on; reports where and how long.
 
         ``route`` holds the ref of the selector's ``routes`` answer for the round (in a list, so it arrives
-        unresolved): a class map sends each chunk's parts straight to the shards, None whole chunks to
-        ``selector.add_chunk``, a string (the round takes no summaries) nothing.
+        unresolved): a class map sends each chunk's parts straight to the shards, ``WholeChunks`` (or no
+        ``route``) whole chunks to ``selector.add_chunk``, a ``Rejection`` (the round takes no summaries) nothing.
         """
         began = time.perf_counter()
-        plan = ray.get(route[0], timeout=ROUTE_TIMEOUT_S) if route else None
-        if isinstance(plan, str):  # failed or over: the selector tells the trainer why
-            return {"node": self.node(), "n_chunks": 0, "seconds": time.perf_counter() - began}
+        plan = ray.get(route[0], timeout=ROUTE_TIMEOUT_S) if route else WholeChunks()
+        if isinstance(plan, Rejection):  # failed or over: the selector tells the trainer why
+            return WorkerReport(node=self.node(), n_chunks=0, seconds=time.perf_counter() - began)
         self.model.load_state_dict(state)
         for job in jobs:
-            if job[0] == "batch":
-                _, index, start, group = job
-                chunk = self.source.batch_chunk(group, start)
+            if isinstance(job, BatchJob):
+                chunk = self.source.batch_chunk(job.batches, job.start)
             else:
-                _, index, start, stop, ids = job
-                chunk = self.source.example_chunk(start, stop, ids)
-            chunk = {"round_id": round_id, "chunk_index": index, **chunk}
-            if plan is None:
+                chunk = self.source.example_chunk(job.start, job.stop, job.ids)
+            chunk = {"round_id": round_id, "chunk_index": job.index, **chunk}
+            if isinstance(plan, WholeChunks):
                 selector.add_chunk.remote(chunk)
             else:
                 send_routed(plan, selector, chunk)
-        return {"node": self.node(), "n_chunks": len(jobs), "seconds": time.perf_counter() - began}
+        return WorkerReport(node=self.node(), n_chunks=len(jobs), seconds=time.perf_counter() - began)
 
 
 # no Ray restarts: a lost worker fails its round, and the pool places a new one before the next round
@@ -130,7 +129,7 @@ class SummaryPool:
                 pass  # the call failed, the worker lives
             del self.last[i]
 
-    def start(self, round_id: int, model: nn.Module, jobs: list, selector) -> tuple[list, float]:
+    def start(self, round_id: int, model: nn.Module, jobs: list[SummaryJob], selector) -> tuple[list, float]:
         """Snapshot ``model``, ask ``selector`` where the round's summaries go (``routes``, not waited for here:
         each worker waits for the answer, bounded) and hand the jobs out; returns the workers' result refs and
         the seconds of the put."""
@@ -146,17 +145,15 @@ class SummaryPool:
                 refs.append(self.last[i])
         return refs, time.perf_counter() - began
 
-    def layout(self, jobs: list) -> dict:
+    def layout(self, jobs: list[SummaryJob]) -> SummaryLayout:
         """What the chunks of ``jobs`` will be, for the selector to fix the round's class map up front
         (``service.routes.planned_routes``): per-example rounds carry the ground set's class counts."""
-        if jobs[0][0] == "batch":
-            n_ground = sum(len(job[3]) for job in jobs)
-            return {"kind": "batch", "n_classes": self.n_classes, "n_features": self.n_features, "n_ground": n_ground}
-        n_ground = max(job[3] for job in jobs)
-        labels = self.labels[:n_ground] if jobs[0][4] is None else self.labels[np.concatenate([job[4] for job in jobs])]
-        counts = np.bincount(labels, minlength=self.n_classes)
-        return {"kind": "example", "n_classes": self.n_classes, "n_features": self.n_features, "n_ground": n_ground,
-                "counts": counts}
+        if isinstance(jobs[0], BatchJob):
+            return SummaryLayout("batch", self.n_classes, self.n_features, sum(len(job.batches) for job in jobs))
+        n_ground = max(job.stop for job in jobs)
+        labels = self.labels[:n_ground] if jobs[0].ids is None else self.labels[np.concatenate([job.ids for job in jobs])]
+        return SummaryLayout("example", self.n_classes, self.n_features, n_ground,
+                             np.bincount(labels, minlength=self.n_classes))
 
     def close(self) -> None:
         release(*self.workers, group=self.group)

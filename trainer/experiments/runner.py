@@ -35,6 +35,7 @@ from protocol.config import (
 from protocol.errors import RunFailed, one_line
 from protocol.experiment import Grid, Trial
 from trainer.builtin.actor import default_threads
+from trainer.builtin.distributed import check_workers
 from trainer.client import cluster
 from trainer.client.cluster import RayUnavailable, connect_ray
 from trainer.data.raw import DataError
@@ -117,6 +118,9 @@ def run_trial(config: dict, out: str, gpus: float) -> dict:
     started = time.time()
     options = {"num_cpus": 0, "num_gpus": gpus / 2}
     config = RunConfig.model_validate_json((path / "config.json").read_text()) if resume else RunConfig.model_validate(config)
+    problem = check_workers(config)
+    if problem:
+        raise RunFailed(problem)
     summary = execute(config, path, show_progress=False, options=options, resume=resume)
     if summary["status"] != "completed":
         raise RunFailed(f"trial {summary['status']}: {summary['reason']}")

@@ -20,8 +20,9 @@ from tqdm import tqdm
 
 from protocol.config import RunConfig
 from protocol.errors import RunFailed
+from protocol.records import Progress
 from trainer.builtin.actor import TrainerActor
-from trainer.builtin.distributed import DistributedTrainerActor, check_workers
+from trainer.builtin.distributed import ClusterRefused, DistributedTrainerActor, check_cluster
 from trainer.client import cluster
 from trainer.client.cluster import actor_options, release, start_selector
 from trainer.client.watch import Watch
@@ -33,17 +34,16 @@ POLL_S = 0.5
 
 def start_actors(config: RunConfig, options: dict, splits, out: Path | None, resume: bool):
     """The selector and the trainer: one trainer actor, or with ``--workers N`` the handle on a Ray Train run
-    (``trainer.builtin.distributed``), which answers the same calls."""
-    if config.train.workers > 1:
-        problem = check_workers(config, ray.cluster_resources())
-        if problem:
-            raise RunFailed(problem)
+    (``trainer.builtin.distributed``), which answers the same calls. A cluster that cannot hold the run's
+    workers raises ``ClusterRefused`` first. The config crosses to the actors as the typed object."""
+    problem = check_cluster(config, ray.cluster_resources())
+    if problem:
+        raise ClusterRefused(problem)
     actor = DistributedTrainerActor if config.train.workers > 1 else TrainerActor
-    selector = start_selector(config.selector.model_dump(), options)
+    selector = start_selector(config.selector, options)
     # the Ray Train workers ask for their own CPUs or GPUs; their handle here needs none
     trainer_options = options if config.train.workers <= 1 else {"num_cpus": 0, "num_gpus": 0}
-    trainer = actor.options(**trainer_options).remote(config.model_dump(), selector, splits,
-                                                      str(out) if out else None, resume)
+    trainer = actor.options(**trainer_options).remote(config, selector, splits, str(out) if out else None, resume)
     return selector, trainer
 
 
@@ -122,22 +122,22 @@ def follow(trainer, out: Path, show_progress: bool = True, watch: Watch | None =
                 state = ray.get(trainer.progress.remote(seen_epochs, seen_rounds), timeout=PROGRESS_TIMEOUT_S)
                 try:
                     if not files:  # a resumed run's records come back whole and replace the old files
-                        files = (RecordFile.replacing(out / "epochs.jsonl", state["epochs"]),
-                                 RecordFile.replacing(out / "rounds.jsonl", state["rounds"]))
-                        seen_epochs, seen_rounds = len(state["epochs"]), len(state["rounds"])
+                        files = (RecordFile.replacing(out / "epochs.jsonl", state.epochs),
+                                 RecordFile.replacing(out / "rounds.jsonl", state.rounds))
+                        seen_epochs, seen_rounds = len(state.epochs), len(state.rounds)
                     else:
-                        seen_epochs += files[0].append(state["epochs"])
-                        seen_rounds += files[1].append(state["rounds"])
+                        seen_epochs += files[0].append(state.epochs)
+                        seen_rounds += files[1].append(state.rounds)
                 except RunFailed:
                     trainer.request_stop.remote("a record could not be written")
                     raise
                 if watch is not None:
-                    watch.epochs(state["epochs"])
-                    watch.rounds(state["rounds"])
-                bar.total = state["total"]
-                bar.update(state["epoch"] - bar.n)
+                    watch.epochs(state.epochs)
+                    watch.rounds(state.rounds)
+                bar.total = state.total
+                bar.update(state.epoch - bar.n)
                 bar.set_postfix(_postfix(state), refresh=False)
-                for record in state["rounds"]:
+                for record in state.rounds:
                     if record["status"] != "adopted":
                         bar.write(f"round {record['round']} {record['status']}: {record['reason']}")
                 if ready:
@@ -147,8 +147,8 @@ def follow(trainer, out: Path, show_progress: bool = True, watch: Watch | None =
             handle.close()
 
 
-def _postfix(state: dict) -> dict:
-    postfix = {"loss": f"{state['loss']:.3f}" if state["loss"] is not None else "-"}
-    if state["val_acc"] is not None:
-        postfix["val_acc"] = f"{state['val_acc']:.1f}"
+def _postfix(state: Progress) -> dict:
+    postfix = {"loss": f"{state.loss:.3f}" if state.loss is not None else "-"}
+    if state.val_acc is not None:
+        postfix["val_acc"] = f"{state.val_acc:.1f}"
     return postfix

@@ -23,9 +23,9 @@ import ray
 from protocol.config import FACTORY, PB_STRATEGIES, ROUND_STRATEGIES, RunConfig
 from protocol.errors import RunFailed, one_line
 from trainer.builtin.core import load_checkpoint
-from trainer.builtin.distributed import check_workers, latest_checkpoint
+from trainer.builtin.distributed import ClusterRefused, check_workers, latest_checkpoint
 from trainer.builtin.models import check_model_name
-from trainer.cli import ConfigError, parse_args, parse_config
+from trainer.cli import ConfigError, flag_of, parse_args, parse_config
 from trainer.client import cluster
 from trainer.client.cluster import RayUnavailable, connect_ray
 from trainer.client.layers import ModelError
@@ -233,13 +233,13 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
     strategy = config.selector.strategy
     errors, warnings = check_schedule(config, int(splits.train_y.shape[0]), pb=strategy in PB_STRATEGIES,
                                       rounds=strategy in ROUND_STRATEGIES)
-
-    errors.append(check_workers(config))
-    errors = [e for e in errors if e]
     if errors:
-        raise ConfigError(errors[0])
-    for line in warnings:
-        print(f"warning: {line}", file=sys.stderr)
+        raise ConfigError(errors[0].render(flag_of))
+    problem = check_workers(config)
+    if problem:
+        raise ConfigError(problem)
+    for warning in warnings:
+        print(f"warning: {warning.render(flag_of)}", file=sys.stderr)
     if not resume:
         out = run_dir(config, create=False)  # made once Ray is joined: a refused cluster leaves no directory
     if config.tensorboard:
@@ -283,10 +283,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not resume:
             make_run_dir(out)
-        problem = check_workers(config, ray.cluster_resources())
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return EXIT_USAGE
         with Stopper() as stopper:
             summary = execute(config, out, resume=resume, stopper=stopper, splits=splits,
                               began=began)
@@ -310,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"interrupted; continue with: python -m trainer.run --resume {out}", file=sys.stderr)
                 return EXIT_SIGTERM if stopper.signal == signal.SIGTERM else EXIT_SIGINT
             return 0
-    except ConfigError as exc:
+    except (ConfigError, ClusterRefused) as exc:  # ClusterRefused: the cluster lacks what the workers ask for
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
