@@ -202,3 +202,16 @@ def test_a_model_degenerate_in_eval_mode_is_reported(tmp_path):
     summary, _, _ = read_run(out)
     assert len(summary["notes"]) == 1 and "BatchNorm running statistics" in summary["notes"][0], summary["notes"]
     assert done.stderr.count("warning: eval mode: at epoch") == 1
+
+
+def test_an_untrained_model_predicting_one_class_is_not_called_degenerate():
+    from trainer.builtin.core import degenerate_note
+
+    # the grid's case: LeNet at epoch 4 of a 5 % subset, still at chance (ln 10 = 2.30), predicts one class
+    assert degenerate_note(4, 8, 1.0, 0.1, 2.29, 10) is None
+    assert degenerate_note(4, 8, 1.0, 0.1, float("nan"), 10) is None
+    # the same predictions while training to a low loss: eval mode is what breaks it
+    note = degenerate_note(4, 8, 1.0, 0.1, 0.2, 10)
+    assert note is not None and note.startswith("eval mode: at epoch 4 the model predicts class 8 for 100 %")
+    assert degenerate_note(4, 8, 0.85, 0.1, 0.2, 10) is None  # under DEGENERATE_SHARE
+    assert degenerate_note(4, 1, 0.95, 0.8, 0.2, 10) is None  # the labels themselves are that concentrated

@@ -33,6 +33,22 @@ CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 CHECKPOINT_VERSION = 1
 DEGENERATE_SHARE = 0.9  # eval-mode predictions this concentrated on one class are reported
+LEARNED_FRACTION = 0.5  # ... while the training loss is under this fraction of ln C (the model has learned)
+
+
+def degenerate_note(epoch: int, cls: int, share: float, label_share: float, loss: float, n_classes: int) -> str | None:
+    """The note for a model degenerate in eval mode, or None: its eval-mode predictions fall on one class (at least
+    ``DEGENERATE_SHARE`` of them, a quarter more than the most common label) while it trains to a loss under
+    ``LEARNED_FRACTION`` of chance (ln C). A model that has not learned yet (a loss near ln C) and predicts one
+    class is untrained, not degenerate."""
+    learned = math.isfinite(loss) and loss < LEARNED_FRACTION * math.log(max(2, n_classes))
+    if share < DEGENERATE_SHARE or share <= label_share + 0.25 or not learned:
+        return None
+    return (f"eval mode: at epoch {epoch} the model predicts class {cls} for {100 * share:.0f} % of the validation "
+            f"examples (the most common label is {100 * label_share:.0f} % of them) while it trains to a loss of "
+            f"{loss:.3g}; the summaries and the test accuracy are computed in eval mode too. Likely cause: BatchNorm "
+            "running statistics from too few steps (or batches too small); remedy: more full epochs (--kappa), a "
+            "larger --batch-size, or a model without BatchNorm")
 
 
 @dataclass
@@ -251,13 +267,9 @@ class Trainer:
         val_y = self.splits.val_y
         label_share = float(torch.bincount(val_y).max()) / max(1, val_y.numel())
         cls, share = dominant_prediction(self.model, self.splits.val_x.to(self.device))
-        if share >= DEGENERATE_SHARE and share > label_share + 0.25:
-            loss = self._progress.loss if self._progress.loss is not None else float("nan")
-            note = (f"eval mode: at epoch {epoch} the model predicts class {cls} for {100 * share:.0f} % of the "
-                    f"validation examples (the most common label is {100 * label_share:.0f} % of them) while it "
-                    f"trains to a loss of {loss:.3g}; the summaries and the test accuracy are computed in eval mode too. Likely cause: BatchNorm "
-                    "running statistics from too few steps (or batches too small); remedy: more full epochs "
-                    "(--kappa), a larger --batch-size, or a model without BatchNorm")
+        loss = self._progress.loss if self._progress.loss is not None else float("nan")
+        note = degenerate_note(epoch, cls, share, label_share, loss, self.splits.n_classes)
+        if note is not None:
             self.notes.append(note)
             log.warning("%s", note)
 
