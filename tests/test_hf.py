@@ -49,7 +49,7 @@ def test_hf_trainer_trains_on_the_adopted_subsets(ray_address, tmp_path):
     seen = {}
     trainer = AdaptiveSubsetTrainer(model=model, args=arguments(tmp_path), train_dataset=data,
                                     subset=dict(strategy="gradmatch-pb", budget=0.2, select_every=2, kappa=0.5,
-                                                on_late="wait"))
+                                                on_late="wait", tensorboard=str(tmp_path / "tb")))
     original = trainer.compute_loss
 
     def recording(model, inputs, *args, **kwargs):
@@ -73,6 +73,14 @@ def test_hf_trainer_trains_on_the_adopted_subsets(ray_address, tmp_path):
     with torch.no_grad():
         logits = model(input_ids=test.ids, attention_mask=torch.ones_like(test.ids)).logits
     assert (logits.argmax(1) == test.labels).float().mean() > 0.5  # chance: 1/3
+    # tensorboard=: each epoch's loss and the learning rate of the Trainer's (linearly decaying) schedule
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    reader = accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    reader.Reload()
+    lrs = [(event.step, event.value) for event in reader.Scalars("epoch/lr")]
+    assert [step for step, _ in lrs] == list(range(6))
+    assert all(5e-3 > a >= b >= 0 for (_, a), (_, b) in zip(lrs, lrs[1:])), lrs
+    assert [event.step for event in reader.Scalars("epoch/loss")] == list(range(6))
 
 
 def test_hf_settings_are_checked_in_one_line(tmp_path):

@@ -38,12 +38,12 @@ def make_trainer(callback, **options):
 
 @pytest.mark.ray
 @pytest.mark.parametrize("strategy, num_workers", [("gradmatch-pb", 0), ("gradmatch", 1)])
-def test_lightning_trains_on_the_adopted_subsets(ray_address, strategy, num_workers):
+def test_lightning_trains_on_the_adopted_subsets(ray_address, strategy, num_workers, tmp_path):
     torch.manual_seed(0)
     data = Blobs()
     model = Module()
     callback = AdaptiveSubsetCallback(data, strategy=strategy, budget=0.2, epochs=10, select_every=2, kappa=0.5,
-                                      batch_size=16, seed=3, num_workers=num_workers)
+                                      batch_size=16, seed=3, num_workers=num_workers, tensorboard=str(tmp_path / "tb"))
     assert callback.epochs == 6
     make_trainer(callback).fit(model, callback.dataloader())
     assert [r["status"] for r in callback.records] == ["adopted"] * 3, callback.records
@@ -60,6 +60,13 @@ def test_lightning_trains_on_the_adopted_subsets(ray_address, strategy, num_work
     assert final == set(torch.cat(adopted.batches).tolist())
     accuracy = (model(data.x).argmax(1) == data.y).float().mean().item()
     assert accuracy > 0.6  # chance: 0.25
+    # tensorboard=: each epoch's loss and the optimizer's learning rate, read back as TensorBoard reads them
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    reader = accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    reader.Reload()
+    lrs = [(event.step, event.value) for event in reader.Scalars("epoch/lr")]
+    assert lrs == [(epoch, pytest.approx(0.05)) for epoch in range(6)]
+    assert [event.step for event in reader.Scalars("epoch/loss")] == list(range(6))
 
 
 def test_lightning_settings_are_checked_in_one_line():

@@ -185,7 +185,9 @@ class _Boundaries(transformers.TrainerCallback):
         total, count = trainer._loss
         trainer.seen_per_epoch.append(count)
         if count:
-            trainer.client.report_loss(total / count)
+            optimizer = getattr(trainer, "optimizer", None)
+            lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None  # for tensorboard=
+            trainer.client.report_loss(total / count, lr=lr)
         trainer._loss = [0.0, 0]
         if not trainer.sampler.advance():
             control.should_training_stop = True

@@ -108,7 +108,9 @@ class AdaptiveSubsetCallback(pl.Callback):
         total, count = self._loss
         self.seen_per_epoch.append(count)
         if count:
-            self.subset.report_loss(total / count)
+            optimizers = getattr(trainer, "optimizers", None) or []
+            lr = optimizers[0].param_groups[0]["lr"] if optimizers else None  # for tensorboard=
+            self.subset.report_loss(total / count, lr=lr)
         self._loss = [0.0, 0]
         self.sampler.advance()  # the boundary before the next epoch (after the last: the run's end)
 
