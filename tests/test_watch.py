@@ -134,6 +134,18 @@ def test_tensorboard_flag_and_its_bad_values(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_tensorboard_directory_the_system_refuses_is_one_line(tmp_path, capsys):
+    from trainer.client.watch import TensorBoard
+
+    refused = "/proc/gradmatch-tb"  # /proc takes no new directories, even from root
+    assert main(["--tensorboard", refused, "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --tensorboard {refused!r}: cannot create it (No such file or "
+                                               "directory); must be a writable directory")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"^tensorboard= '/proc/gradmatch-tb': cannot create it"):
+        TensorBoard(refused, what="tensorboard=")
+
+
 def test_a_missing_tensorboard_package_fails_at_once_naming_the_extra(tmp_path, capsys, monkeypatch):
     for name in ("tensorboard", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, name, None)

@@ -17,6 +17,7 @@ out) and ``gradmatch_rounds_harmful_total`` (undone by the divergence guard), an
 
 from __future__ import annotations
 
+from trainer.cli import ConfigError
 from trainer.client.extras import require
 
 EPOCH_SCALARS = {"loss": "epoch/loss", "lr": "epoch/lr", "val_acc": "epoch/accuracy"}  # record field -> tag
@@ -42,7 +43,11 @@ class TensorBoard:
 
     def __init__(self, logdir: str, rewrite: bool = False, what: str = "--tensorboard"):
         module = tensorboard_module(what)
-        self.writer = module.SummaryWriter(str(logdir), purge_step=0 if rewrite else None)
+        try:
+            self.writer = module.SummaryWriter(str(logdir), purge_step=0 if rewrite else None)
+        except OSError as exc:  # a directory the system refuses: one line naming it, not a traceback
+            raise ConfigError(f"{what} {logdir!r}: cannot create it ({exc.strerror or exc}); must be a writable "
+                              "directory") from None
 
     def epochs(self, records: list[dict]) -> None:
         self._write(records, "epoch", EPOCH_SCALARS)

@@ -260,6 +260,11 @@ def check_tensorboard(logdir: str) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--tensorboard {logdir!r}: cannot create or write there ({existing} is not a writable "
                           "directory)")
+    try:  # made now, before Ray starts: a directory the system refuses (a read-only or virtual file system) says so
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--tensorboard {logdir!r}: cannot create it ({exc.strerror or exc}); "
+                          "must be a writable directory") from None
 
 
 def main(argv: list[str] | None = None) -> int:
