@@ -12,6 +12,7 @@ choice explicit (``choose_ray``); a cluster that cannot be joined is refused wit
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import socket
@@ -26,6 +27,31 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from protocol.config import ROUND_STRATEGIES, SelectorConfig
 from protocol.errors import RunFailed, one_line
 from protocol.receipts import Rejection
+
+
+def _freeze_before_fork() -> None:
+    """Before any fork: move every live object out of the cycle collector's reach (``gc.freeze``).
+
+    A forked child (a ``DataLoader`` worker: the client's own summary loaders, or a user's) inherits the
+    parent's unreachable cycles; if its collector finalizes one holding a Ray handle, the handle's ``__del__``
+    calls into a Ray core worker whose locks belonged to threads the child does not have, and the worker hangs
+    for good. Frozen objects are never collected in the child; the parent collects them as before."""
+    global _frozen_here
+    _frozen_here = gc.get_freeze_count() == 0
+    gc.freeze()
+
+
+def _thaw_after_fork() -> None:
+    """In the parent after a fork: give the frozen objects back to the collector (unless someone else froze
+    objects before, whose choice is kept)."""
+    if _frozen_here:
+        gc.unfreeze()
+
+
+_frozen_here = False
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_freeze_before_fork, after_in_parent=_thaw_after_fork)
+
 
 # the dashboard is off unless asked for (``--dashboard``), and then listens on 127.0.0.1 only; Ray 2.60 itself turns a node address of 127.0.0.1 into
 # the machine's address and its gRPC servers listen on every interface, guarded by token authentication
