@@ -24,8 +24,8 @@ def test_the_gradmatch_command_dispatches_to_run_and_experiment(capsys):
 
 
 @pytest.mark.parametrize("blocked, module, message", [
-    ("matplotlib", "trainer.report", "the experiment report needs matplotlib: pip install 'gradmatch[experiments]'"),
-    ("pandas", "trainer.report", "the experiment report needs pandas: pip install 'gradmatch[experiments]'"),
+    ("matplotlib", "trainer.experiments.report", "the experiment report needs matplotlib: pip install 'gradmatch[experiments]'"),
+    ("pandas", "trainer.experiments.report", "the experiment report needs pandas: pip install 'gradmatch[experiments]'"),
     ("lightning", "trainer.integrations.lightning",
      "trainer.integrations.lightning needs lightning: pip install 'gradmatch[lightning]'"),
     ("transformers", "trainer.integrations.hf", "trainer.integrations.hf needs transformers: pip install 'gradmatch[hf]'"),
