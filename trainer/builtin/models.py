@@ -86,7 +86,7 @@ def _from_torchvision(name: str, in_shape: tuple[int, int, int], n_classes: int)
 
     torchvision's ImageNet models downsample by 32; small inputs (28x28, 32x32) still work because every
     classification model ends in adaptive pooling, though with a 1x1 final feature map. Inputs with other
-    than 3 channels are repeated or averaged to 3 by a fixed first layer (documented in the README).
+    than 3 channels are repeated or averaged to 3 by a fixed first layer (documented in docs/guide.md).
     """
     check_model_name(name)
     from torchvision.models import get_model

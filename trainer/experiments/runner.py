@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import itertools
 import json
 import shutil
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Run a grid of trials and write results.csv, report.md and plots.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help=f"one of {', '.join(PRESETS)}")
-    source.add_argument("--grid", metavar="FILE.yaml", help="a grid file (see README)")
+    source.add_argument("--grid", metavar="FILE.yaml", help="a grid file (see docs/guide.md, Experiments)")
     parser.add_argument("--out", help="experiment folder (default: experiments/<name>); reused to resume")
     parser.add_argument("--trial-cpus", type=float, default=None,
                         help="CPUs each trial reserves (default: all CPUs of the machine when local, else 1)")
@@ -261,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:  # the report is written at the end: without its packages, say so before any trial runs
-        import trainer.experiments.report  # noqa: F401
+        importlib.import_module("trainer.experiments.report")
     except ImportError as exc:
         return _error(str(exc))
     grid = load_grid(args)
