@@ -160,7 +160,7 @@ class ScheduleConfig(Strict):
     )
     summary_threads: int = Field(1, ge=1, description="torch CPU threads of each summary worker")
     summary_precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="dtype of the summary passes' forward (autocast; the summaries are accumulated in "
+        "auto", description="dtype of the summary passes' forward (autocast; the summaries are accumulated in "
         "float32): auto picks bf16 on a GPU that supports it (else fp16) and on a CPU with native bfloat16 "
         "(AVX512-BF16, AMX), else fp32; fp32 turns autocast off"
     )
