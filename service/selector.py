@@ -25,6 +25,7 @@ from protocol.errors import RoundFailed
 from protocol.messages import GradientChunk, RoundRequest, StrategyPlan, SubsetMessage, ValidationSet
 from protocol.receipts import Accepted, Rejection
 from protocol.routes import SummaryLayout, WholeChunks
+from protocol.status import SelectorStatus
 from service.registry import implementation
 from service.strategies import GradientErrors, GroundSet, Selection, gradient_errors
 
@@ -120,7 +121,7 @@ class RoundState:
     strategy: object = None
     last_input: float = field(default_factory=time.monotonic)  # when a request or chunk last arrived
     started: bool = False
-    answer: dict | None = None
+    answer: SubsetMessage | None = None
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -189,17 +190,12 @@ class SelectorService:
         log.info("reconfigured to %s", config.strategy)
         return self.plan()
 
-    def status(self) -> dict:
+    def status(self) -> SelectorStatus:
+        """The selector's state: its strategy, the rounds running and answered, the seconds spent."""
         with self._lock:
             running = [r for r, state in self._rounds.items() if state.started and not state.done.is_set()]
-            return {
-                "strategy": self.config.strategy,
-                "running": running,
-                "answered": self._answered,
-                "busy_s": self._busy_s,
-                "stopped": self._stopped,
-                "device": self.device,
-            }
+            return SelectorStatus(strategy=self.config.strategy, running=running, answered=self._answered,
+                                  busy_s=self._busy_s, stopped=self._stopped, device=self.device)
 
     def stop(self) -> None:
         """Fail every open round and refuse new ones."""
@@ -303,8 +299,8 @@ class SelectorService:
         return Accepted(round_id=validation.round_id)
 
     def result(self, round_id: int, timeout_s: float, request_grace_s: float = REQUEST_GRACE_S,
-               chunk_grace_s: float = CHUNK_GRACE_S) -> dict:
-        """Block until round ``round_id`` is answered; return the ``SubsetMessage`` as a dict.
+               chunk_grace_s: float = CHUNK_GRACE_S) -> SubsetMessage:
+        """Block until round ``round_id`` is answered; return its ``SubsetMessage``.
 
         A round whose request does not arrive within ``request_grace_s`` is unknown here (its request
         went to an earlier incarnation of a restarted selector), and one whose chunks stop coming for
@@ -402,7 +398,7 @@ class SelectorService:
 
     @staticmethod
     def _answer(state: RoundState, selection: Selection, errors: GradientErrors, select_s: float,
-                clock: RoundClock) -> tuple[dict, float]:
+                clock: RoundClock) -> tuple[SubsetMessage, float]:
         """The round's validated answer (after the configured delay and fault) and the seconds it took.
 
         ``clock`` was started by the round's thread: the message carries the wall seconds, the CPU seconds of
@@ -415,7 +411,7 @@ class SelectorService:
         answer = _message(config.strategy, state.request, selection, errors, select_s, busy_s, cpu_s, preempted)
         return _inject_fault(config.fault, answer, state.request), busy_s
 
-    def _deliver(self, state: RoundState, answer: dict, busy_s: float) -> None:
+    def _deliver(self, state: RoundState, answer: SubsetMessage, busy_s: float) -> None:
         with self._lock:
             self._busy_s += busy_s
             self._answered += 1
@@ -444,8 +440,9 @@ def round_of(payload) -> int | None:
 
 
 def _message(strategy: str, request: RoundRequest, selection: Selection, errors: GradientErrors,
-             select_s: float, busy_s: float, cpu_s: float | None = None, preempted: int | None = None) -> dict:
-    message = SubsetMessage.model_validate(
+             select_s: float, busy_s: float, cpu_s: float | None = None,
+             preempted: int | None = None) -> SubsetMessage:
+    return SubsetMessage.model_validate(
         {
             "round_id": request.round_id,
             "model_step": request.model_step,
@@ -462,23 +459,25 @@ def _message(strategy: str, request: RoundRequest, selection: Selection, errors:
         },
         context={"request": request},
     )
-    return message.model_dump()
 
 
-def _inject_fault(fault: str, answer: dict, request: RoundRequest) -> dict:
-    """Corrupt an answer on purpose (config ``fault``), after its own validation; invalid for any size >= 1."""
+def _inject_fault(fault: str, answer: SubsetMessage, request: RoundRequest) -> SubsetMessage:
+    """Corrupt an answer on purpose (config ``fault``), after its own validation; invalid for any size >= 1.
+
+    The corrupt answer is a ``SubsetMessage`` built without validation (``model_copy``), so that only the
+    receiver's validation (``trainer.client.rounds``) can catch it."""
     if fault == "none":
         return answer
-    answer = dict(answer, indices=answer["indices"].copy(), weights=answer["weights"].copy())
+    indices, weights = answer.indices.copy(), answer.weights.copy()
+    update = {}
     if fault == "wrong_round":
-        answer["round_id"] += 1
+        update["round_id"] = answer.round_id + 1
     elif fault == "index_out_of_range":
-        answer["indices"][0] = request.n_ground
+        indices[0] = request.n_ground
     elif fault == "negative_weight":
-        answer["weights"][0] = -1.0
+        weights[0] = -1.0
     elif fault == "duplicate_index":  # appended, so a one-element answer is corrupted too
-        answer["indices"] = np.append(answer["indices"], answer["indices"][0])
-        answer["weights"] = np.append(answer["weights"], answer["weights"][0])
+        indices, weights = np.append(indices, indices[0]), np.append(weights, weights[0])
     elif fault == "crash":
         raise RuntimeError("injected fault: crash")
-    return answer
+    return answer.model_copy(update={"indices": indices, "weights": weights, **update})

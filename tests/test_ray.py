@@ -114,7 +114,7 @@ def run_killing_the_selector_mid_round(config: RunConfig, no_restart: bool) -> d
     try:
         run_ref = trainer.run.remote()
         deadline = time.monotonic() + 120
-        while not ray.get(selector.status.remote(), timeout=30)["running"]:
+        while not ray.get(selector.status.remote(), timeout=30).running:
             assert time.monotonic() < deadline, "no round started"
             time.sleep(0.05)
         ray.kill(selector, no_restart=no_restart)

@@ -46,7 +46,7 @@ def test_round_trip_with_chunks_before_the_request_and_out_of_order():
     answer = service.result(0, timeout_s=30)
     message = SubsetMessage.model_validate(answer, context={"request": RoundRequest(**request())})
     assert message.round_id == 0 and message.model_step == 7 and message.indices.size == 4
-    assert service.status()["answered"] == 1 and service.status()["busy_s"] > 0
+    assert service.status().answered == 1 and service.status().busy_s > 0
 
 
 def test_answers_carry_the_cpu_time_of_the_round_apart_from_its_waits():
@@ -55,10 +55,10 @@ def test_answers_carry_the_cpu_time_of_the_round_apart_from_its_waits():
     send_chunks(service, 0)
     answer = service.result(0, timeout_s=30)
     # the delay is a sleep: it is in the wall seconds, not in the CPU seconds of the round's thread
-    assert answer["busy_s"] >= 0.3 and 0 < answer["cpu_s"] < 0.3
-    assert answer["cpu_s"] <= answer["busy_s"] - 0.3 + 0.01
+    assert answer.busy_s >= 0.3 and 0 < answer.cpu_s < 0.3
+    assert answer.cpu_s <= answer.busy_s - 0.3 + 0.01
     # a sleep gives the core up: that is not a preemption
-    assert answer["preempted"] is None or 0 <= answer["preempted"] <= 10
+    assert answer.preempted is None or 0 <= answer.preempted <= 10
 
 
 def _spin(seconds):
@@ -113,9 +113,9 @@ def test_status_answers_while_a_slow_round_runs():
     service.start_round(request(n_chunks=0, strategy="random"))
     time.sleep(0.1)
     start = time.perf_counter()
-    assert service.status()["running"] == [0]
+    assert service.status().running == [0]
     assert time.perf_counter() - start < 0.5
-    assert len(service.result(0, timeout_s=10)["indices"]) == 4
+    assert len(service.result(0, timeout_s=10).indices) == 4
 
 
 def test_a_newer_round_supersedes_an_open_one():
@@ -193,7 +193,7 @@ def test_a_crashing_strategy_fails_the_round_not_the_service():
     service.start_round(request(n_chunks=0, strategy="random"))
     with pytest.raises(RoundFailed, match="injected fault"):
         service.result(0, timeout_s=10)
-    assert service.status()["stopped"] is False
+    assert service.status().stopped is False
 
 
 def test_bad_config_names_the_field():
@@ -224,16 +224,16 @@ def test_reconfigure_takes_effect_from_the_next_round():
     service.start_round(request(round_id=0, n_chunks=0, strategy="random"))
     plan = service.reconfigure({"strategy": "gradmatch-pb"})
     assert plan.strategy == "gradmatch-pb" and plan.summaries == "batch"
-    assert service.result(0, timeout_s=10)["strategy"] == "random"  # asked before the change
+    assert service.result(0, timeout_s=10).strategy == "random"  # asked before the change
     service.start_round(request(round_id=1))
     send_chunks(service, 1)
-    assert service.result(1, timeout_s=30)["strategy"] == "gradmatch-pb"
+    assert service.result(1, timeout_s=30).strategy == "gradmatch-pb"
     service.start_round(request(round_id=2, n_chunks=0, strategy="random"))  # the trainer's view is stale
     with pytest.raises(RoundFailed, match="asked of strategy 'random', but this selector runs 'gradmatch-pb'"):
         service.result(2, timeout_s=10)
     with pytest.raises(ValidationError, match="lam"):
         service.reconfigure({"strategy": "gradmatch-pb", "lam": -1})
-    assert service.status()["strategy"] == "gradmatch-pb"
+    assert service.status().strategy == "gradmatch-pb"
 
 
 def test_round_failed_survives_pickling_with_its_fields():
@@ -297,7 +297,7 @@ def test_an_unreadable_rejection_before_any_round_fails_the_next_round_asked():
     service.start_round(request(round_id=0, n_chunks=0, strategy="random"))
     _fails_at_once(service, 0, "validation set rejected: round_id: ")
     service.start_round(request(round_id=1, n_chunks=0, strategy="random"))  # only that one round fails
-    assert len(service.result(1, timeout_s=10)["indices"]) == 4
+    assert len(service.result(1, timeout_s=10).indices) == 4
 
 
 def test_a_rejected_request_fails_its_round_at_once():
@@ -324,12 +324,12 @@ def test_answers_carry_the_three_gradient_errors():
     send_chunks(service, 0)
     answer = service.result(0, timeout_s=30)
     expected = gradient_errors(GradMatchPBSelector(), GroundSet(labels=np.zeros(30), rows=ROWS), None,
-                               answer["indices"], answer["weights"])
-    assert (answer["grad_error"], answer["grad_error_rel"], answer["grad_error_trained"]) == pytest.approx(
+                               answer.indices, answer.weights)
+    assert (answer.grad_error, answer.grad_error_rel, answer.grad_error_trained) == pytest.approx(
         (expected.absolute, expected.relative, expected.trained))
-    assert 0 < answer["grad_error_rel"] < 1 and 0 < answer["grad_error_trained"] < 1
+    assert 0 < answer.grad_error_rel < 1 and 0 < answer.grad_error_trained < 1
     norm = np.linalg.norm(ROWS.astype(np.float64).sum(0))  # the training target of batches without sizes
-    assert answer["grad_error"] == pytest.approx(answer["grad_error_rel"] * norm)
+    assert answer.grad_error == pytest.approx(answer.grad_error_rel * norm)
 
 
 @pytest.mark.parametrize("strategy", ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister"])
