@@ -16,7 +16,7 @@ import numpy as np
 from protocol.config import CraigPBSelector, GradMatchPBSelector, GradMatchSelector
 from protocol.errors import RoundFailed, one_line
 from protocol.messages import RoundRequest, ValidationSet
-from protocol.routes import nbytes
+from protocol.routes import ShardPart, nbytes
 from service import craig
 from service.omp import omp_gram
 from service.ridge import ridge_weights
@@ -44,7 +44,7 @@ class ShardCalls:
         self._sent: dict[int, list] = {}
         self._lock = threading.Lock()
 
-    def send(self, round_id: int, index: int, part: dict) -> None:
+    def send(self, round_id: int, index: int, part: ShardPart) -> None:
         """Deliver one part without waiting; ``settle`` checks the deliveries."""
         with self._lock:
             self.moved[round_id] = self.moved.get(round_id, 0) + nbytes(part)

@@ -17,7 +17,9 @@ from protocol.config import GradMatchSelector, RunConfig
 from protocol.errors import RoundFailed, RunFailed
 from protocol.messages import SubsetMessage
 from protocol.receipts import Accepted, Rejection
-from protocol.routes import BatchMap, ExampleMap, SummaryLayout, WholeChunks, range_columns, send_routed, split_chunk
+from protocol.routes import (
+    BatchMap, BatchPart, ExampleMap, ExamplePart, SummaryLayout, WholeChunks, range_columns, send_routed, split_chunk,
+)
 from service.coordinator import ShardedSelector
 from service.ridge import ridge_weights
 from service.routes import assign_classes, class_ranges, infer_n_classes
@@ -327,14 +329,26 @@ def test_the_map_handed_out_is_fixed_for_the_round_and_splits_as_the_coordinator
     assert [type(shard) for shard in route.shards] == [ShardService] * 3
     chunk = {"round_id": 0, "chunk_index": 0, **example_chunks()[0]}
     parts = split_chunk(route, chunk)
-    assert sum(len(part["ids"]) for part in parts if part is not None) == 100
+    assert all(isinstance(part, ExamplePart) for part in parts if part is not None)
+    assert sum(len(part.ids) for part in parts if part is not None) == 100
     for shard, part in enumerate(parts):
         if part is not None:
-            assert set(route.owner[part["labels"]]) == {shard}
+            assert set(route.owner[part.labels]) == {shard}
     pb = service.routes(1, layout_of("gradmatch-pb"))
     assert list(pb.ranges) == class_ranges(N_CLASSES, 3) and pb.width == ROWS.shape[1]
     assert SelectorService({"strategy": "gradmatch"}).routes(0, layout_of("gradmatch")) == WholeChunks()
     assert service.routes(1, None) == WholeChunks()
+
+
+def test_a_shard_takes_typed_parts_only():
+    shard = ShardService(0)
+    route = sharded({"strategy": "gradmatch-pb"}, 2).routes(0, layout_of("gradmatch-pb"))
+    parts = split_chunk(route, {"round_id": 0, "chunk_index": 0, **batch_chunks(len(ROWS))[0]})  # every row
+    assert [type(part) for part in parts] == [BatchPart, BatchPart] and parts[0].n_rows == len(ROWS)
+    with pytest.raises(TypeError, match="part: a dict, must be a protocol.routes.ExamplePart or BatchPart"):
+        shard.add_part(0, {"ids": parts[0].ids, "rows": parts[0].rows})
+    shard.add_part(0, parts[0])
+    assert shard.gather(0, len(parts[0].ids)) == parts[0].rows.nbytes + 8 * len(ROWS)  # ids of every row
 
 
 def test_a_chunk_that_does_not_fit_the_map_is_refused_by_its_sender():
