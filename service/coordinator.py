@@ -133,7 +133,7 @@ class ShardedSelector(SelectorService):
                                  rule=f"round {round_id} was superseded by round {self._latest}")
             if state is not None and state.done.is_set():
                 return Rejection(subject="summary layout", round_id=round_id,
-                                 rule=f"round {round_id} failed: {state.error}" if state.error
+                                 rule=f"round {round_id} failed: {state.error.detail}" if state.error
                                  else f"round {round_id} is answered")
             if layout is None:
                 return WholeChunks()
@@ -263,7 +263,7 @@ class ShardedSelector(SelectorService):
         """Fail the round of ``rejection`` with its reason."""
         log.warning("round %d: %s", rejection.round_id, rejection.reason)
         with self._lock:
-            self._fail(self._rounds.setdefault(rejection.round_id, RoundState()), rejection.reason)
+            self._fail(self._rounds.setdefault(rejection.round_id, RoundState()), "rejected", rejection.reason)
         return rejection
 
     def _deadline_of(self, round_id: int, started: float):
@@ -291,11 +291,12 @@ class ShardedSelector(SelectorService):
             errors = sharded_gradient_errors(config, job, self.calls, selection)
             answer, busy_s = self._answer(state, selection, errors, select_s, clock)
         except Exception as exc:  # the trainer is told, the service stays up
-            reason = exc.reason if isinstance(exc, RoundFailed) else f"{type(exc).__name__}: {exc}"
-            log.warning("round %d failed: %s", round_id, reason)
+            kind, detail = ((exc.kind, exc.detail) if isinstance(exc, RoundFailed)
+                            else ("failed", f"{type(exc).__name__}: {exc}"))
+            log.warning("round %d failed: %s", round_id, detail)
             with self._lock:
                 self._busy_s += clock.read()[0]
-                self._fail(state, reason)
+                self._fail(state, kind, detail)
             return
         finally:
             self._finish(round_id, job)

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import Field, TypeAdapter, ValidationError
 
 from protocol.config import SelectorConfig
-from protocol.errors import RoundFailed
+from protocol.errors import FailureKind, RoundFailed
 from protocol.messages import GradientChunk, RoundRequest, StrategyPlan, SubsetMessage, ValidationSet
 from protocol.receipts import Accepted, Rejection
 from protocol.routes import SummaryLayout, WholeChunks
@@ -110,6 +110,14 @@ class RoundClock:
         return time.perf_counter() - self.wall, time.thread_time() - self.cpu, preempted
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a round failed: a ``protocol.errors.FailureKind`` and the line that says it."""
+
+    kind: FailureKind
+    detail: str
+
+
 @dataclass
 class RoundState:
     request: RoundRequest | None = None
@@ -122,7 +130,7 @@ class RoundState:
     last_input: float = field(default_factory=time.monotonic)  # when a request or chunk last arrived
     started: bool = False
     answer: SubsetMessage | None = None
-    error: str | None = None
+    error: Failure | None = None  # why the round failed: raised by ``result`` as ``RoundFailed``
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -202,7 +210,7 @@ class SelectorService:
         with self._lock:
             self._stopped = True
             for state in self._rounds.values():
-                self._fail(state, "selector stopped")
+                self._fail(state, "stopped", "selector stopped")
 
     def routes(self, round_id: int, layout: SummaryLayout | None = None) -> WholeChunks:
         """Where round ``round_id``'s summaries go: whole chunks to ``add_chunk`` (this selector holds them).
@@ -224,10 +232,10 @@ class SelectorService:
             return self._reject(Rejection.invalid("request", round_of(request), exc))
         with self._lock:
             if self._stopped:
-                raise RoundFailed(request.round_id, "selector stopped")
+                raise RoundFailed(request.round_id, "stopped", "selector stopped")
             for round_id, state in list(self._rounds.items()):
                 if round_id < request.round_id:
-                    self._fail(state, f"superseded by round {request.round_id}")
+                    self._fail(state, "superseded", f"superseded by round {request.round_id}")
                     del self._rounds[round_id]
             state = self._rounds.setdefault(request.round_id, RoundState())
             state.request = request
@@ -240,13 +248,13 @@ class SelectorService:
             state.config, state.strategy = self.config, self._strategy
             self._latest = max(self._latest, request.round_id)
             if self._unclaimed is not None:
-                self._fail(state, self._unclaimed.reason)
+                self._fail(state, "rejected", self._unclaimed.reason)
                 self._unclaimed = None
             if request.strategy != self.config.strategy:
                 rejection = Rejection(subject="request", round_id=request.round_id, field="strategy",
                                       value=repr(request.strategy), rule=f"this selector runs {self.config.strategy!r} "
                                       "(restarted since a reconfigure?)")
-                self._fail(state, f"round asked of strategy {request.strategy!r}, but this selector runs "
+                self._fail(state, "rejected", f"round asked of strategy {request.strategy!r}, but this selector runs "
                                   f"{self.config.strategy!r} (restarted since a reconfigure?)")
                 return rejection
             self._maybe_start(request.round_id, state)
@@ -268,7 +276,8 @@ class SelectorService:
                 return accepted  # a superseded round's late chunk
             state = self._rounds.setdefault(chunk.round_id, RoundState())
             if state.request is not None and chunk.chunk_index >= state.request.n_chunks:
-                self._fail(state, f"chunk_index == {chunk.chunk_index}, must be < {state.request.n_chunks}")
+                self._fail(state, "rejected",
+                           f"chunk_index == {chunk.chunk_index}, must be < {state.request.n_chunks}")
                 return Rejection(subject=f"chunk {chunk.chunk_index}", round_id=chunk.round_id, field="chunk_index",
                                  value=str(chunk.chunk_index), rule=f"must be < {state.request.n_chunks}")
             if chunk.chunk_index in state.received:
@@ -315,7 +324,7 @@ class SelectorService:
             while not state.done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
                 self._check_progress(round_id, state, start, deadline, request_grace_s, chunk_grace_s)
             if state.error is not None:
-                raise RoundFailed(round_id, state.error)
+                raise RoundFailed(round_id, state.error.kind, state.error.detail)
             return state.answer
         finally:
             with self._lock:
@@ -327,12 +336,12 @@ class SelectorService:
     def _check_progress(round_id, state: RoundState, start, deadline, request_grace_s, chunk_grace_s) -> None:
         now = time.monotonic()
         if now >= deadline:
-            raise RoundFailed(round_id, f"not answered within {deadline - start:g} s")
+            raise RoundFailed(round_id, "timeout", f"not answered within {deadline - start:g} s")
         if state.request is None and now - start > request_grace_s:
-            raise RoundFailed(round_id, "unknown to this selector (restarted since it was asked)")
+            raise RoundFailed(round_id, "unknown_round", "unknown to this selector (restarted since it was asked)")
         if state.request is not None and not state.started and now - state.last_input > chunk_grace_s:
             raise RoundFailed(
-                round_id, f"{len(state.received)} of {state.request.n_chunks} chunks arrived, then "
+                round_id, "chunks_lost", f"{len(state.received)} of {state.request.n_chunks} chunks arrived, then "
                 f"none for {chunk_grace_s} s (lost to a selector restart?)"
             )
 
@@ -351,18 +360,18 @@ class SelectorService:
                     return rejection
                 round_id = max(open_rounds)
             if round_id >= self._latest:
-                self._fail(self._rounds.setdefault(round_id, RoundState()), rejection.reason)
+                self._fail(self._rounds.setdefault(round_id, RoundState()), "rejected", rejection.reason)
         return rejection
 
     def _place(self, state: RoundState, chunk: GradientChunk) -> None:
         try:
             state.buffer.put(chunk)
         except ValueError as exc:
-            self._fail(state, str(exc))
+            self._fail(state, "rejected", str(exc))
 
-    def _fail(self, state: RoundState, reason: str) -> None:
+    def _fail(self, state: RoundState, kind: FailureKind, detail: str) -> None:
         if not state.done.is_set():
-            state.error = reason
+            state.error = Failure(kind, detail)
             state.done.set()
 
     def _maybe_start(self, round_id: int, state: RoundState) -> None:
@@ -392,7 +401,7 @@ class SelectorService:
             log.exception("round %d failed", round_id)
             with self._lock:
                 self._busy_s += clock.read()[0]
-                self._fail(state, f"{type(exc).__name__}: {exc}")
+                self._fail(state, "failed", f"{type(exc).__name__}: {exc}")
             return
         self._deliver(state, answer, busy_s)
 

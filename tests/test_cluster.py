@@ -61,7 +61,7 @@ def test_parts_sent_straight_to_shards_on_other_nodes_give_the_single_selectors_
 def test_a_node_removed_mid_round_fails_that_round_and_the_next_runs_on_the_nodes_left(scenario):
     lost = scenario["lost"]
     assert lost["removed"] == scenario["worker_nodes"][lost["removed_name"]]
-    assert lost["reason"].startswith("shard 1"), lost["reason"]
+    assert lost["reason"].startswith("shard 1") and lost["kind"].startswith("shard_"), lost
     assert lost["removed"] not in lost["nodes_after"]
     assert set(lost["nodes_after"]) <= set(scenario["worker_nodes"].values())
     assert lost["next_round_same"] is True
@@ -163,7 +163,7 @@ def run_scenario(cluster, workers: dict) -> dict:
         _remote_round(spread, "gradmatch-pb", 1, before_chunk=remove_midway)
         lost["reason"] = "no failure"
     except RoundFailed as exc:
-        lost["reason"] = exc.reason
+        lost["reason"], lost["kind"] = exc.reason, exc.kind
     lost["fail_s"] = time.monotonic() - start
     lost["next_round_same"] = _same(single, _remote_round(spread, "gradmatch-pb", 2)) == {
         "indices": True, "weights": True, "grad_error": True}

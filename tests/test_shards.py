@@ -371,8 +371,9 @@ def test_a_shard_that_lost_routed_parts_fails_the_round_and_the_next_round_is_wh
         if i == 3:
             shards[1].drop()  # as a restarted shard: what it was sent is gone
         send_routed(route, service, {"round_id": 0, "chunk_index": i, **chunk})
-    with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 0"):
+    with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 0") as info:
         service.result(0, timeout_s=30)
+    assert info.value.kind == "shard_error"
     assert_same_answer(run_round(SelectorService({"strategy": "gradmatch"}), "gradmatch"),
                        routed_round(service, "gradmatch", round_id=1))
 
@@ -419,8 +420,9 @@ def test_a_shard_that_lost_its_parts_fails_the_round_and_the_next_round_is_whole
     shards[1].drop()  # as a restarted shard: what it was sent is gone
     for i in range(3, 6):
         service.add_chunk({"round_id": 0, "chunk_index": i, **chunks[i]})
-    with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 0"):
+    with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 0") as info:
         service.result(0, timeout_s=30)
+    assert info.value.kind == "shard_error"
     assert_same_answer(run_round(SelectorService({"strategy": "gradmatch"}), "gradmatch"),
                        run_round(service, "gradmatch", round_id=1))
 
@@ -442,8 +444,9 @@ def test_a_per_batch_strategy_sent_example_summaries_fails_as_the_single_selecto
             service.add_chunk({"round_id": 0, "chunk_index": i, **chunk})
         with pytest.raises(RoundFailed) as failure:
             service.result(0, timeout_s=30)
-        reasons.append(failure.value.reason)
-    assert reasons[0] == reasons[1] == "ValueError: gradmatch-pb needs rows in its ground set, none were sent"
+        reasons.append((failure.value.kind, failure.value.reason))
+    assert reasons[0] == reasons[1] == ("failed",
+                                        "ValueError: gradmatch-pb needs rows in its ground set, none were sent")
 
 
 def test_placement_options_are_validated_with_their_names():
