@@ -67,8 +67,8 @@ def alone(n_rounds: int) -> int:
         service.add_chunk({"round_id": r, "chunk_index": 0, "ids": np.arange(n), "labels": np.arange(n) % c,
                            "rows": rows})
         answer = service.result(r, 60)
-        wall.append(answer["busy_s"])
-        cpu.append(answer["cpu_s"])
+        wall.append(answer.busy_s)
+        cpu.append(answer.cpu_s)
     wall_a, cpu_a = np.array(wall), np.array(cpu)
     print(f"rounds_alone: rounds={n_rounds} selector_s_min={wall_a.min():.4f} selector_s_median={np.median(wall_a):.4f} "
           f"selector_s_max={wall_a.max():.4f} ratio={wall_a.max() / wall_a.min():.2f} "

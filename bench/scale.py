@@ -162,10 +162,10 @@ def _sharded(ray, strategy: str, n_shards: int, chunks: list, n_ground: int, n_s
             raise RuntimeError(placed.reason)
         nodes = ray.get(selector.shard_nodes.remote(300), timeout=360)
         answer, seconds = run_round(ray, selector, strategy, chunks, n_ground, n_select, sizes)
-        last = ray.get(selector.status.remote(), timeout=60)["last_round"]
-        peaks = [p for p in last["shard_peak_bytes"] if p is not None]
+        last = ray.get(selector.status.remote(), timeout=60).last_round
+        peaks = [p for p in last.shard_peak_bytes if p is not None]
         return {"answer": answer, "round_s": seconds, "peak_mb": max(peaks) / 2**20 if peaks else float("nan"),
-                "moved_mb": last["moved_bytes"] / 2**20, "nodes": len(set(nodes)), "shard_s": last["shard_s"]}
+                "moved_mb": last.moved_bytes / 2**20, "nodes": len(set(nodes)), "shard_s": last.shard_s}
     finally:
         ray.get(selector.stop.remote(), timeout=60)
         release(selector)
@@ -175,9 +175,9 @@ GRAD_ERRORS = ("grad_error", "grad_error_rel", "grad_error_trained")
 
 
 def identical(reference: dict, other: dict) -> bool:
-    if not np.array_equal(reference["indices"], other["indices"]):
+    if not np.array_equal(reference.indices, other.indices):
         return False
-    close = np.allclose(other["weights"], reference["weights"], rtol=1e-6, atol=0)
+    close = np.allclose(other.weights, reference.weights, rtol=1e-6, atol=0)
     return bool(close and all(_near(other.get(key), reference.get(key)) for key in GRAD_ERRORS))
 
 
@@ -250,9 +250,9 @@ def _print(strategy: str, name: str, run: dict, single: dict | None) -> None:
     answer = run["answer"]
     same = "" if single is None else f"  identical {str(run['identical']).lower()}"
     nodes = f" on {run['nodes']} nodes" if "nodes" in run else ""
-    print(f"{strategy:13s} {name:7s}{nodes:12s} round_s {run['round_s']:7.2f}  select_s {answer['select_s']:7.2f}  "
-          f"peak_mb {run['peak_mb']:8.1f}  moved_mb {run['moved_mb']:8.1f}  grad_error {answer['grad_error']:.6f} "
-          f"(rel {answer['grad_error_rel']:.6f}, as trained {answer['grad_error_trained']:.6f})"
+    print(f"{strategy:13s} {name:7s}{nodes:12s} round_s {run['round_s']:7.2f}  select_s {answer.select_s:7.2f}  "
+          f"peak_mb {run['peak_mb']:8.1f}  moved_mb {run['moved_mb']:8.1f}  grad_error {answer.grad_error:.6f} "
+          f"(rel {answer.grad_error_rel:.6f}, as trained {answer.grad_error_trained:.6f})"
           f"{same}", flush=True)
     if "shard_s" in run:  # where the coordinator waited on its shards
         print(" " * 22 + "waits: " + ", ".join(f"{k} {v:.2f} s" for k, v in run["shard_s"].items()), flush=True)

@@ -110,9 +110,9 @@ def trace(out: Path) -> str:
     marks["trainer actor built"], t = time.time() - t, time.time()
     result = ray.get(trainer.run.remote(), timeout=RUN_TIMEOUT_S)
     returned = time.time()
-    clock = result["clock"]
-    marks["to the first step"] = clock["first_step_at"] - t
-    marks["last step to the result"] = returned - clock["last_step_at"]
+    clock = result.clock
+    marks["to the first step"] = clock.first_step_at - t
+    marks["last step to the result"] = returned - clock.last_step_at
     release(trainer, selector)
     marks["release"], t = time.time() - returned, time.time()
     ray.shutdown()

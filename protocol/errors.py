@@ -7,17 +7,42 @@ original class, so the trainer side catches these by type (``except RoundFailed`
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
+FailureKind = Literal[
+    "stopped",  # the selector was stopped (or is stopping): it takes no more rounds
+    "superseded",  # a newer round was asked before this one was answered
+    "timeout",  # not answered within the round's timeout
+    "unknown_round",  # the selector never saw the round's request (restarted since it was asked)
+    "chunks_lost",  # the round's chunks stopped coming before they were complete (lost to a restart)
+    "rejected",  # a message of the round was refused (``protocol.receipts.Rejection``: field, value, rule)
+    "shard_lost",  # a shard of the sharded selector died while the round needed it
+    "shard_timeout",  # a shard did not answer within the round's deadline
+    "shard_error",  # a shard's call raised (it lacks the round's parts, or its computation failed)
+    "failed",  # the strategy (or the coordinator's own step) raised
+]
+FAILURE_KINDS: tuple[str, ...] = get_args(FailureKind)
+
 
 class RoundFailed(RuntimeError):
-    """Round ``round_id`` could not be answered; ``reason`` says why in one line."""
+    """Round ``round_id`` could not be answered: ``kind`` says what went wrong (one of ``FAILURE_KINDS``), and
+    ``detail`` says it in one line; ``reason`` is that line, ``str(exc)`` the line with the round named."""
 
-    def __init__(self, round_id: int | None, reason: str):
+    def __init__(self, round_id: int | None, kind: FailureKind, detail: str):
+        if kind not in FAILURE_KINDS:
+            raise ValueError(f"kind == {kind!r}, must be one of {', '.join(FAILURE_KINDS)}")
         self.round_id = round_id
-        self.reason = reason
-        super().__init__(f"round {round_id}: {reason}" if round_id is not None else reason)
+        self.kind = kind
+        self.detail = detail
+        super().__init__(f"round {round_id}: {detail}" if round_id is not None else detail)
+
+    @property
+    def reason(self) -> str:
+        """The one line a round record carries."""
+        return self.detail
 
     def __reduce__(self):  # picklable with its fields, so Ray carries them across
-        return (type(self), (self.round_id, self.reason))
+        return (type(self), (self.round_id, self.kind, self.detail))
 
 
 class RunFailed(RuntimeError):

@@ -164,7 +164,14 @@ class ValidationSet(ArrayMessage):
 
 
 class SubsetMessage(ArrayMessage):
-    """A round's answer: ``indices`` into the ground set and their ``weights``."""
+    """A round's answer: ``indices`` into the ground set and their ``weights``.
+
+    The selector returns the model itself; the trainer validates it again where it arrives, against the round
+    it asked for (``model_validate(message, context={"request": request})``): instances are always revalidated,
+    so an answer built without validation (the selector's injected faults) is caught there too.
+    """
+
+    model_config = ConfigDict(revalidate_instances="always")
 
     round_id: int = Field(ge=0)
     model_step: int = Field(ge=0)

@@ -1,4 +1,5 @@
-"""What a run writes: per-epoch metrics, one record per selection round, and the summary."""
+"""What a run writes: per-epoch metrics, one record per selection round, and the summary; and what the trainer
+actor answers: its ``Progress`` while it runs, its ``RunResult`` at the end."""
 
 from __future__ import annotations
 
@@ -139,3 +140,22 @@ class RunSummary(Strict):
     stop_s: float | None = Field(None, description="seconds from the last training step to the end: the last "
                                  "validation and checkpoint, the test evaluation, the summary, the actors and the "
                                  "private Ray released")
+
+
+class StepClock(Strict):
+    """When the run's first and last training steps were taken (``time.time()`` instants; None: no step), from
+    which the driver counts ``RunSummary.start_s`` and ``stop_s``."""
+
+    first_step_at: float | None = None
+    last_step_at: float | None = None
+
+
+class RunResult(Strict):
+    """The trainer actor's answer to ``run``: the summary, the whole progress (every record) and the step clock.
+
+    The driver (``trainer.launch.job``) adds ``start_s``, ``stop_s`` and ``ray`` to the summary's dump and writes
+    it as ``summary.json``."""
+
+    summary: RunSummary
+    progress: Progress
+    clock: StepClock = Field(default_factory=StepClock)

@@ -70,6 +70,39 @@ class BatchMap:
 Route = Union[WholeChunks, ExampleMap, BatchMap, Rejection]
 
 
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
+class ExamplePart:
+    """The examples of one chunk that one shard holds (``ShardService.add_part``), in the chunk's order: their
+    ids, labels and per-example factors, and the rows the shard should reserve for the round (``capacity``)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    errors: np.ndarray
+    features: np.ndarray
+    capacity: int
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The summaries the shard stores, by name."""
+        return {"labels": self.labels, "errors": self.errors, "features": self.features}
+
+
+@dataclass(frozen=True, eq=False)  # arrays: compared by identity
+class BatchPart:
+    """One shard's columns of some mini-batch rows (``ShardService.add_part``): the rows' ids and columns, and the
+    round's mini-batch count when known (``n_rows``: the shard then places rows by id; None: in arrival order)."""
+
+    ids: np.ndarray
+    rows: np.ndarray
+    n_rows: int | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The summaries the shard stores, by name."""
+        return {"rows": self.rows}
+
+
+ShardPart = Union[ExamplePart, BatchPart]
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One part of a chunk its sender delivered to a shard: the shard's index, the ref of its ``add_part`` call
@@ -104,7 +137,7 @@ def range_columns(c0: int, c1: int, n_classes: int, width: int) -> tuple[slice, 
 
 
 
-def example_parts(chunk, shard_of: np.ndarray, room: np.ndarray) -> list[dict | None]:
+def example_parts(chunk, shard_of: np.ndarray, room: np.ndarray) -> list[ExamplePart | None]:
     """The examples of ``chunk`` per shard (None where a shard gets nothing), each in the chunk's order, with the
     rows its shard should make room for."""
     sizes = np.bincount(shard_of, minlength=len(room))
@@ -113,18 +146,18 @@ def example_parts(chunk, shard_of: np.ndarray, room: np.ndarray) -> list[dict | 
     for shard, size in enumerate(sizes):
         rows = order[start:start + size]
         start += size
-        parts.append({"ids": chunk.ids[rows], "labels": chunk.labels[rows], "errors": chunk.errors[rows],
-                      "features": chunk.features[rows], "capacity": int(room[shard])} if size else None)
+        parts.append(ExamplePart(ids=chunk.ids[rows], labels=chunk.labels[rows], errors=chunk.errors[rows],
+                                 features=chunk.features[rows], capacity=int(room[shard])) if size else None)
     return parts
 
 
-def batch_parts(chunk, columns: list[tuple[slice, slice]], n_rows: int | None) -> list[dict]:
+def batch_parts(chunk, columns: list[tuple[slice, slice]], n_rows: int | None) -> list[BatchPart]:
     """Each shard's columns of the mini-batch rows of ``chunk``; with ``n_rows`` known, shards place rows by id."""
-    return [{"ids": chunk.ids, "rows": np.concatenate([chunk.rows[:, bias], chunk.rows[:, weight]], axis=1),
-             **({"n_rows": n_rows} if n_rows else {})} for bias, weight in columns]
+    return [BatchPart(ids=chunk.ids, rows=np.concatenate([chunk.rows[:, bias], chunk.rows[:, weight]], axis=1),
+                      n_rows=int(n_rows) if n_rows else None) for bias, weight in columns]
 
 
-def split_chunk(route: ExampleMap | BatchMap, chunk) -> list[dict | None]:
+def split_chunk(route: ExampleMap | BatchMap, chunk) -> list[ShardPart | None]:
     """The parts of ``chunk`` (a ``GradientChunk`` or its payload) per shard by ``route``, a map from
     ``ShardedSelector.routes``: the parts the coordinator itself would send for that map (None where a shard
     gets nothing). Raises ``ValueError`` for a chunk that does not fit the map."""
@@ -178,9 +211,11 @@ def send_routed(route: ExampleMap | BatchMap, selector, chunk):
 
 
 def nbytes(value) -> int:
-    """Bytes of the arrays in ``value`` (nested tuples, lists and dicts)."""
+    """Bytes of the arrays in ``value`` (nested tuples, lists and dicts, and shard parts)."""
     if isinstance(value, np.ndarray):
         return value.nbytes
+    if isinstance(value, (ExamplePart, BatchPart)):
+        return value.ids.nbytes + nbytes(value.arrays())
     if isinstance(value, dict):
         return sum(nbytes(v) for v in value.values())
     if isinstance(value, (list, tuple)):

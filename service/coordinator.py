@@ -38,9 +38,10 @@ import numpy as np
 from pydantic import ValidationError
 
 from protocol.errors import RoundFailed, one_line
-from protocol.messages import GradientChunk, RoundRequest
+from protocol.messages import GradientChunk, RoundRequest, SubsetMessage
 from protocol.receipts import Accepted, Rejection
 from protocol.routes import Route, RoutedChunk, SummaryLayout, WholeChunks, with_shards
+from protocol.status import RoundTraffic, SelectorStatus
 from service.registry import implementation
 from service.routes import BatchRoutes, ExampleRoutes, planned_routes, routes_for
 from service.selector import (
@@ -80,7 +81,7 @@ class ShardedSelector(SelectorService):
         self._plans: dict[int, object] = {}  # round -> the map handed out by ``routes`` (senders split by it)
         self._routed: dict[int, int] = {}  # round -> bytes of summaries that came through this coordinator
         self._routed_total = 0
-        self._last: dict = {}
+        self._last: RoundTraffic | None = None
 
     @property
     def n_shards(self) -> int:
@@ -132,7 +133,7 @@ class ShardedSelector(SelectorService):
                                  rule=f"round {round_id} was superseded by round {self._latest}")
             if state is not None and state.done.is_set():
                 return Rejection(subject="summary layout", round_id=round_id,
-                                 rule=f"round {round_id} failed: {state.error}" if state.error
+                                 rule=f"round {round_id} failed: {state.error.detail}" if state.error
                                  else f"round {round_id} is answered")
             if layout is None:
                 return WholeChunks()
@@ -210,7 +211,7 @@ class ShardedSelector(SelectorService):
         return Accepted(round_id=chunk.round_id)
 
     def result(self, round_id: int, timeout_s: float, request_grace_s: float = REQUEST_GRACE_S,
-               chunk_grace_s: float = CHUNK_GRACE_S) -> dict:
+               chunk_grace_s: float = CHUNK_GRACE_S) -> SubsetMessage:
         """As ``SelectorService.result``; the shards' waits of the round end by its deadline too."""
         with self._lock:
             self._deadlines[round_id] = time.monotonic() + timeout_s
@@ -220,14 +221,14 @@ class ShardedSelector(SelectorService):
             with self._lock:
                 self._deadlines.pop(round_id, None)
 
-    def status(self) -> dict:
+    def status(self) -> SelectorStatus:
         """As ``SelectorService.status``, with the shard count, the bytes of summaries that came through this
         coordinator (``routed_bytes``, 0 while senders deliver them to the shards) and the last round's traffic
-        and shard memory."""
+        and shard memory (``last_round``, None before the first round)."""
         status = super().status()
         with self._lock:
-            return {**status, "shards": self.n_shards, "routed_bytes": self._routed_total,
-                    "last_round": dict(self._last)}
+            return SelectorStatus.model_validate({**status.model_dump(), "shards": self.n_shards,
+                                                  "routed_bytes": self._routed_total, "last_round": self._last})
 
     def stop(self) -> None:
         super().stop()
@@ -262,7 +263,7 @@ class ShardedSelector(SelectorService):
         """Fail the round of ``rejection`` with its reason."""
         log.warning("round %d: %s", rejection.round_id, rejection.reason)
         with self._lock:
-            self._fail(self._rounds.setdefault(rejection.round_id, RoundState()), rejection.reason)
+            self._fail(self._rounds.setdefault(rejection.round_id, RoundState()), "rejected", rejection.reason)
         return rejection
 
     def _deadline_of(self, round_id: int, started: float):
@@ -290,11 +291,12 @@ class ShardedSelector(SelectorService):
             errors = sharded_gradient_errors(config, job, self.calls, selection)
             answer, busy_s = self._answer(state, selection, errors, select_s, clock)
         except Exception as exc:  # the trainer is told, the service stays up
-            reason = exc.reason if isinstance(exc, RoundFailed) else f"{type(exc).__name__}: {exc}"
-            log.warning("round %d failed: %s", round_id, reason)
+            kind, detail = ((exc.kind, exc.detail) if isinstance(exc, RoundFailed)
+                            else ("failed", f"{type(exc).__name__}: {exc}"))
+            log.warning("round %d failed: %s", round_id, detail)
             with self._lock:
                 self._busy_s += clock.read()[0]
-                self._fail(state, reason)
+                self._fail(state, kind, detail)
             return
         finally:
             self._finish(round_id, job)
@@ -313,8 +315,8 @@ class ShardedSelector(SelectorService):
             if isinstance(routes, ExampleRoutes) and not routes.one_shard and job.labels.size:
                 self._hint = np.bincount(job.labels, minlength=routes.n_classes)
             classes = routes.owner.tolist() if isinstance(routes, ExampleRoutes) else None
-            self._last = {"round_id": round_id, "moved_bytes": moved, "routed_bytes": routed, "shard_s": seconds,
-                          "class_shards": classes, **job.stats}
+            self._last = RoundTraffic(round_id=round_id, moved_bytes=moved, routed_bytes=routed, shard_s=seconds,
+                                      class_shards=classes, **job.stats)
 
 
 def _labels(request: RoundRequest, stubs: dict) -> np.ndarray:

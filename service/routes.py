@@ -12,7 +12,9 @@ import numpy as np
 
 from protocol.config import GlisterSelector
 from protocol.messages import GradientChunk
-from protocol.routes import BatchMap, ExampleMap, SummaryLayout, batch_parts, example_parts, range_columns
+from protocol.routes import (
+    BatchMap, BatchPart, ExampleMap, ExamplePart, SummaryLayout, batch_parts, example_parts, range_columns,
+)
 
 ZERO_SUM_RTOL = 1e-4  # softmax errors sum to zero over the classes, to float32 rounding
 ONE_SHARD = (GlisterSelector,)
@@ -98,7 +100,7 @@ class ExampleRoutes:
         self._routed = np.zeros(n_classes, dtype=np.int64)
         self._lock = threading.Lock()
 
-    def split(self, chunk: GradientChunk, n_ground: int | None = None) -> list[dict | None]:
+    def split(self, chunk: GradientChunk, n_ground: int | None = None) -> list[ExamplePart | None]:
         """The parts of ``chunk`` per shard (None where a shard gets nothing); each part in ascending id order.
 
         Each part says how many rows its shard should make room for: the shard's expected load when the map
@@ -167,7 +169,7 @@ class BatchRoutes:
         self.sent = np.zeros(n_shards, dtype=np.int64)
         self._lock = threading.Lock()
 
-    def split(self, chunk: GradientChunk, n_ground: int | None = None) -> list[dict]:
+    def split(self, chunk: GradientChunk, n_ground: int | None = None) -> list[BatchPart]:
         """Each shard's columns of ``chunk``; with ``n_ground`` known, shards place rows by id."""
         if chunk.rows.shape[1] != self.width:
             raise ValueError(f"rows has {chunk.rows.shape[1]} columns, must be {self.width} as in the round's "

@@ -21,10 +21,11 @@ import numpy as np
 from pydantic import Field, TypeAdapter, ValidationError
 
 from protocol.config import SelectorConfig
-from protocol.errors import RoundFailed
+from protocol.errors import FailureKind, RoundFailed
 from protocol.messages import GradientChunk, RoundRequest, StrategyPlan, SubsetMessage, ValidationSet
 from protocol.receipts import Accepted, Rejection
 from protocol.routes import SummaryLayout, WholeChunks
+from protocol.status import SelectorStatus
 from service.registry import implementation
 from service.strategies import GradientErrors, GroundSet, Selection, gradient_errors
 
@@ -109,6 +110,14 @@ class RoundClock:
         return time.perf_counter() - self.wall, time.thread_time() - self.cpu, preempted
 
 
+@dataclass(frozen=True)
+class Failure:
+    """Why a round failed: a ``protocol.errors.FailureKind`` and the line that says it."""
+
+    kind: FailureKind
+    detail: str
+
+
 @dataclass
 class RoundState:
     request: RoundRequest | None = None
@@ -120,8 +129,8 @@ class RoundState:
     strategy: object = None
     last_input: float = field(default_factory=time.monotonic)  # when a request or chunk last arrived
     started: bool = False
-    answer: dict | None = None
-    error: str | None = None
+    answer: SubsetMessage | None = None
+    error: Failure | None = None  # why the round failed: raised by ``result`` as ``RoundFailed``
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -189,24 +198,19 @@ class SelectorService:
         log.info("reconfigured to %s", config.strategy)
         return self.plan()
 
-    def status(self) -> dict:
+    def status(self) -> SelectorStatus:
+        """The selector's state: its strategy, the rounds running and answered, the seconds spent."""
         with self._lock:
             running = [r for r, state in self._rounds.items() if state.started and not state.done.is_set()]
-            return {
-                "strategy": self.config.strategy,
-                "running": running,
-                "answered": self._answered,
-                "busy_s": self._busy_s,
-                "stopped": self._stopped,
-                "device": self.device,
-            }
+            return SelectorStatus(strategy=self.config.strategy, running=running, answered=self._answered,
+                                  busy_s=self._busy_s, stopped=self._stopped, device=self.device)
 
     def stop(self) -> None:
         """Fail every open round and refuse new ones."""
         with self._lock:
             self._stopped = True
             for state in self._rounds.values():
-                self._fail(state, "selector stopped")
+                self._fail(state, "stopped", "selector stopped")
 
     def routes(self, round_id: int, layout: SummaryLayout | None = None) -> WholeChunks:
         """Where round ``round_id``'s summaries go: whole chunks to ``add_chunk`` (this selector holds them).
@@ -228,10 +232,10 @@ class SelectorService:
             return self._reject(Rejection.invalid("request", round_of(request), exc))
         with self._lock:
             if self._stopped:
-                raise RoundFailed(request.round_id, "selector stopped")
+                raise RoundFailed(request.round_id, "stopped", "selector stopped")
             for round_id, state in list(self._rounds.items()):
                 if round_id < request.round_id:
-                    self._fail(state, f"superseded by round {request.round_id}")
+                    self._fail(state, "superseded", f"superseded by round {request.round_id}")
                     del self._rounds[round_id]
             state = self._rounds.setdefault(request.round_id, RoundState())
             state.request = request
@@ -244,13 +248,13 @@ class SelectorService:
             state.config, state.strategy = self.config, self._strategy
             self._latest = max(self._latest, request.round_id)
             if self._unclaimed is not None:
-                self._fail(state, self._unclaimed.reason)
+                self._fail(state, "rejected", self._unclaimed.reason)
                 self._unclaimed = None
             if request.strategy != self.config.strategy:
                 rejection = Rejection(subject="request", round_id=request.round_id, field="strategy",
                                       value=repr(request.strategy), rule=f"this selector runs {self.config.strategy!r} "
                                       "(restarted since a reconfigure?)")
-                self._fail(state, f"round asked of strategy {request.strategy!r}, but this selector runs "
+                self._fail(state, "rejected", f"round asked of strategy {request.strategy!r}, but this selector runs "
                                   f"{self.config.strategy!r} (restarted since a reconfigure?)")
                 return rejection
             self._maybe_start(request.round_id, state)
@@ -272,7 +276,8 @@ class SelectorService:
                 return accepted  # a superseded round's late chunk
             state = self._rounds.setdefault(chunk.round_id, RoundState())
             if state.request is not None and chunk.chunk_index >= state.request.n_chunks:
-                self._fail(state, f"chunk_index == {chunk.chunk_index}, must be < {state.request.n_chunks}")
+                self._fail(state, "rejected",
+                           f"chunk_index == {chunk.chunk_index}, must be < {state.request.n_chunks}")
                 return Rejection(subject=f"chunk {chunk.chunk_index}", round_id=chunk.round_id, field="chunk_index",
                                  value=str(chunk.chunk_index), rule=f"must be < {state.request.n_chunks}")
             if chunk.chunk_index in state.received:
@@ -303,8 +308,8 @@ class SelectorService:
         return Accepted(round_id=validation.round_id)
 
     def result(self, round_id: int, timeout_s: float, request_grace_s: float = REQUEST_GRACE_S,
-               chunk_grace_s: float = CHUNK_GRACE_S) -> dict:
-        """Block until round ``round_id`` is answered; return the ``SubsetMessage`` as a dict.
+               chunk_grace_s: float = CHUNK_GRACE_S) -> SubsetMessage:
+        """Block until round ``round_id`` is answered; return its ``SubsetMessage``.
 
         A round whose request does not arrive within ``request_grace_s`` is unknown here (its request
         went to an earlier incarnation of a restarted selector), and one whose chunks stop coming for
@@ -319,7 +324,7 @@ class SelectorService:
             while not state.done.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
                 self._check_progress(round_id, state, start, deadline, request_grace_s, chunk_grace_s)
             if state.error is not None:
-                raise RoundFailed(round_id, state.error)
+                raise RoundFailed(round_id, state.error.kind, state.error.detail)
             return state.answer
         finally:
             with self._lock:
@@ -331,12 +336,12 @@ class SelectorService:
     def _check_progress(round_id, state: RoundState, start, deadline, request_grace_s, chunk_grace_s) -> None:
         now = time.monotonic()
         if now >= deadline:
-            raise RoundFailed(round_id, f"not answered within {deadline - start:g} s")
+            raise RoundFailed(round_id, "timeout", f"not answered within {deadline - start:g} s")
         if state.request is None and now - start > request_grace_s:
-            raise RoundFailed(round_id, "unknown to this selector (restarted since it was asked)")
+            raise RoundFailed(round_id, "unknown_round", "unknown to this selector (restarted since it was asked)")
         if state.request is not None and not state.started and now - state.last_input > chunk_grace_s:
             raise RoundFailed(
-                round_id, f"{len(state.received)} of {state.request.n_chunks} chunks arrived, then "
+                round_id, "chunks_lost", f"{len(state.received)} of {state.request.n_chunks} chunks arrived, then "
                 f"none for {chunk_grace_s} s (lost to a selector restart?)"
             )
 
@@ -355,18 +360,18 @@ class SelectorService:
                     return rejection
                 round_id = max(open_rounds)
             if round_id >= self._latest:
-                self._fail(self._rounds.setdefault(round_id, RoundState()), rejection.reason)
+                self._fail(self._rounds.setdefault(round_id, RoundState()), "rejected", rejection.reason)
         return rejection
 
     def _place(self, state: RoundState, chunk: GradientChunk) -> None:
         try:
             state.buffer.put(chunk)
         except ValueError as exc:
-            self._fail(state, str(exc))
+            self._fail(state, "rejected", str(exc))
 
-    def _fail(self, state: RoundState, reason: str) -> None:
+    def _fail(self, state: RoundState, kind: FailureKind, detail: str) -> None:
         if not state.done.is_set():
-            state.error = reason
+            state.error = Failure(kind, detail)
             state.done.set()
 
     def _maybe_start(self, round_id: int, state: RoundState) -> None:
@@ -396,13 +401,13 @@ class SelectorService:
             log.exception("round %d failed", round_id)
             with self._lock:
                 self._busy_s += clock.read()[0]
-                self._fail(state, f"{type(exc).__name__}: {exc}")
+                self._fail(state, "failed", f"{type(exc).__name__}: {exc}")
             return
         self._deliver(state, answer, busy_s)
 
     @staticmethod
     def _answer(state: RoundState, selection: Selection, errors: GradientErrors, select_s: float,
-                clock: RoundClock) -> tuple[dict, float]:
+                clock: RoundClock) -> tuple[SubsetMessage, float]:
         """The round's validated answer (after the configured delay and fault) and the seconds it took.
 
         ``clock`` was started by the round's thread: the message carries the wall seconds, the CPU seconds of
@@ -415,7 +420,7 @@ class SelectorService:
         answer = _message(config.strategy, state.request, selection, errors, select_s, busy_s, cpu_s, preempted)
         return _inject_fault(config.fault, answer, state.request), busy_s
 
-    def _deliver(self, state: RoundState, answer: dict, busy_s: float) -> None:
+    def _deliver(self, state: RoundState, answer: SubsetMessage, busy_s: float) -> None:
         with self._lock:
             self._busy_s += busy_s
             self._answered += 1
@@ -444,8 +449,9 @@ def round_of(payload) -> int | None:
 
 
 def _message(strategy: str, request: RoundRequest, selection: Selection, errors: GradientErrors,
-             select_s: float, busy_s: float, cpu_s: float | None = None, preempted: int | None = None) -> dict:
-    message = SubsetMessage.model_validate(
+             select_s: float, busy_s: float, cpu_s: float | None = None,
+             preempted: int | None = None) -> SubsetMessage:
+    return SubsetMessage.model_validate(
         {
             "round_id": request.round_id,
             "model_step": request.model_step,
@@ -462,23 +468,25 @@ def _message(strategy: str, request: RoundRequest, selection: Selection, errors:
         },
         context={"request": request},
     )
-    return message.model_dump()
 
 
-def _inject_fault(fault: str, answer: dict, request: RoundRequest) -> dict:
-    """Corrupt an answer on purpose (config ``fault``), after its own validation; invalid for any size >= 1."""
+def _inject_fault(fault: str, answer: SubsetMessage, request: RoundRequest) -> SubsetMessage:
+    """Corrupt an answer on purpose (config ``fault``), after its own validation; invalid for any size >= 1.
+
+    The corrupt answer is a ``SubsetMessage`` built without validation (``model_copy``), so that only the
+    receiver's validation (``trainer.client.rounds``) can catch it."""
     if fault == "none":
         return answer
-    answer = dict(answer, indices=answer["indices"].copy(), weights=answer["weights"].copy())
+    indices, weights = answer.indices.copy(), answer.weights.copy()
+    update = {}
     if fault == "wrong_round":
-        answer["round_id"] += 1
+        update["round_id"] = answer.round_id + 1
     elif fault == "index_out_of_range":
-        answer["indices"][0] = request.n_ground
+        indices[0] = request.n_ground
     elif fault == "negative_weight":
-        answer["weights"][0] = -1.0
+        weights[0] = -1.0
     elif fault == "duplicate_index":  # appended, so a one-element answer is corrupted too
-        answer["indices"] = np.append(answer["indices"], answer["indices"][0])
-        answer["weights"] = np.append(answer["weights"], answer["weights"][0])
+        indices, weights = np.append(indices, indices[0]), np.append(weights, weights[0])
     elif fault == "crash":
         raise RuntimeError("injected fault: crash")
-    return answer
+    return answer.model_copy(update={"indices": indices, "weights": weights, **update})

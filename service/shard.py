@@ -13,6 +13,7 @@ import numpy as np
 
 from protocol.config import CraigSelector
 from protocol.messages import RoundRequest, ValidationSet
+from protocol.routes import BatchPart, ExamplePart, ShardPart
 from service import craig
 from service.strategies import (
     GroundSet, batch_error_sums, class_error_sums, class_rows, class_target, flat_gradient, run_omp, select_glister,
@@ -71,11 +72,11 @@ class _Fill:
         self.ids: list[np.ndarray] = []
         self.n = 0
 
-    def put(self, part: dict) -> None:
-        ids, capacity = np.array(part.pop("ids")), part.pop("capacity", None)
-        part.pop("n_rows", None)  # the round's first part fixed how rows are placed
+    def put(self, part: ShardPart) -> None:
+        ids = np.array(part.ids)
+        capacity = part.capacity if isinstance(part, ExamplePart) else None  # a BatchPart's n_rows: see __init__
         start, stop = self.n, self.n + len(ids)
-        for name, values in part.items():
+        for name, values in part.arrays().items():
             array = self.arrays.get(name)
             size = self.by_id if self.by_id is not None else max(stop, capacity or 0)
             if array is None:
@@ -125,8 +126,12 @@ class ShardService:
         self._base_kib = status_kib("VmRSS")
 
     # receiving ---------------------------------------------------------------------------------
-    def add_part(self, round_id: int, part: dict) -> None:
-        """Copy one part into the round's arrays (the object-store copy is freed once this returns)."""
+    def add_part(self, round_id: int, part: ShardPart) -> None:
+        """Copy one part (``protocol.routes.ExamplePart`` or ``BatchPart``) into the round's arrays (the
+        object-store copy is freed once this returns). Anything else is a ``TypeError`` that names it; the
+        coordinator's wait on the call then fails the round."""
+        if not isinstance(part, (ExamplePart, BatchPart)):
+            raise TypeError(f"part: a {type(part).__name__}, must be a protocol.routes.ExamplePart or BatchPart")
         with self._lock:
             if round_id < self._latest:
                 return  # a superseded round's late part
@@ -134,8 +139,8 @@ class ShardService:
                 self._latest = round_id
                 self._drop_before(round_id)
                 reset_peak()
-            fill = self._fills.setdefault(round_id, _Fill(part.get("n_rows")))
-            fill.put(dict(part))
+            fill = self._fills.setdefault(round_id, _Fill(part.n_rows if isinstance(part, BatchPart) else None))
+            fill.put(part)
 
     def gather(self, round_id: int, n_expected: int) -> int:
         """Close the round's arrays; they must hold the ``n_expected`` rows routed here. Returns their bytes."""

@@ -16,7 +16,7 @@ import numpy as np
 from protocol.config import CraigPBSelector, GradMatchPBSelector, GradMatchSelector
 from protocol.errors import RoundFailed, one_line
 from protocol.messages import RoundRequest, ValidationSet
-from protocol.routes import nbytes
+from protocol.routes import ShardPart, nbytes
 from service import craig
 from service.omp import omp_gram
 from service.ridge import ridge_weights
@@ -44,7 +44,7 @@ class ShardCalls:
         self._sent: dict[int, list] = {}
         self._lock = threading.Lock()
 
-    def send(self, round_id: int, index: int, part: dict) -> None:
+    def send(self, round_id: int, index: int, part: ShardPart) -> None:
         """Deliver one part without waiting; ``settle`` checks the deliveries."""
         with self._lock:
             self.moved[round_id] = self.moved.get(round_id, 0) + nbytes(part)
@@ -118,15 +118,17 @@ class ShardCalls:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, left))
             if not ready:
                 i = index_of[pending[0]]
-                raise RoundFailed(round_id, f"shard {i} did not answer within {max(0.0, left):.0f} s "
-                                            "(restarting, or its node gone?)")
+                raise RoundFailed(round_id, "shard_timeout", f"shard {i} did not answer within "
+                                  f"{max(0.0, left):.0f} s (restarting, or its node gone?)")
             ref = ready[0]
             try:
                 results[index_of[ref]] = ray.get(ref, timeout=max(1.0, deadline - time.monotonic()))
             except RayActorError as exc:
-                raise RoundFailed(round_id, f"shard {index_of[ref]} lost: {one_line(exc)}") from None
-            except (RayTaskError, GetTimeoutError) as exc:
-                raise RoundFailed(round_id, f"shard {index_of[ref]}: {one_line(exc)}") from None
+                raise RoundFailed(round_id, "shard_lost", f"shard {index_of[ref]} lost: {one_line(exc)}") from None
+            except GetTimeoutError as exc:
+                raise RoundFailed(round_id, "shard_timeout", f"shard {index_of[ref]}: {one_line(exc)}") from None
+            except RayTaskError as exc:
+                raise RoundFailed(round_id, "shard_error", f"shard {index_of[ref]}: {one_line(exc)}") from None
         return results
 
 
@@ -134,7 +136,7 @@ def _local_call(round_id: int, index: int, method, args: tuple):
     try:
         return method(*args)
     except Exception as exc:
-        raise RoundFailed(round_id, f"shard {index}: {one_line(exc)}") from None
+        raise RoundFailed(round_id, "shard_error", f"shard {index}: {one_line(exc)}") from None
 
 
 # --- selection from the shards (the coordinator's side) -------------------------------------------

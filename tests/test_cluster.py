@@ -61,7 +61,7 @@ def test_parts_sent_straight_to_shards_on_other_nodes_give_the_single_selectors_
 def test_a_node_removed_mid_round_fails_that_round_and_the_next_runs_on_the_nodes_left(scenario):
     lost = scenario["lost"]
     assert lost["removed"] == scenario["worker_nodes"][lost["removed_name"]]
-    assert lost["reason"].startswith("shard 1"), lost["reason"]
+    assert lost["reason"].startswith("shard 1") and lost["kind"].startswith("shard_"), lost
     assert lost["removed"] not in lost["nodes_after"]
     assert set(lost["nodes_after"]) <= set(scenario["worker_nodes"].values())
     assert lost["next_round_same"] is True
@@ -99,17 +99,18 @@ def _remote_round(selector, strategy: str, round_id: int, before_chunk=None, dir
     return ray.get(selector.result.remote(round_id, 90), timeout=120)
 
 
-def _same(single: dict, other: dict) -> dict:
+def _same(single, other) -> dict:
     import numpy as np
 
-    same_indices = bool(np.array_equal(single["indices"], other["indices"]))
+    same_indices = bool(np.array_equal(single.indices, other.indices))
     return {"indices": same_indices,
-            "weights": same_indices and bool(np.allclose(other["weights"], single["weights"], rtol=1e-6, atol=0)),
-            "grad_error": all(abs(other[key] - single[key]) <= 1e-6 * max(1.0, abs(single[key]))  # Eq. 1 is absolute
+            "weights": same_indices and bool(np.allclose(other.weights, single.weights, rtol=1e-6, atol=0)),
+            "grad_error": all(abs(getattr(other, key) - getattr(single, key))
+                              <= 1e-6 * max(1.0, abs(getattr(single, key)))  # Eq. 1 is absolute
                               for key in ("grad_error", "grad_error_rel", "grad_error_trained"))}
 
 
-def _local(strategy: str) -> dict:
+def _local(strategy: str):
     from service.selector import SelectorService
     from test_shards import run_round
 
@@ -141,13 +142,13 @@ def run_scenario(cluster, workers: dict) -> dict:
     result["pinned_nodes"] = _nodes(pinned)
     result["same"]["gradmatch"] = _same(_local("gradmatch"), _remote_round(pinned, "gradmatch", 0))
     result["direct"] = {"gradmatch": _same(_local("gradmatch"), _remote_round(pinned, "gradmatch", 1, direct=True))}
-    result["routed_bytes"] = {"gradmatch": ray.get(pinned.status.remote(), timeout=60)["last_round"]["routed_bytes"]}
+    result["routed_bytes"] = {"gradmatch": ray.get(pinned.status.remote(), timeout=60).last_round.routed_bytes}
     ray.get(pinned.stop.remote(), timeout=60)  # frees its bundles for the shard that will move
     release(pinned)
 
     single = _local("gradmatch-pb")
     result["same"]["gradmatch-pb"] = _same(single, _remote_round(spread, "gradmatch-pb", 0))
-    result["routed_bytes"]["gradmatch-pb-whole"] = ray.get(spread.status.remote(), timeout=60)["routed_bytes"]
+    result["routed_bytes"]["gradmatch-pb-whole"] = ray.get(spread.status.remote(), timeout=60).routed_bytes
     victim = result["spread_nodes"][1]
     name = next(n for n, node in workers.items() if node.node_id == victim)
 
@@ -162,14 +163,14 @@ def run_scenario(cluster, workers: dict) -> dict:
         _remote_round(spread, "gradmatch-pb", 1, before_chunk=remove_midway)
         lost["reason"] = "no failure"
     except RoundFailed as exc:
-        lost["reason"] = exc.reason
+        lost["reason"], lost["kind"] = exc.reason, exc.kind
     lost["fail_s"] = time.monotonic() - start
     lost["next_round_same"] = _same(single, _remote_round(spread, "gradmatch-pb", 2)) == {
         "indices": True, "weights": True, "grad_error": True}
     lost["nodes_after"] = _nodes(spread)
     result["lost"] = lost
     result["direct"]["gradmatch-pb"] = _same(single, _remote_round(spread, "gradmatch-pb", 3, direct=True))
-    result["routed_bytes"]["gradmatch-pb"] = ray.get(spread.status.remote(), timeout=60)["last_round"]["routed_bytes"]
+    result["routed_bytes"]["gradmatch-pb"] = ray.get(spread.status.remote(), timeout=60).last_round.routed_bytes
     ray.get(spread.stop.remote(), timeout=60)
     release(spread)
     return result

@@ -142,3 +142,68 @@ def test_lead_beyond_interval_is_rejected():
 def test_config_round_trips_through_json():
     config = RunConfig.model_validate({"selector": {"strategy": "random", "delay_s": 1.5}, "seed": 4})
     assert RunConfig.model_validate_json(config.model_dump_json()) == config
+
+
+# --- the types cross real actors ------------------------------------------------------------------------
+
+@pytest.mark.ray
+def test_the_selectors_answers_cross_a_real_actor_as_protocol_types(ray_address):
+    import ray
+
+    from protocol.errors import RoundFailed
+    from protocol.receipts import Accepted
+    from protocol.status import SelectorStatus
+    from service.selector import SELECTOR_CONFIG
+    from trainer.client.cluster import release, start_selector
+
+    selector = start_selector(SELECTOR_CONFIG.validate_python({"strategy": "random"}))
+    asked = RoundRequest(round_id=0, model_step=2, ground="example", n_ground=50, n_select=5, n_chunks=0, seed=0,
+                         strategy="random")
+    try:
+        status = ray.get(selector.status.remote(), timeout=60)
+        assert type(status) is SelectorStatus
+        assert (status.strategy, status.answered, status.shards, status.last_round) == ("random", 0, None, None)
+        assert type(ray.get(selector.start_round.remote(asked.model_dump()), timeout=60)) is Accepted
+        answer = ray.get(selector.result.remote(0, 30), timeout=60)
+        assert type(answer) is SubsetMessage and answer.indices.size == 5
+        assert SubsetMessage.model_validate(answer, context={"request": asked}).round_id == 0
+        assert ray.get(selector.status.remote(), timeout=60).answered == 1
+
+        ray.get(selector.reconfigure.remote({"strategy": "random", "fault": "crash"}), timeout=60)
+        selector.start_round.remote(asked.model_copy(update={"round_id": 1}).model_dump())
+        with pytest.raises(RoundFailed) as failed:
+            ray.get(selector.result.remote(1, 30), timeout=60)
+        assert (failed.value.round_id, failed.value.kind, failed.value.reason) == (
+            1, "failed", "RuntimeError: injected fault: crash")
+
+        ray.get(selector.stop.remote(), timeout=60)
+        with pytest.raises(RoundFailed) as stopped:
+            ray.get(selector.start_round.remote(asked.model_copy(update={"round_id": 2}).model_dump()), timeout=60)
+        assert (stopped.value.round_id, stopped.value.kind, stopped.value.reason) == (2, "stopped", "selector stopped")
+    finally:
+        release(selector)
+
+
+@pytest.mark.ray
+def test_rank_zeros_push_is_answered_with_a_receipt_that_carries_the_stop_request(ray_address):
+    import ray
+
+    from protocol.receipts import Accepted, Rejection
+    from protocol.records import Progress
+    from trainer.builtin.distributed import DistributedTrainerActor
+
+    sink = DistributedTrainerActor.remote(RunConfig(), None, None, None)
+    try:
+        epoch = {"epoch": 0, "phase": "full", "steps": 3, "n_examples": 96, "loss": 1.5, "lr": 0.05, "train_s": 0.1,
+                 "wall_s": 0.1}
+        answer = ray.get(sink.push.remote(Progress(epoch=1, total=4, loss=1.5, epochs=[epoch])), timeout=60)
+        assert type(answer) is Accepted
+        seen = ray.get(sink.progress.remote(), timeout=60)
+        assert type(seen) is Progress and (seen.epoch, seen.total, seen.epochs) == (1, 4, [epoch])
+        ray.get(sink.request_stop.remote("stopped by SIGINT"), timeout=60)
+        answer = ray.get(sink.push.remote(Progress(epoch=2, total=4)), timeout=60)
+        assert type(answer) is Rejection and answer.rule == "stopped by SIGINT"
+        with pytest.raises(TypeError, match="state: a dict, must be a protocol.records.Progress"):
+            ray.get(sink.push.remote({"epoch": 3, "total": 4}), timeout=60)
+    finally:
+        ray.kill(sink)

@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from protocol.config import RunConfig
+from protocol.records import RunResult, RunSummary
 from service.actor import SelectorActor
 from trainer.builtin.actor import TrainerActor
 
@@ -34,7 +35,7 @@ def start(config: RunConfig):
     return selector, trainer
 
 
-def run(config: RunConfig) -> dict:
+def run(config: RunConfig) -> RunResult:
     selector, trainer = start(config)
     try:
         return ray.get(trainer.run.remote(), timeout=RUN_TIMEOUT_S)
@@ -44,24 +45,26 @@ def run(config: RunConfig) -> dict:
 
 
 def rounds_of(result):
-    return result["progress"]["rounds"]
+    return result.progress.rounds
 
 
 def test_round_trip_adopts_every_round(ray_address):
     result = run(make_config({"strategy": "gradmatch-pb"}, on_late="wait"))
-    rounds, summary = rounds_of(result), result["summary"]
+    rounds, summary = rounds_of(result), result.summary
+    assert type(result) is RunResult and type(summary) is RunSummary  # typed across the actor boundary
+    assert result.clock.first_step_at < result.clock.last_step_at
     # 12 subset epochs, rounds due at 3, 6, 9
     assert [r["due_epoch"] for r in rounds] == [3, 6, 9]
     assert all(r["status"] == "adopted" for r in rounds), rounds
-    assert summary["rounds"] == 3 and summary["rounds_rejected"] == 0
+    assert summary.rounds == 3 and summary.rounds_rejected == 0
     # synthetic 1500 -> 1050 training examples; budget 210 examples = ceil(210 / 32) = 7 batches of 32
     # (one of the 33 batches is short: 26 examples)
     assert all(224 - 6 <= r["subset_size"] <= 224 for r in rounds)
     assert 0 <= rounds[0]["grad_error"] and 0 <= rounds[0]["grad_error_rel"] < 1
     assert rounds[0]["grad_error_trained"] >= 0
-    epochs = result["progress"]["epochs"]
+    epochs = result.progress.epochs
     assert [e["subset_round"] for e in epochs] == [None] * 3 + [0] * 3 + [1] * 3 + [2] * 3
-    assert summary["selector_busy_s"] > 0
+    assert summary.selector_busy_s > 0
     assert all(r["adopted_epoch"] == r["due_epoch"] and r["staleness"] == 1 for r in rounds)
 
 
@@ -72,11 +75,11 @@ def test_trainer_keeps_stepping_while_a_slow_selector_works(ray_address):
     config = make_config({"strategy": "gradmatch-pb", "delay_s": 0.25}, epochs=600, select_every=300, on_late="continue")
     result = run(config)
     first = rounds_of(result)[0]
-    epochs = result["progress"]["epochs"]
+    epochs = result.progress.epochs
     assert first["status"] == "adopted"
     # late: due at epoch 150, adopted at a later boundary, and no waiting was done for it
     assert first["adopted_epoch"] > first["due_epoch"] == 300
-    assert first["stall_s"] == 0.0 and result["summary"]["stall_s"] == 0.0
+    assert first["stall_s"] == 0.0 and result.summary.stall_s == 0.0
     assert first["staleness"] == first["adopted_epoch"] - first["trigger_epoch"]
     # the trainer stepped through every epoch between the trigger and the adoption
     between = [e for e in epochs if first["trigger_epoch"] <= e["epoch"] < first["adopted_epoch"]]
@@ -93,7 +96,7 @@ def test_on_late_wait_stalls_and_records_it(ray_address):
     rounds = rounds_of(result)
     assert all(r["status"] == "adopted" and r["adopted_epoch"] == r["due_epoch"] for r in rounds)
     assert all(r["stall_s"] > 0.3 for r in rounds)
-    assert result["summary"]["stall_s"] == pytest.approx(sum(r["stall_s"] for r in rounds))
+    assert result.summary.stall_s == pytest.approx(sum(r["stall_s"] for r in rounds))
 
 
 @pytest.mark.parametrize("fault, field", [("wrong_round", "round_id"), ("index_out_of_range", "indices"),
@@ -103,9 +106,9 @@ def test_invalid_message_is_rejected_and_training_goes_on(ray_address, fault, fi
     rounds = rounds_of(result)
     assert [r["status"] for r in rounds] == ["rejected"] * 3
     assert all(field in r["reason"] for r in rounds)
-    epochs = result["progress"]["epochs"]
+    epochs = result.progress.epochs
     assert len(epochs) == 12 and all(e["subset_round"] is None for e in epochs)  # the initial subset throughout
-    assert result["summary"]["rounds_rejected"] == 3 and result["summary"]["rounds"] == 0
+    assert result.summary.rounds_rejected == 3 and result.summary.rounds == 0
 
 
 def run_killing_the_selector_mid_round(config: RunConfig, no_restart: bool) -> dict:
@@ -114,7 +117,7 @@ def run_killing_the_selector_mid_round(config: RunConfig, no_restart: bool) -> d
     try:
         run_ref = trainer.run.remote()
         deadline = time.monotonic() + 120
-        while not ray.get(selector.status.remote(), timeout=30)["running"]:
+        while not ray.get(selector.status.remote(), timeout=30).running:
             assert time.monotonic() < deadline, "no round started"
             time.sleep(0.05)
         ray.kill(selector, no_restart=no_restart)
@@ -130,7 +133,7 @@ def test_selector_killed_mid_round_does_not_stop_the_run(ray_address):
     rounds = rounds_of(result)
     assert rounds[0]["status"] == "failed" and "restarted" in rounds[0]["reason"]
     assert rounds[-1]["status"] == "adopted"  # asked of the restarted selector
-    assert len(result["progress"]["epochs"]) == 12 and result["summary"]["acc"] > 0
+    assert len(result.progress.epochs) == 12 and result.summary.acc > 0
 
 
 @pytest.mark.parametrize("on_loss", ["fail", "continue"])
@@ -140,14 +143,14 @@ def test_a_selector_killed_for_good_mid_round_is_lost_whatever_error_ray_raises(
     config = make_config({"strategy": "gradmatch-pb", "delay_s": 2.0}, epochs=12, select_every=4, on_late="wait",
                          on_selector_loss=on_loss)
     result = run_killing_the_selector_mid_round(config, no_restart=True)
-    summary, rounds = result["summary"], rounds_of(result)
-    assert summary["selector_lost"] and "selector lost for good" in summary["selector_lost"], rounds
+    summary, rounds = result.summary, rounds_of(result)
+    assert summary.selector_lost and "selector lost for good" in summary.selector_lost, rounds
     assert rounds[0]["status"] == "failed" and "selector lost for good" in rounds[0]["reason"]
     if on_loss == "fail":
-        assert summary["status"] == "failed" and "selector lost for good" in summary["reason"]
-        assert len(result["progress"]["epochs"]) < 12
+        assert summary.status == "failed" and "selector lost for good" in summary.reason
+        assert len(result.progress.epochs) < 12
     else:
-        assert summary["status"] == "completed" and len(result["progress"]["epochs"]) == 12
+        assert summary.status == "completed" and len(result.progress.epochs) == 12
         assert all(r["status"] == "skipped" for r in rounds[1:])
 
 
@@ -192,4 +195,4 @@ def test_a_round_that_never_returns_times_out_and_restarts_the_selector(ray_addr
     rounds = rounds_of(result)
     assert [r["status"] for r in rounds] == ["timeout", "timeout"]
     assert all("selector restarted" in r["reason"] and 0.9 < r["stall_s"] < 10 for r in rounds), rounds
-    assert len(result["progress"]["epochs"]) == 9
+    assert len(result.progress.epochs) == 9

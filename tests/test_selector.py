@@ -46,7 +46,7 @@ def test_round_trip_with_chunks_before_the_request_and_out_of_order():
     answer = service.result(0, timeout_s=30)
     message = SubsetMessage.model_validate(answer, context={"request": RoundRequest(**request())})
     assert message.round_id == 0 and message.model_step == 7 and message.indices.size == 4
-    assert service.status()["answered"] == 1 and service.status()["busy_s"] > 0
+    assert service.status().answered == 1 and service.status().busy_s > 0
 
 
 def test_answers_carry_the_cpu_time_of_the_round_apart_from_its_waits():
@@ -55,10 +55,10 @@ def test_answers_carry_the_cpu_time_of_the_round_apart_from_its_waits():
     send_chunks(service, 0)
     answer = service.result(0, timeout_s=30)
     # the delay is a sleep: it is in the wall seconds, not in the CPU seconds of the round's thread
-    assert answer["busy_s"] >= 0.3 and 0 < answer["cpu_s"] < 0.3
-    assert answer["cpu_s"] <= answer["busy_s"] - 0.3 + 0.01
+    assert answer.busy_s >= 0.3 and 0 < answer.cpu_s < 0.3
+    assert answer.cpu_s <= answer.busy_s - 0.3 + 0.01
     # a sleep gives the core up: that is not a preemption
-    assert answer["preempted"] is None or 0 <= answer["preempted"] <= 10
+    assert answer.preempted is None or 0 <= answer.preempted <= 10
 
 
 def _spin(seconds):
@@ -113,9 +113,9 @@ def test_status_answers_while_a_slow_round_runs():
     service.start_round(request(n_chunks=0, strategy="random"))
     time.sleep(0.1)
     start = time.perf_counter()
-    assert service.status()["running"] == [0]
+    assert service.status().running == [0]
     assert time.perf_counter() - start < 0.5
-    assert len(service.result(0, timeout_s=10)["indices"]) == 4
+    assert len(service.result(0, timeout_s=10).indices) == 4
 
 
 def test_a_newer_round_supersedes_an_open_one():
@@ -126,22 +126,23 @@ def test_a_newer_round_supersedes_an_open_one():
     thread.start()
     service.start_round(request(round_id=1))
     thread.join(5)
-    assert "superseded by round 1" in waiter["error"]
+    assert waiter["error"] == ("superseded", "round 0: superseded by round 1")
 
 
 def _catch(service, round_id):
     try:
         service.result(round_id, timeout_s=5)
     except RoundFailed as exc:
-        return str(exc)
+        return exc.kind, str(exc)
     return "no error"
 
 
 def test_result_times_out_when_chunks_never_come():
     service = SelectorService({"strategy": "gradmatch-pb"})
     service.start_round(request())
-    with pytest.raises(RoundFailed, match="not answered within 0.2 s"):
+    with pytest.raises(RoundFailed, match="not answered within 0.2 s") as info:
         service.result(0, timeout_s=0.2)
+    assert info.value.kind == "timeout"
 
 
 def test_a_round_whose_chunks_stop_coming_fails_fast():
@@ -149,9 +150,9 @@ def test_a_round_whose_chunks_stop_coming_fails_fast():
     service.start_round(request())
     send_chunks(service, 0, order=(0, 2))
     start = time.perf_counter()
-    with pytest.raises(RoundFailed, match="2 of 3 chunks arrived, then none for 0.3 s"):
+    with pytest.raises(RoundFailed, match="2 of 3 chunks arrived, then none for 0.3 s") as info:
         service.result(0, timeout_s=60, chunk_grace_s=0.3)
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 5 and info.value.kind == "chunks_lost"
 
 
 def test_chunks_must_cover_the_ground_set():
@@ -160,8 +161,10 @@ def test_chunks_must_cover_the_ground_set():
     parts = np.array_split(np.arange(30), 3)
     service.add_chunk(chunk(0, 0, parts[0]))
     service.add_chunk(chunk(0, 1, parts[0]))  # the same ids twice
-    with pytest.raises(RoundFailed, match=r"chunk 1: ids \[0, 1, 2, 3, 4\] came before; every id must appear once"):
+    with pytest.raises(RoundFailed, match=r"chunk 1: ids \[0, 1, 2, 3, 4\] came before; every id must appear once") \
+            as info:
         service.result(0, timeout_s=10)
+    assert info.value.kind == "rejected"
     service = SelectorService({"strategy": "gradmatch-pb"})
     service.start_round(request(round_id=1, n_chunks=2))
     service.add_chunk(chunk(1, 0, parts[0]))
@@ -193,7 +196,7 @@ def test_a_crashing_strategy_fails_the_round_not_the_service():
     service.start_round(request(n_chunks=0, strategy="random"))
     with pytest.raises(RoundFailed, match="injected fault"):
         service.result(0, timeout_s=10)
-    assert service.status()["stopped"] is False
+    assert service.status().stopped is False
 
 
 def test_bad_config_names_the_field():
@@ -214,9 +217,9 @@ def test_superseded_rounds_leave_no_state_behind():
 def test_a_round_never_asked_of_this_selector_fails_fast():
     service = SelectorService({"strategy": "random"})
     start = time.perf_counter()
-    with pytest.raises(RoundFailed, match="unknown to this selector"):
+    with pytest.raises(RoundFailed, match="unknown to this selector") as info:
         service.result(5, timeout_s=60, request_grace_s=0.2)
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 5 and info.value.kind == "unknown_round"
 
 
 def test_reconfigure_takes_effect_from_the_next_round():
@@ -224,16 +227,17 @@ def test_reconfigure_takes_effect_from_the_next_round():
     service.start_round(request(round_id=0, n_chunks=0, strategy="random"))
     plan = service.reconfigure({"strategy": "gradmatch-pb"})
     assert plan.strategy == "gradmatch-pb" and plan.summaries == "batch"
-    assert service.result(0, timeout_s=10)["strategy"] == "random"  # asked before the change
+    assert service.result(0, timeout_s=10).strategy == "random"  # asked before the change
     service.start_round(request(round_id=1))
     send_chunks(service, 1)
-    assert service.result(1, timeout_s=30)["strategy"] == "gradmatch-pb"
+    assert service.result(1, timeout_s=30).strategy == "gradmatch-pb"
     service.start_round(request(round_id=2, n_chunks=0, strategy="random"))  # the trainer's view is stale
-    with pytest.raises(RoundFailed, match="asked of strategy 'random', but this selector runs 'gradmatch-pb'"):
+    with pytest.raises(RoundFailed, match="asked of strategy 'random', but this selector runs 'gradmatch-pb'") as info:
         service.result(2, timeout_s=10)
+    assert info.value.kind == "rejected"
     with pytest.raises(ValidationError, match="lam"):
         service.reconfigure({"strategy": "gradmatch-pb", "lam": -1})
-    assert service.status()["strategy"] == "gradmatch-pb"
+    assert service.status().strategy == "gradmatch-pb"
 
 
 def test_round_failed_survives_pickling_with_its_fields():
@@ -243,8 +247,25 @@ def test_round_failed_survives_pickling_with_its_fields():
         service.result(3, timeout_s=10)
     copy = pickle.loads(pickle.dumps(info.value))
     assert type(copy) is RoundFailed and isinstance(copy, RuntimeError)
-    assert (copy.round_id, copy.reason) == (3, "RuntimeError: injected fault: crash")
+    assert (copy.round_id, copy.kind, copy.reason) == (3, "failed", "RuntimeError: injected fault: crash")
     assert str(copy) == "round 3: RuntimeError: injected fault: crash"
+
+
+def test_round_failed_names_a_kind_it_knows():
+    with pytest.raises(ValueError, match="kind == 'lost', must be one of stopped, superseded, timeout"):
+        RoundFailed(1, "lost", "gone")
+    assert str(RoundFailed(None, "stopped", "selector stopped")) == "selector stopped"
+
+
+def test_a_stopped_selector_fails_open_rounds_and_refuses_new_ones():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request(round_id=0))
+    service.stop()
+    with pytest.raises(RoundFailed, match="round 0: selector stopped") as open_round:
+        service.result(0, timeout_s=10)
+    with pytest.raises(RoundFailed, match="round 1: selector stopped") as new_round:
+        service.start_round(request(round_id=1))
+    assert open_round.value.kind == new_round.value.kind == "stopped"
 
 
 def _fails_at_once(service, round_id, match):
@@ -297,7 +318,7 @@ def test_an_unreadable_rejection_before_any_round_fails_the_next_round_asked():
     service.start_round(request(round_id=0, n_chunks=0, strategy="random"))
     _fails_at_once(service, 0, "validation set rejected: round_id: ")
     service.start_round(request(round_id=1, n_chunks=0, strategy="random"))  # only that one round fails
-    assert len(service.result(1, timeout_s=10)["indices"]) == 4
+    assert len(service.result(1, timeout_s=10).indices) == 4
 
 
 def test_a_rejected_request_fails_its_round_at_once():
@@ -324,12 +345,12 @@ def test_answers_carry_the_three_gradient_errors():
     send_chunks(service, 0)
     answer = service.result(0, timeout_s=30)
     expected = gradient_errors(GradMatchPBSelector(), GroundSet(labels=np.zeros(30), rows=ROWS), None,
-                               answer["indices"], answer["weights"])
-    assert (answer["grad_error"], answer["grad_error_rel"], answer["grad_error_trained"]) == pytest.approx(
+                               answer.indices, answer.weights)
+    assert (answer.grad_error, answer.grad_error_rel, answer.grad_error_trained) == pytest.approx(
         (expected.absolute, expected.relative, expected.trained))
-    assert 0 < answer["grad_error_rel"] < 1 and 0 < answer["grad_error_trained"] < 1
+    assert 0 < answer.grad_error_rel < 1 and 0 < answer.grad_error_trained < 1
     norm = np.linalg.norm(ROWS.astype(np.float64).sum(0))  # the training target of batches without sizes
-    assert answer["grad_error"] == pytest.approx(answer["grad_error_rel"] * norm)
+    assert answer.grad_error == pytest.approx(answer.grad_error_rel * norm)
 
 
 @pytest.mark.parametrize("strategy", ["random", "gradmatch", "gradmatch-pb", "craig", "craig-pb", "glister"])

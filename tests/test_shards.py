@@ -15,8 +15,11 @@ from pydantic import ValidationError
 
 from protocol.config import GradMatchSelector, RunConfig
 from protocol.errors import RoundFailed, RunFailed
+from protocol.messages import SubsetMessage
 from protocol.receipts import Accepted, Rejection
-from protocol.routes import BatchMap, ExampleMap, SummaryLayout, WholeChunks, range_columns, send_routed, split_chunk
+from protocol.routes import (
+    BatchMap, BatchPart, ExampleMap, ExamplePart, SummaryLayout, WholeChunks, range_columns, send_routed, split_chunk,
+)
 from service.coordinator import ShardedSelector
 from service.ridge import ridge_weights
 from service.routes import assign_classes, class_ranges, infer_n_classes
@@ -102,7 +105,7 @@ def layout_of(strategy: str, counts: np.ndarray | None = None) -> SummaryLayout:
     return SummaryLayout("example", N_CLASSES, DIM, len(LABELS), counts)
 
 
-def routed_round(service, strategy: str, **options) -> dict:
+def routed_round(service, strategy: str, **options) -> SubsetMessage:
     return run_round(service, strategy, routed=True, **options)
 
 
@@ -113,12 +116,13 @@ def sharded(config: dict, n_shards: int) -> ShardedSelector:
 GRAD_ERRORS = ("grad_error", "grad_error_rel", "grad_error_trained")
 
 
-def assert_same_answer(single: dict, other: dict) -> None:
-    np.testing.assert_array_equal(other["indices"], single["indices"])
-    np.testing.assert_allclose(other["weights"], single["weights"], rtol=1e-6, atol=0)
+def assert_same_answer(single: SubsetMessage, other: SubsetMessage) -> None:
+    np.testing.assert_array_equal(other.indices, single.indices)
+    np.testing.assert_allclose(other.weights, single.weights, rtol=1e-6, atol=0)
     for key in GRAD_ERRORS:  # Eq. 1 is absolute (its scale is the target's): within 1e-6 of it, or relatively
-        assert single[key] is not None and other[key] == pytest.approx(single[key], abs=1e-6, rel=1e-6), key
-    assert (other["n_padded"], other["target"]) == (single["n_padded"], single["target"])
+        mine, theirs = getattr(single, key), getattr(other, key)
+        assert mine is not None and theirs == pytest.approx(mine, abs=1e-6, rel=1e-6), key
+    assert (other.n_padded, other.target) == (single.n_padded, single.target)
 
 
 # --- who owns what -------------------------------------------------------------------------------
@@ -201,8 +205,8 @@ def test_sharded_selection_equals_the_single_selector(strategy, options, validat
     order = np.random.default_rng(n_shards).permutation(len(chunks))  # chunks arrive in any order
     answer = run_round(sharded(config, n_shards), strategy, validation=validation, order=order)
     assert_same_answer(single, answer)
-    assert 0 < single["grad_error"] and 0 < single["grad_error_rel"] < 2 and 0 < single["grad_error_trained"] < 2
-    assert len(single["indices"]) == (len(ROWS) if "pb" in strategy else 600) // 10
+    assert 0 < single.grad_error and 0 < single.grad_error_rel < 2 and 0 < single.grad_error_trained < 2
+    assert len(single.indices) == (len(ROWS) if "pb" in strategy else 600) // 10
 
 
 @pytest.mark.parametrize("options, validation", [({}, False), ({"valid": True}, True), ({"eps": 1e3}, False)])
@@ -210,25 +214,25 @@ def test_sharded_selection_equals_the_single_selector(strategy, options, validat
 def test_gradmatch_classes_without_budget_count_in_eq1_as_in_the_single_selector(options, validation, n_shards):
     config = {"strategy": "gradmatch", **options}
     single = run_round(SelectorService(config), "gradmatch", validation=validation, n_select=4)  # 6 classes
-    assert len(np.unique(LABELS[single["indices"]])) < N_CLASSES  # some classes choose nothing
+    assert len(np.unique(LABELS[single.indices])) < N_CLASSES  # some classes choose nothing
     assert_same_answer(single, run_round(sharded(config, n_shards), "gradmatch", validation=validation, n_select=4))
 
 
 def test_sharded_eq1_of_gradmatch_is_the_per_class_residual_of_its_padded_picks():
     config = {"strategy": "gradmatch", "eps": 1e3}  # every class stops early and pads with weight 1
     answer = run_round(sharded(config, 3), "gradmatch")
-    assert answer["n_padded"] > 0 and 1.0 in answer["weights"].tolist()
+    assert answer.n_padded > 0 and 1.0 in answer.weights.tolist()
     residual_sq, target_sq = 0.0, 0.0
     for c in range(N_CLASSES):
         members = np.flatnonzero(LABELS == c)
         rows = class_rows(ERRORS[members], FEATURES[members], c)
         target = rows.astype(np.float64).sum(0)  # the class's training gradient in its own column
-        mine = LABELS[answer["indices"]] == c
-        local = np.searchsorted(members, answer["indices"][mine])
-        residual = answer["weights"][mine] @ rows[local].astype(np.float64) - target
+        mine = LABELS[answer.indices] == c
+        local = np.searchsorted(members, answer.indices[mine])
+        residual = answer.weights[mine] @ rows[local].astype(np.float64) - target
         residual_sq, target_sq = residual_sq + residual @ residual, target_sq + target @ target
-    assert answer["grad_error"] == pytest.approx(np.sqrt(residual_sq), rel=1e-9)
-    assert answer["grad_error_rel"] == pytest.approx(np.sqrt(residual_sq / target_sq), rel=1e-9)
+    assert answer.grad_error == pytest.approx(np.sqrt(residual_sq), rel=1e-9)
+    assert answer.grad_error_rel == pytest.approx(np.sqrt(residual_sq / target_sq), rel=1e-9)
 
 
 @pytest.mark.parametrize("strategy", ["gradmatch-pb", "gradmatch"])
@@ -244,26 +248,26 @@ def test_chunks_before_their_request_and_out_of_order_give_the_same_answer(strat
 
 def test_the_padding_case_pads():
     answer = run_round(sharded({"strategy": "gradmatch", "eps": 1e3}, 3), "gradmatch")
-    assert answer["n_padded"] > 0  # so the case above compares padded answers
+    assert answer.n_padded > 0  # so the case above compares padded answers
 
 
 def test_no_shard_holds_the_whole_ground_set():
     service = sharded({"strategy": "gradmatch"}, 3)
     run_round(service, "gradmatch")
-    held = service.status()["last_round"]["shard_held_bytes"]
+    held = service.status().last_round.shard_held_bytes
     whole = LABELS.nbytes * 2 + ERRORS.nbytes + FEATURES.nbytes  # ids, labels, errors, features
     assert sum(held) == whole and max(held) < 0.5 * whole
     service = sharded({"strategy": "gradmatch-pb"}, 3)
     run_round(service, "gradmatch-pb")
-    held = service.status()["last_round"]["shard_held_bytes"]
+    held = service.status().last_round.shard_held_bytes
     assert sum(held) == ROWS.nbytes + 3 * 8 * len(ROWS) and max(held) < 0.5 * ROWS.nbytes
-    assert service.status()["last_round"]["moved_bytes"] > ROWS.nbytes
+    assert service.status().last_round.moved_bytes > ROWS.nbytes
 
 
 def test_glister_runs_on_one_shard():
     service = sharded({"strategy": "glister"}, 3)
     run_round(service, "glister", validation=True)
-    assert [b > 0 for b in service.status()["last_round"]["shard_held_bytes"]] == [True, False, False]
+    assert [b > 0 for b in service.status().last_round.shard_held_bytes] == [True, False, False]
 
 
 def test_the_second_round_deals_classes_by_the_first_rounds_counts():
@@ -272,7 +276,7 @@ def test_the_second_round_deals_classes_by_the_first_rounds_counts():
     run_round(service, "gradmatch", round_id=1)
     counts = np.bincount(LABELS, minlength=N_CLASSES)
     expected = np.bincount(assign_classes(counts, 4), weights=counts, minlength=4) * 8 * (4 + N_CLASSES + DIM) // 2
-    held = np.array(service.status()["last_round"]["shard_held_bytes"])
+    held = np.array(service.status().last_round.shard_held_bytes)
     np.testing.assert_array_equal(held, expected)  # per example: id, label (int64), C + D float32
 
 
@@ -290,13 +294,13 @@ def test_chunks_split_by_their_sender_give_the_same_answer_and_no_row_reaches_th
     service = sharded(config, n_shards)
     direct = routed_round(service, strategy, validation=validation, order=order)
     assert_same_answer(single, direct)
-    np.testing.assert_array_equal(direct["indices"], through["indices"])  # the chunks' path changes nothing
-    np.testing.assert_array_equal(direct["weights"], through["weights"])
-    assert whole.status()["routed_bytes"] > 0 and whole.status()["last_round"]["routed_bytes"] > 0
+    np.testing.assert_array_equal(direct.indices, through.indices)  # the chunks' path changes nothing
+    np.testing.assert_array_equal(direct.weights, through.weights)
+    assert whole.status().routed_bytes > 0 and whole.status().last_round.routed_bytes > 0
     status = service.status()
-    assert status["routed_bytes"] == 0 and status["last_round"]["routed_bytes"] == 0
+    assert status.routed_bytes == 0 and status.last_round.routed_bytes == 0
     summaries = ROWS.nbytes if "pb" in strategy else ERRORS.nbytes + FEATURES.nbytes
-    assert status["last_round"]["moved_bytes"] > summaries  # the parts the sender delivered are counted
+    assert status.last_round.moved_bytes > summaries  # the parts the sender delivered are counted
 
 
 @pytest.mark.parametrize("strategy, options, validation",
@@ -308,13 +312,13 @@ def test_the_answer_does_not_depend_on_which_shard_owns_a_class(strategy, option
     for dealt in deals:  # the map follows the counts it is dealt by; the rows are the same
         service = sharded({"strategy": strategy, **options}, 3)
         answers.append(routed_round(service, strategy, validation=validation, counts=dealt))
-        maps.append(tuple(service.status()["last_round"]["class_shards"]))
+        maps.append(tuple(service.status().last_round.class_shards))
     assert len(set(maps)) == len(deals), maps
     for answer in answers[1:]:
-        np.testing.assert_array_equal(answer["indices"], answers[0]["indices"])
-        np.testing.assert_array_equal(answer["weights"], answers[0]["weights"])
+        np.testing.assert_array_equal(answer.indices, answers[0].indices)
+        np.testing.assert_array_equal(answer.weights, answers[0].weights)
         for key in GRAD_ERRORS:
-            assert answer[key] == pytest.approx(answers[0][key], rel=1e-12)
+            assert getattr(answer, key) == pytest.approx(getattr(answers[0], key), rel=1e-12)
 
 
 def test_the_map_handed_out_is_fixed_for_the_round_and_splits_as_the_coordinator_would():
@@ -325,14 +329,26 @@ def test_the_map_handed_out_is_fixed_for_the_round_and_splits_as_the_coordinator
     assert [type(shard) for shard in route.shards] == [ShardService] * 3
     chunk = {"round_id": 0, "chunk_index": 0, **example_chunks()[0]}
     parts = split_chunk(route, chunk)
-    assert sum(len(part["ids"]) for part in parts if part is not None) == 100
+    assert all(isinstance(part, ExamplePart) for part in parts if part is not None)
+    assert sum(len(part.ids) for part in parts if part is not None) == 100
     for shard, part in enumerate(parts):
         if part is not None:
-            assert set(route.owner[part["labels"]]) == {shard}
+            assert set(route.owner[part.labels]) == {shard}
     pb = service.routes(1, layout_of("gradmatch-pb"))
     assert list(pb.ranges) == class_ranges(N_CLASSES, 3) and pb.width == ROWS.shape[1]
     assert SelectorService({"strategy": "gradmatch"}).routes(0, layout_of("gradmatch")) == WholeChunks()
     assert service.routes(1, None) == WholeChunks()
+
+
+def test_a_shard_takes_typed_parts_only():
+    shard = ShardService(0)
+    route = sharded({"strategy": "gradmatch-pb"}, 2).routes(0, layout_of("gradmatch-pb"))
+    parts = split_chunk(route, {"round_id": 0, "chunk_index": 0, **batch_chunks(len(ROWS))[0]})  # every row
+    assert [type(part) for part in parts] == [BatchPart, BatchPart] and parts[0].n_rows == len(ROWS)
+    with pytest.raises(TypeError, match="part: a dict, must be a protocol.routes.ExamplePart or BatchPart"):
+        shard.add_part(0, {"ids": parts[0].ids, "rows": parts[0].rows})
+    shard.add_part(0, parts[0])
+    assert shard.gather(0, len(parts[0].ids)) == parts[0].rows.nbytes + 8 * len(ROWS)  # ids of every row
 
 
 def test_a_chunk_that_does_not_fit_the_map_is_refused_by_its_sender():
@@ -355,8 +371,9 @@ def test_a_shard_that_lost_routed_parts_fails_the_round_and_the_next_round_is_wh
         if i == 3:
             shards[1].drop()  # as a restarted shard: what it was sent is gone
         send_routed(route, service, {"round_id": 0, "chunk_index": i, **chunk})
-    with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 0"):
+    with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 0") as info:
         service.result(0, timeout_s=30)
+    assert info.value.kind == "shard_error"
     assert_same_answer(run_round(SelectorService({"strategy": "gradmatch"}), "gradmatch"),
                        routed_round(service, "gradmatch", round_id=1))
 
@@ -403,8 +420,9 @@ def test_a_shard_that_lost_its_parts_fails_the_round_and_the_next_round_is_whole
     shards[1].drop()  # as a restarted shard: what it was sent is gone
     for i in range(3, 6):
         service.add_chunk({"round_id": 0, "chunk_index": i, **chunks[i]})
-    with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 0"):
+    with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 0") as info:
         service.result(0, timeout_s=30)
+    assert info.value.kind == "shard_error"
     assert_same_answer(run_round(SelectorService({"strategy": "gradmatch"}), "gradmatch"),
                        run_round(service, "gradmatch", round_id=1))
 
@@ -426,8 +444,9 @@ def test_a_per_batch_strategy_sent_example_summaries_fails_as_the_single_selecto
             service.add_chunk({"round_id": 0, "chunk_index": i, **chunk})
         with pytest.raises(RoundFailed) as failure:
             service.result(0, timeout_s=30)
-        reasons.append(failure.value.reason)
-    assert reasons[0] == reasons[1] == "ValueError: gradmatch-pb needs rows in its ground set, none were sent"
+        reasons.append((failure.value.kind, failure.value.reason))
+    assert reasons[0] == reasons[1] == ("failed",
+                                        "ValueError: gradmatch-pb needs rows in its ground set, none were sent")
 
 
 def test_placement_options_are_validated_with_their_names():
@@ -486,7 +505,7 @@ def test_sharded_actor_answers_like_the_single_selector_and_survives_a_lost_shar
             remote_round(1, kill_after=3)
         assert_same_answer(expected, remote_round(2))  # on the restarted shard
         status = ray.get(selector.status.remote(), timeout=30)
-        assert status["shards"] == 2 and status["answered"] == 2 and status["last_round"]["moved_bytes"] > 0
+        assert status.shards == 2 and status.answered == 2 and status.last_round.moved_bytes > 0
         group = ray.get(selector.__ray_call__.remote(lambda self: self._group.id.hex()), timeout=30)
         ray.get(selector.stop.remote(), timeout=30)
         assert placement_group_table()[group]["state"] == "REMOVED"
@@ -524,11 +543,11 @@ def test_parts_sent_straight_to_the_shard_actors_give_the_same_answer_and_a_lost
 
         assert_same_answer(expected, remote_round(0))
         status = ray.get(selector.status.remote(), timeout=30)
-        assert status["routed_bytes"] == 0 and status["last_round"]["moved_bytes"] > ROWS.nbytes
+        assert status.routed_bytes == 0 and status.last_round.moved_bytes > ROWS.nbytes
         with pytest.raises(RoundFailed, match=r"shard 1: .*holds \d+ of the \d+ rows routed to it for round 1"):
             remote_round(1, kill_after=3)
         assert_same_answer(expected, remote_round(2))  # on the restarted shard
-        assert ray.get(selector.status.remote(), timeout=30)["routed_bytes"] == 0
+        assert ray.get(selector.status.remote(), timeout=30).routed_bytes == 0
         ray.get(selector.stop.remote(), timeout=30)
     finally:
         release(selector)
@@ -603,7 +622,7 @@ def test_a_users_own_loop_drives_the_sharded_selector_unchanged(ray_address):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with AdaptiveSubset(model, data, strategy="gradmatch-pb", shards=2, shard_cpus=0.01, budget=0.25, epochs=6,
                         select_every=2, kappa=0.5, batch_size=16, on_late="wait") as subset:
-        assert ray.get(subset.selector.status.remote(), timeout=30)["shards"] == 2
+        assert ray.get(subset.selector.status.remote(), timeout=30).shards == 2
         for _, batches in subset:
             for xb, yb, wb in batches:
                 loss = (wb * F.cross_entropy(model(xb), yb, reduction="none")).mean()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from protocol.records import RunSummary
+from protocol.records import RunSummary, StepClock
 from trainer.client.api import AdaptiveSubset, StartStopClock
 from trainer.launch.job import process_started_at, start_stop
 from trainer.launch.run import format_summary, start_stop_text
@@ -42,10 +42,10 @@ def test_clock_counts_from_entry_to_first_step_and_from_last_step_to_close():
 
 
 def test_start_stop_from_the_trainers_instants():
-    assert start_stop({"first_step_at": 12.5, "last_step_at": 40.0}, began=10.0, ended=41.5) == \
+    assert start_stop(StepClock(first_step_at=12.5, last_step_at=40.0), began=10.0, ended=41.5) == \
         {"start_s": 2.5, "stop_s": 1.5}
     assert start_stop(None, 10.0, 20.0) == {"start_s": None, "stop_s": None}  # a run that never trained
-    assert start_stop({"first_step_at": 12.0, "last_step_at": None}, 10.0, 20.0)["stop_s"] is None
+    assert start_stop(StepClock(first_step_at=12.0), 10.0, 20.0)["stop_s"] is None
 
 
 def test_process_start_is_before_the_program_runs():

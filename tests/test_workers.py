@@ -45,18 +45,18 @@ def run(workers: int, strategy: str, kill_after: int | None = None, watch=None, 
 def run_sharded(workers: int, strategy: str):
     """A run on the sharded selector (2 shards); returns its records, the subset adopted in each round (its
     example ids and weights), each round's class map (per-example rounds) and the coordinator's status."""
-    subsets, maps, status = {}, {}, {}
+    subsets, maps, status = {}, {}, []
 
     def watch(subset):
         current = subset.subset
         if current.round is not None and current.round not in subsets:
             subsets[current.round] = (torch.cat(current.batches).sort().values, current.weights.clone())
             last = ray.get(subset.selector.status.remote(), timeout=30)
-            status.update(last)
-            maps[current.round] = last["last_round"]["class_shards"]
+            status.append(last)
+            maps[current.round] = last.last_round.class_shards
 
     records, _, _ = run(workers, strategy, watch=watch, shards=2, shard_cpus=0.01)
-    return records, subsets, maps, status
+    return records, subsets, maps, status[-1]
 
 
 @pytest.mark.parametrize("strategy, pool", [("gradmatch-pb", 1.0), ("gradmatch", 1.0), ("gradmatch", 0.5)])
@@ -143,8 +143,8 @@ def test_workers_send_class_parts_straight_to_the_shards_with_the_same_rounds(ra
         torch.testing.assert_close(weights, streamed_subsets[round_id][1], rtol=1e-5, atol=1e-7)
     assert [r["grad_error"] for r in direct] == pytest.approx([r["grad_error"] for r in streamed], rel=1e-6)
     # the trainer's chunks pass through the coordinator; the workers' class parts go straight to the shards
-    assert streamed_status["routed_bytes"] > 0
-    assert direct_status["routed_bytes"] == 0 and direct_status["last_round"]["moved_bytes"] > 0
+    assert streamed_status.routed_bytes > 0
+    assert direct_status.routed_bytes == 0 and direct_status.last_round.moved_bytes > 0
     if strategy == "gradmatch":  # the first round's map: by arrival when streamed, dealt by counts up front
         first = min(direct_maps)
         assert direct_maps[first] != streamed_maps[first], (direct_maps, streamed_maps)

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from protocol.config import RunConfig
-from protocol.records import Progress
+from protocol.records import Progress, RunResult
 from trainer.builtin.core import Trainer
 from trainer.data.splits import load_splits
 
@@ -45,7 +45,8 @@ class TrainerService:
         splits = load_splits(config.data, config.seed) if splits is None else splits
         self.trainer = Trainer(config, splits, selector, device, out=out, resume=resume)
 
-    def run(self) -> dict:
+    def run(self) -> RunResult:
+        """Train the run; its summary, records and step clock (``protocol.records.RunResult``)."""
         try:
             return self.trainer.run()
         finally:

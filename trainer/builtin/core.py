@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 
 from protocol.config import RunConfig
 from protocol.errors import RunFailed, one_line
-from protocol.records import EpochRecord, Progress, RunSummary
+from protocol.records import EpochRecord, Progress, RunResult, RunSummary, StepClock
 from trainer.builtin.energy import EnergyMeter
 from trainer.builtin.models import build_model
 from trainer.builtin.training import CosineSchedule, dominant_prediction, evaluate, make_optimizer, weighted_step
@@ -174,8 +174,8 @@ class Trainer:
             model(self.x[ids])
 
     # the loop ----------------------------------------------------------------------------------
-    def run(self) -> dict:
-        """Train every epoch of the plan (or until stopped); return ``{"summary", "progress"}``."""
+    def run(self) -> RunResult | None:
+        """Train every epoch of the plan (or until stopped); return the ``RunResult`` (rank 0; None on the others)."""
         status, reason = "completed", None
         self.meter.start()
         try:
@@ -379,7 +379,7 @@ class Trainer:
             return float(sum(phases))
         return total.energy_j
 
-    def _result(self, energy, status: str, reason: str | None) -> dict:
+    def _result(self, energy, status: str, reason: str | None) -> RunResult:
         rounds = self.subset.summary()
         test_acc = evaluate(self.model, self.splits.test_x.to(self.device), self.splits.test_y.to(self.device))
         if not all(bool(torch.isfinite(p.detach()).all()) for p in self.model.parameters()):
@@ -407,8 +407,8 @@ class Trainer:
             strategy_changes=rounds["strategy_changes"], n_train=self.n_train,
         )
         clock = self.subset.clock  # the driver turns these instants into start_s and stop_s
-        return {"summary": summary.model_dump(), "progress": self.progress().model_dump(),
-                "clock": {"first_step_at": clock.first_step_at, "last_step_at": clock.last_step_at}}
+        return RunResult(summary=summary, progress=self.progress(),
+                         clock=StepClock(first_step_at=clock.first_step_at, last_step_at=clock.last_step_at))
 
     def close(self) -> None:
         self.subset.close()

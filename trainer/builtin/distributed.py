@@ -31,7 +31,8 @@ import torch
 
 from protocol.config import FULL_EARLYSTOP, RunConfig
 from protocol.errors import RunFailed, one_line
-from protocol.records import Progress
+from protocol.receipts import Accepted, Rejection
+from protocol.records import Progress, RunResult
 from trainer.builtin.core import MODEL, Trainer, atomic_save, load_checkpoint
 from trainer.client.group import Group
 from trainer.client.schedule import plan_epochs
@@ -120,7 +121,8 @@ def _pusher(sink):
         state = trainer.progress(seen["epochs"], seen["rounds"])
         seen["epochs"] += len(state.epochs)
         seen["rounds"] += len(state.rounds)
-        return ray.get(sink.push.remote(state), timeout=CALL_TIMEOUT_S)
+        answer = ray.get(sink.push.remote(state), timeout=CALL_TIMEOUT_S)
+        return answer.rule if isinstance(answer, Rejection) else None
 
     return push
 
@@ -190,7 +192,7 @@ class DistributedTrainerService:
         self._started = threading.Event()
         self._nodes: dict[int, str] = {}
 
-    def run(self) -> dict:
+    def run(self) -> RunResult:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -233,10 +235,10 @@ class DistributedTrainerService:
             raise RunFailed("Ray Train finished without a result from rank 0")
         if self._model is not None:
             atomic_save(self._model, self.out / MODEL)
-        summary = self._result["summary"]
-        summary["workers"] = self.config.train.workers
-        summary["worker_nodes"] = [self._nodes.get(rank, "") for rank in range(self.config.train.workers)]
-        return self._result
+        workers = self.config.train.workers
+        summary = self._result.summary.model_copy(update={
+            "workers": workers, "worker_nodes": [self._nodes.get(rank, "") for rank in range(workers)]})
+        return self._result.model_copy(update={"summary": summary})
 
     # rank 0 calls these ---------------------------------------------------------------------------
     def started(self, rank: int, node: str) -> None:
@@ -244,16 +246,22 @@ class DistributedTrainerService:
         if rank == 0:
             self._started.set()
 
-    def push(self, state: Progress) -> str | None:
-        """Rank 0's records since its last push; answers the stop request, if any."""
+    def push(self, state: Progress) -> Accepted | Rejection:
+        """Rank 0's records since its last push. Answers ``Accepted`` (train on), or, once the driver asked the run
+        to stop, a ``Rejection`` of further epochs whose ``rule`` is the stop request."""
+        if not isinstance(state, Progress):
+            raise TypeError(f"state: a {type(state).__name__}, must be a protocol.records.Progress")
         with self._lock:
             mine = self._state
             self._state = Progress(epoch=state.epoch, total=state.total, loss=state.loss,
                                    val_acc=state.val_acc if state.val_acc is not None else mine.val_acc,
                                    epochs=mine.epochs + state.epochs, rounds=mine.rounds + state.rounds)
-            return self._stop
+            stop = self._stop
+        if stop is None:
+            return Accepted()
+        return Rejection(subject="further epochs", rule=stop)
 
-    def finish(self, result: dict, model_state: dict | None) -> None:
+    def finish(self, result: RunResult, model_state: dict | None) -> None:
         self._result, self._model = result, model_state
 
     # the driver calls these -----------------------------------------------------------------------

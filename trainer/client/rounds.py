@@ -59,7 +59,7 @@ class PendingRound:
     started: float
     summary_s: float
     stall_s: float = 0.0
-    payload: dict | None = None
+    payload: SubsetMessage | dict | None = None  # the answer once received; a dict when restored from a checkpoint
     workers: list = field(default_factory=list)  # result refs of the summary workers making this round's chunks
     where: str = "trainer"
 
@@ -369,7 +369,7 @@ class RoundClient:
             self.selector_failed = True
             self._record(pending, "failed", reason=one_line(exc))
             return
-        busy_s = payload.get("busy_s") if isinstance(payload, dict) else None
+        busy_s = payload.get("busy_s") if isinstance(payload, dict) else getattr(payload, "busy_s", None)
         if isinstance(busy_s, (int, float)) and math.isfinite(busy_s):
             self.stats.selector_busy_s += float(busy_s)
         workers = self._worker_report(pending)
@@ -531,7 +531,8 @@ class RoundClient:
             p = self.pending
             pending = {"slot": p.slot.__dict__, "strategy": p.strategy, "request": p.request.model_dump(mode="json"),
                        "trigger_epoch": p.trigger_epoch, "summary_s": p.summary_s, "stall_s": p.stall_s,
-                       "payload": p.payload, "plan": self.plan.model_dump(), "where": p.where}
+                       "payload": p.payload.model_dump() if isinstance(p.payload, SubsetMessage) else p.payload,
+                       "plan": self.plan.model_dump(), "where": p.where}
         watch = None if self.watch is None else {**self.watch, "previous": _subset_state(self.watch["previous"])}
         return {
             "subset": _subset_state(self.subset), "last_loss": self.last_loss, "watch": watch,

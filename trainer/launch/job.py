@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from protocol.config import RunConfig
 from protocol.errors import RunFailed
-from protocol.records import Progress
+from protocol.records import Progress, RunResult, StepClock
 from trainer.builtin.actor import TrainerActor
 from trainer.builtin.distributed import ClusterRefused, DistributedTrainerActor, check_cluster
 from trainer.client import cluster
@@ -59,11 +59,11 @@ def process_started_at() -> float | None:
         return None
 
 
-def start_stop(clock: dict | None, began: float, ended: float) -> dict:
+def start_stop(clock: StepClock | None, began: float, ended: float) -> dict:
     """``start_s`` (``began`` to the first step) and ``stop_s`` (the last step to ``ended``) from the trainer's
     ``clock`` instants; None where an instant is missing (a run that never trained)."""
-    clock = clock or {}
-    first, last = clock.get("first_step_at"), clock.get("last_step_at")
+    clock = clock or StepClock()
+    first, last = clock.first_step_at, clock.last_step_at
     return {"start_s": None if first is None else max(0.0, first - began),
             "stop_s": None if last is None else max(0.0, ended - last)}
 
@@ -88,12 +88,12 @@ def execute(config: RunConfig, out: Path, show_progress: bool = True, options: d
         if stopper is not None:
             stopper.attach(actors[1])
         result = follow(actors[1], out, show_progress, watch)
-        summary = result["summary"]
+        summary = result.summary.model_dump()
         watch.harmful(summary.get("harmful", []))
     finally:
         watch.close()
         release(*actors, group=group)
-    summary.update(start_stop(result.get("clock"), began, time.time()))
+    summary.update(start_stop(result.clock, began, time.time()))
     if cluster.connection is not None and summary.get("ray") is None:
         summary["ray"] = cluster.connection.describe()
     write_json(out / "summary.json", summary)
@@ -109,7 +109,7 @@ def finish_stop(summary: dict, out: Path, seconds: float) -> dict:
     return summary
 
 
-def follow(trainer, out: Path, show_progress: bool = True, watch: Watch | None = None) -> dict:
+def follow(trainer, out: Path, show_progress: bool = True, watch: Watch | None = None) -> RunResult:
     """Wait for the run, streaming its records to ``out``, to ``watch`` (TensorBoard, Ray metrics) and a progress
     bar to the terminal."""
     result_ref = trainer.run.remote()
