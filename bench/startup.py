@@ -96,7 +96,8 @@ def trace(out: Path) -> str:
     from trainer.launch import run
 
     marks["imports"], t = time.time() - t, time.time()
-    config, out, _, splits = run.prepare([*JOB, "--ray", "local", "--out", str(out)])
+    checked, out, _, splits = run.prepare([*JOB, "--ray", "local", "--out", str(out)])
+    config = checked.config
     marks["checks and data"], t = time.time() - t, time.time()
     connect_ray(ray_choice="local")
     marks["ray.init"], t = time.time() - t, time.time()
@@ -105,7 +106,7 @@ def trace(out: Path) -> str:
     selector = start_selector(config.selector, options)
     ray.get(selector.plan.remote(), timeout=RUN_TIMEOUT_S)
     marks["selector actor answering"], t = time.time() - t, time.time()
-    trainer = TrainerActor.options(**options).remote(config, selector, splits, str(out), False)
+    trainer = TrainerActor.options(**options).remote(checked, selector, splits, str(out), False)
     ray.get(trainer.progress.remote(0, 0), timeout=RUN_TIMEOUT_S)
     marks["trainer actor built"], t = time.time() - t, time.time()
     result = ray.get(trainer.run.remote(), timeout=RUN_TIMEOUT_S)

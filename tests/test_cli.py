@@ -129,3 +129,83 @@ def test_binary_config_file_is_one_line(tmp_path, capsys):
     assert main(["--config", str(path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a text file" in err
+
+
+# --- each check once per run ----------------------------------------------------------------------
+
+CHECKS_ONCE = """
+import json, logging, sys
+
+import ray
+
+RESULT = sys.argv[1]
+CHECKS = RESULT + ".checks"
+
+
+def count_checks():
+    '''Ray's worker_process_setup_hook (and this driver): each check's debug line, with its process id, appended
+    to one file.'''
+    import logging
+
+    handler = logging.FileHandler(CHECKS)
+    handler.setFormatter(logging.Formatter("%(process)d %(message)s"))
+    for name in ("trainer.client.schedule", "trainer.client.layers", "trainer.builtin.distributed"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+
+
+count_checks()
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+         runtime_env={"worker_process_setup_hook": count_checks})
+from trainer.launch.run import main
+
+code = main(["--dataset", "synthetic", "--model", "mlp", "--epochs", "4", "--select-every", "2", "--budget", "0.25",
+             "--threads", "1", "--device", "cpu", "--out", sys.argv[2]])
+ray.shutdown()
+lines = [line.split(" ", 1) for line in open(CHECKS).read().splitlines()]
+json.dump({"code": code, "driver": __import__("os").getpid(),
+           "checks": [(int(pid), text.split(":")[0]) for pid, text in lines]}, open(RESULT, "w"))
+"""
+
+
+def test_a_cli_run_checks_schedule_workers_cluster_and_classifier_once(tmp_path):
+    """A whole run as the CLI makes it, on a real local Ray, counted in every process through each check's debug
+    line: the schedule, the workers and the cluster are checked once, in the driver; the classifier is found once,
+    in the trainer actor, whose client takes the driver's checked config without checking its schedule again."""
+    from scripts import run_cluster_script
+
+    script = tmp_path / "checks_once.py"
+    script.write_text(CHECKS_ONCE.replace("sys.argv[2]", repr(str(tmp_path / "run"))))
+    result = run_cluster_script(str(script), timeout_s=420, prefix="chk")
+    assert result["code"] == 0
+    checks = [name for _, name in result["checks"]]
+    for name in ("check_schedule", "check_workers", "check_cluster", "find_classifier"):
+        assert checks.count(name) == 1, result["checks"]
+    where = {name: pid for pid, name in result["checks"]}
+    assert where["check_schedule"] == where["check_workers"] == where["check_cluster"] == result["driver"]
+    assert where["find_classifier"] != result["driver"]  # the trainer actor's own process
+
+
+def test_a_checked_config_is_checked_again_with_options_or_another_training_set():
+    """``AdaptiveSubset`` takes a ``CheckedConfig`` as it is only for the training set it was checked for and
+    without keyword options; otherwise its schedule is checked as any config's (here refused, before Ray)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from trainer import AdaptiveSubset
+    from trainer.cli import ConfigError
+    from trainer.client.schedule import CheckedConfig, check_run
+
+    data = TensorDataset(torch.randn(40, 3), torch.arange(40) % 2)
+    model = torch.nn.Linear(3, 2)
+    late = parse_config(["--epochs", "10", "--kappa", "0", "--select-every", "50"])
+    checked, errors, _ = check_run(late, 40)
+    assert checked is None and errors[0].field == "schedule.select_every"
+    with pytest.raises(ConfigError, match="select_every=50: no selection round fits"):
+        AdaptiveSubset(model, data, config=CheckedConfig(late, n_train=400))  # checked for another training set
+    fine = parse_config(["--epochs", "10", "--kappa", "0", "--select-every", "2"])
+    checked, errors, _ = check_run(fine, 40)
+    assert errors == [] and checked == CheckedConfig(fine, 40)
+    with pytest.raises(ConfigError, match="select_every=50: no selection round fits"):
+        AdaptiveSubset(model, data, config=checked, select_every=50)  # options make another config

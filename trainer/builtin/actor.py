@@ -14,6 +14,7 @@ import torch
 from protocol.config import RunConfig
 from protocol.records import Progress, RunResult
 from trainer.builtin.core import Trainer
+from trainer.client.schedule import CheckedConfig, run_config
 from trainer.data.splits import load_splits
 
 
@@ -39,10 +40,14 @@ def pick_device(requested: str, gpu_ids: list) -> torch.device:
 
 
 class TrainerService:
-    def __init__(self, config: RunConfig, selector, splits=None, out: str | None = None, resume: bool = False):
-        torch.set_num_threads(config.train.threads or default_threads())
-        device = pick_device(config.train.device, ray.get_gpu_ids())
-        splits = load_splits(config.data, config.seed) if splits is None else splits
+    """``config``: a ``RunConfig``, or the ``CheckedConfig`` of the command line (``trainer.builtin.core.Trainer``)."""
+
+    def __init__(self, config: RunConfig | CheckedConfig, selector, splits=None, out: str | None = None,
+                 resume: bool = False):
+        run = run_config(config)
+        torch.set_num_threads(run.train.threads or default_threads())
+        device = pick_device(run.train.device, ray.get_gpu_ids())
+        splits = load_splits(run.data, run.seed) if splits is None else splits
         self.trainer = Trainer(config, splits, selector, device, out=out, resume=resume)
 
     def run(self) -> RunResult:

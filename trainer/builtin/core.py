@@ -25,6 +25,7 @@ from trainer.builtin.energy import EnergyMeter
 from trainer.builtin.models import build_model
 from trainer.builtin.training import CosineSchedule, dominant_prediction, evaluate, make_optimizer, weighted_step
 from trainer.client.api import AdaptiveSubset
+from trainer.client.schedule import CheckedConfig, run_config
 from trainer.data.splits import Splits, augment_batch
 from trainer.files import atomic_write, plain
 
@@ -103,13 +104,17 @@ class FileStore:
 class Trainer:
     """Trains ``config.model`` on ``splits``, asking ``selector`` for subsets; writes checkpoints to ``out``.
 
+    ``config``: a ``RunConfig``, or the ``CheckedConfig`` the command line made when it checked the schedule (the
+    client then does not check it again).
+
     Data-parallel (``trainer.builtin.distributed``): ``group`` is this rank's place, ``store`` keeps the checkpoints,
     ``on_epoch(trainer)`` is called by rank 0 at every epoch end and may return a stop request. Only rank 0
     holds a ``selector``, evaluates, records and checkpoints; every rank takes the same steps.
     """
 
-    def __init__(self, config: RunConfig, splits: Splits, selector, device: torch.device, out: str | None = None,
-                 resume: bool = False, store=None, group=None, on_epoch=None):
+    def __init__(self, config: RunConfig | CheckedConfig, splits: Splits, selector, device: torch.device,
+                 out: str | None = None, resume: bool = False, store=None, group=None, on_epoch=None):
+        given, config = config, run_config(config)
         self.config, self.splits, self.device = config, splits, device
         self.store = store if store is not None else FileStore(out)
         self.group, self.on_epoch = group, on_epoch
@@ -126,18 +131,18 @@ class Trainer:
         self.n_train = int(self.y.shape[0])
         self.meter = EnergyMeter(use_gpu=device.type == "cuda")
         self.subset = AdaptiveSubset(  # finds and checks the classifier layer (the model's last nn.Linear)
-            self.model, TensorDataset(self.x, self.y), config=config, n_classes=splits.n_classes,
+            self.model, TensorDataset(self.x, self.y), config=given, n_classes=splits.n_classes,
             val_set=TensorDataset(splits.val_x.to(device), splits.val_y.to(device)), selector=selector,
             phase=self.meter.phase, group=group, watch=False,  # the driver watches (trainer.launch.job)
+            on_round=self._on_round,
         )
         self.plan = self.subset.epoch_plan
-        self.strategy_plan = self.subset.rounds.plan
-        self.subset.rounds.on_record = self._on_round
+        self.strategy_plan = self.subset.strategy_plan
         # augmentation draws: each rank its own stream (rank 0's is a single trainer's)
         self.generator = torch.Generator().manual_seed(config.seed + 1 + (group.rank if group else 0))
         self.optimizer = make_optimizer(self.model, config.train.lr, config.train.momentum, config.train.weight_decay)
         self.lr_schedule = CosineSchedule(self.optimizer, config.train.lr, config.train.lr_schedule,
-                                          self.plan.nominal_total, self._total_steps(), nominal=self.plan.nominal)
+                                          self.plan.nominal_total, self.subset.planned_steps, nominal=self.plan.nominal)
         self.eval_s = self.elapsed_s = 0.0
         self._progress = RunState(total=self.plan.total)
         self._lock = threading.Lock()
@@ -149,13 +154,6 @@ class Trainer:
         if resume:
             self._restore()
         self._warm_up()
-
-    def _total_steps(self) -> int:
-        batch_size, rounds = self.config.train.batch_size, self.subset.rounds
-        full_steps = math.ceil(self.n_train / batch_size)
-        pb = rounds.ground.batches is not None
-        subset_steps = rounds.ground.n_select if pb else math.ceil(rounds.k / batch_size)
-        return self.plan.full * full_steps + self.plan.subset * subset_steps
 
     def _warm_up(self) -> None:
         """One throwaway training step and eval pass on a copy of the model, before the clock starts.
@@ -200,9 +198,9 @@ class Trainer:
     def _train(self) -> None:
         start = time.perf_counter() - self.elapsed_s
         stop_after_s = self.strategy_plan.time_budget_s
-        stats = self.subset.rounds.stats  # summary passes made only to measure grad_error are not training time
-        measured_before = stats.measure_s  # already out of elapsed_s when resumed
-        wall = lambda: time.perf_counter() - start - self.eval_s - (stats.measure_s - measured_before)  # noqa: E731
+        subset = self.subset  # summary passes made only to measure grad_error are not training time
+        measured_before = subset.measure_s  # already out of elapsed_s when resumed
+        wall = lambda: time.perf_counter() - start - self.eval_s - (subset.measure_s - measured_before)  # noqa: E731
         out_of_time = (lambda: wall() >= stop_after_s) if stop_after_s else None
         epoch_start = time.perf_counter()
         for epoch, batches in self.subset:

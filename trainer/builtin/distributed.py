@@ -20,6 +20,7 @@ it at every epoch end, so progress bars, records, signals and summaries work as 
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import threading
@@ -35,13 +36,14 @@ from protocol.receipts import Accepted, Rejection
 from protocol.records import Progress, RunResult
 from trainer.builtin.core import MODEL, Trainer, atomic_save, load_checkpoint
 from trainer.client.group import Group
-from trainer.client.schedule import plan_epochs
+from trainer.client.schedule import CheckedConfig, plan_epochs, run_config
 from trainer.data.splits import load_splits
 
 TRAIN_NAME = "train"  # Ray Train's run name: checkpoints live in <run dir>/train/
 CALL_TIMEOUT_S = 60.0
 DATA_TIMEOUT_S = 600.0
 PLACE_TIMEOUT_S = 300.0  # the Ray Train workers must have started by then
+log = logging.getLogger(__name__)
 
 
 
@@ -96,7 +98,7 @@ def train_loop(setup: dict) -> None:
     context = ray.train.get_context()
     group = Group(context.get_world_rank(), context.get_world_size())
     config = setup["config"]
-    torch.set_num_threads(worker_threads(config))
+    torch.set_num_threads(worker_threads(run_config(config)))
     device = ray.train.torch.get_device()
     splits = ray.get(setup["splits"], timeout=DATA_TIMEOUT_S)
     sink = setup["sink"]
@@ -145,6 +147,7 @@ class ClusterRefused(RunFailed):
 def check_workers(config: RunConfig) -> str | None:
     """Why ``--workers`` cannot run with this config, or None: checked once per run, before Ray starts (the
     command line's ``prepare``, the experiment runner's trial)."""
+    log.debug("check_workers: %d workers", config.train.workers)
     train = config.train
     if train.workers <= 1:
         return None
@@ -159,7 +162,9 @@ def check_workers(config: RunConfig) -> str | None:
 
 def check_cluster(config: RunConfig, cluster: dict) -> str | None:
     """Why the cluster (``ray.cluster_resources()``) cannot hold the run's summary workers or data-parallel
-    workers, or None: checked once per run, when its actors are about to start (``trainer.launch.job``)."""
+    workers, or None: checked once per run, once Ray is joined and before anything is placed (``trainer.launch``,
+    through ``trainer.client.cluster.start_service``)."""
+    log.debug("check_cluster: %s", cluster)
     train, n_summary = config.train, config.schedule.summary_workers
     if n_summary > max(1, int(cluster.get("CPU", 0))):
         return (f"--summary-workers {n_summary}: more summary workers than the {cluster.get('CPU', 0):g} CPUs of the "
@@ -178,8 +183,8 @@ def check_cluster(config: RunConfig, cluster: dict) -> str | None:
 class DistributedTrainerService:
     """The driver's handle on a Ray Train run: same calls as ``trainer.builtin.actor.TrainerService``."""
 
-    def __init__(self, config: RunConfig, selector, splits, out: str | None, resume: bool = False):
-        self.config = config
+    def __init__(self, config: RunConfig | CheckedConfig, selector, splits, out: str | None, resume: bool = False):
+        self.given, self.config = config, run_config(config)  # each rank's Trainer gets what was given
         self.selector, self.out = selector, Path(out).resolve() if out else None
         self.splits = ray.put(splits) if splits is not None else None
         self.resume = resume
@@ -203,7 +208,7 @@ class DistributedTrainerService:
         use_gpu, per_worker = worker_resources(self.config)
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"config": self.config, "splits": self.splits,
+            train_loop_config={"config": self.given, "splits": self.splits,
                                "selector": self.selector, "sink": ray.get_runtime_context().current_actor},
             scaling_config=ScalingConfig(num_workers=self.config.train.workers, use_gpu=use_gpu,
                                          resources_per_worker=per_worker),

@@ -20,24 +20,25 @@ and trained as they are. Summaries come from a forward hook on the model's class
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from protocol.config import PB_STRATEGIES, ROUND_STRATEGIES, RunConfig, ScheduleConfig, TrainConfig
+from protocol.config import RunConfig, ScheduleConfig, TrainConfig
 from trainer.cli import ConfigError, config_error, load_yaml
 from trainer.client.batches import DatasetError, LoaderFetch, WithForward, item_label, split_batch
-from trainer.client.cluster import actor_options, connect_ray, release, start_selector
+from trainer.client.cluster import start_service
 from trainer.client.group import FollowerRounds, Group
 from trainer.client.layers import find_classifier
 from trainer.client.rounds import RoundClient
 from trainer.client.sampler import SubsetBatchSampler
-from trainer.client.schedule import check_schedule
+from trainer.client.schedule import CheckedConfig, check_run
 from trainer.client.subsets import batch_weights
 from trainer.client.summaries import SummarySource, to_device
 from trainer.client.watch import Watch, tensorboard_module
@@ -48,11 +49,14 @@ STATE_VERSION = 1
 
 
 def build_config(config=None, options: dict | None = None) -> RunConfig:
-    """A ``RunConfig`` from a whole config (a ``RunConfig``, a dict or a YAML path) and keyword options.
+    """A ``RunConfig`` from a whole config (a ``RunConfig``, a ``CheckedConfig``, a dict or a YAML path) and keyword
+    options.
 
     Keywords are field names of the config tree: ``seed``, the fields of ``train`` and ``schedule``, and
     ``strategy`` with the options of that strategy (``lam``, ``eps``, ``valid``...).
     """
+    if isinstance(config, CheckedConfig):
+        config = config.config
     if isinstance(config, RunConfig):
         tree = config.model_dump()
     elif isinstance(config, dict):
@@ -151,7 +155,10 @@ class AdaptiveSubset:
     train_set : Dataset
         Map-style, yielding ``(input, int label)``.
     config : RunConfig, dict or str, optional
-        A whole config tree (or the path of a YAML file); keyword options override it.
+        A whole config tree (or the path of a YAML file); keyword options override it. A
+        ``trainer.client.schedule.CheckedConfig`` (``check_run``: what ``python -m trainer.run`` hands its trainer)
+        given without keyword options, for a ``train_set`` of its size, is used as it is: its schedule is not
+        checked again.
     summary_set : Dataset, optional
         The same examples as ``train_set`` without augmentation, for the summary passes (default: train_set).
     val_set : Dataset, optional
@@ -173,7 +180,8 @@ class AdaptiveSubset:
     label_key : str
         Where dict items and dict batches hold the label (default ``"labels"``).
     selector : ActorHandle, optional
-        A running selector actor to use; by default one is started (and released on ``close``).
+        A running selector actor to use (the client takes it as it is and never stops it); by default one is
+        started with ``trainer.client.cluster.start_service`` (and released on ``close``).
     group : trainer.client.group.Group or None, optional
         Data-parallel training (e.g. inside a Ray Train worker): by default the initialised
         ``torch.distributed`` group, if it has more than one process. Rank 0 alone runs the rounds and
@@ -186,6 +194,9 @@ class AdaptiveSubset:
     watch : bool
         Write the ``tensorboard`` directory (a config field) and publish the rounds as Ray metrics
         (``trainer.client.watch``); default True. The built-in trainer turns it off: its driver does both.
+    on_round : callable, optional
+        Called with each round's record (a dict, as in :attr:`records`) once it is final, on the rank that runs
+        the rounds.
     **options
         Fields of the config tree: ``strategy``, ``budget``, ``epochs``, ``select_every``, ``kappa``, ``lead``,
         ``on_late``, ``batch_size``, ``seed``, ``valid``, ``lam``, ``summary_precision``... Bad values raise
@@ -198,9 +209,10 @@ class AdaptiveSubset:
                  val_set: Dataset | None = None, last_layer: nn.Linear | str | None = None,
                  n_classes: int | None = None, num_workers: int = 0, pin_memory: bool = False, selector=None,
                  phase=None, group="auto", ray: str = "auto", collate_fn=None, forward=None, label_key: str = "labels",
-                 watch: bool = True, **options):
+                 watch: bool = True, on_round: Callable[[dict], None] | None = None, **options):
         self.clock = StartStopClock()
-        self.config = build_config(config, options)
+        checked = config if isinstance(config, CheckedConfig) and not options else None
+        self.config = checked.config if checked is not None else build_config(config, options)
         self.group = Group.current() if group == "auto" else group
         leader = self.group is None or self.group.leader
         watch = bool(watch and leader)
@@ -220,12 +232,12 @@ class AdaptiveSubset:
             raise ConfigError(f"shards {self.config.selector.shards}: more shards than the {self.n_classes} classes "
                               f"(selection is sharded by class); use shards={self.n_classes} or fewer")
         strategy = self.config.selector.strategy
-        errors, notes = check_schedule(self.config, len(self.labels), pb=strategy in PB_STRATEGIES,
-                                       rounds=strategy in ROUND_STRATEGIES)
-        if errors:
-            raise ConfigError(errors[0].render(keyword_of, "="))
-        for note in notes:
-            warnings.warn(note.render(keyword_of, "="), stacklevel=2)
+        if checked is None or checked.n_train != len(self.labels):  # else checked once, where the run began
+            _, errors, notes = check_run(self.config, len(self.labels))
+            if errors:
+                raise ConfigError(errors[0].render(keyword_of, "="))
+            for note in notes:
+                warnings.warn(note.render(keyword_of, "="), stacklevel=2)
         summary_set = train_set if summary_set is None else summary_set
         if len(summary_set) != len(train_set):
             raise DatasetError(f"summary_set has {len(summary_set)} examples, must have as many as train_set "
@@ -240,20 +252,18 @@ class AdaptiveSubset:
         self.layer = find_classifier(model, self.n_classes, sample, last_layer, forward)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        self._own_ray, self._group, self._closed = False, None, False
+        self._service, self._closed = None, False  # the selector (and Ray) started here, if any
         self._watch, self._watched = None, [0, 0]  # the watch, and the round records and harmful events it has had
-        self._owns_selector = selector is None and leader
         self.selector, self.workers = selector, None
         summarised = model if forward is None else WithForward(model, forward)  # the summary passes' model
         val_inputs = _inputs(val_set, "val_set", collate_fn, num_workers, label_key) if val_set is not None else None
         source = SummarySource(summarised, train_inputs, self.labels, self.device, val_inputs, val_labels, self.layer,
                                precision=self.config.schedule.summary_precision)
         try:
-            if self._owns_selector:
-                self._own_ray = _use_private_ray(connect_ray(ray_choice=ray))
-                options = actor_options("cpu" if self.device.type == "cpu" else "auto")
-                self._group = options.pop("placement_group", None)
-                selector = self.selector = start_selector(self.config.selector, options)
+            if selector is None and leader:
+                self._service = start_service(self.config.selector, ray=ray,
+                                              device="cpu" if self.device.type == "cpu" else "auto")
+                selector = self.selector = self._service.selector
             schedule = self.config.schedule
             if leader and schedule.summary_workers:
                 self.workers = SummaryPool(schedule.summary_workers, summarised, train_inputs, self.labels, self.layer,
@@ -261,6 +271,7 @@ class AdaptiveSubset:
             if leader:
                 self.rounds = RoundClient(selector, self.config, len(self.labels), source, phase, workers=self.workers,
                                           n_classes=self.n_classes)
+                self.rounds.on_record = on_round
             if self.group is not None:  # the other ranks learn the plan from rank 0
                 plan = self.group.share(self.rounds.plan if leader else None)
                 if not leader:
@@ -280,6 +291,26 @@ class AdaptiveSubset:
     @property
     def epoch_plan(self):
         return self.rounds.epoch_plan
+
+    @property
+    def strategy_plan(self):
+        """What the selector said of its strategy (``protocol.messages.StrategyPlan``): rounds or not, ground set,
+        time budget; the same on every rank."""
+        return self.rounds.plan
+
+    @property
+    def planned_steps(self) -> int:
+        """The optimizer steps of the whole epoch plan: every mini-batch of the training set in each full epoch,
+        and in each subset epoch the budget's mini-batches (PB) or its examples in mini-batches."""
+        batch_size, rounds = self.config.train.batch_size, self.rounds
+        full_steps = math.ceil(len(self.labels) / batch_size)
+        subset_steps = rounds.ground.n_select if rounds.ground.batches is not None else math.ceil(rounds.k / batch_size)
+        return self.epoch_plan.full * full_steps + self.epoch_plan.subset * subset_steps
+
+    @property
+    def measure_s(self) -> float:
+        """Seconds of summary passes made only to measure the gradient error (not training time)."""
+        return self.rounds.stats.measure_s
 
     def __iter__(self) -> Iterator[tuple[int, Iterator]]:
         """Yield ``(epoch, batches)`` for each epoch still to train; rounds run at the boundaries."""
@@ -447,10 +478,8 @@ class AdaptiveSubset:
             rounds.shutdown()
         if getattr(self, "workers", None) is not None:
             self.workers.close()
-        if self._owns_selector:
-            release(getattr(self, "selector", None), group=self._group)
-        if self._own_ray:
-            _release_private_ray()
+        if self._service is not None:
+            self._service.close()
         self.clock.closed()
 
     def __enter__(self) -> "AdaptiveSubset":
@@ -490,27 +519,6 @@ class StartStopClock:
         start = None if self.first_step_at is None else self.first_step_at - self.began
         stop = None if self.closed_at is None or self.last_step_at is None else self.closed_at - self.last_step_at
         return {"start_s": start, "stop_s": stop}
-
-
-# clients of this process that use the private Ray one of them started; the last to close shuts it down
-_private_ray = {"started": False, "users": 0}
-
-
-def _use_private_ray(started_here: bool) -> bool:
-    """Count this client as a user of the private Ray when it (or an earlier client) started it."""
-    _private_ray["started"] = _private_ray["started"] or started_here
-    if _private_ray["started"]:
-        _private_ray["users"] += 1
-    return _private_ray["started"]
-
-
-def _release_private_ray() -> None:
-    _private_ray["users"] -= 1
-    if _private_ray["users"] <= 0:
-        import ray
-
-        _private_ray.update(started=False, users=0)
-        ray.shutdown()
 
 
 def keyword_of(path: str) -> str:

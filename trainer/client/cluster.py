@@ -1,6 +1,7 @@
-"""Connecting to Ray, placing and starting the selector, releasing actors; used by ``AdaptiveSubset``
-(``trainer.client.api``), ``python -m trainer.run`` (``trainer.launch``), the experiment runner and the
-benchmarks. This is the one module of ``trainer/`` that names ``service/``: it starts the selector actor.
+"""Connecting to Ray, placing and starting the selector, releasing actors. ``start_service`` does all of it in
+one call: ``AdaptiveSubset`` (``trainer.client.api``) when it is given no selector, and ``python -m trainer.run``
+(``trainer.launch``) both start their Ray and selector with it; the experiment runner and the benchmarks use
+the pieces. This is the one module of ``trainer/`` that names ``service/``: it starts the selector actor.
 
 A run joins a cluster only when one was started with ``ray start`` (its address is in Ray's bootstrap file)
 or ``RAY_ADDRESS`` names one; otherwise it starts a private local Ray that no other program joins. That is
@@ -18,7 +19,8 @@ import os
 import socket
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -334,3 +336,89 @@ def release(*actors, group=None) -> None:
             remove_placement_group(group)
         except Exception:
             pass
+
+
+# services of this process on the private Ray one of them started; the last to close shuts it down
+_private_ray = {"started": False, "users": 0}
+
+
+def _join_private_ray(started_here: bool) -> bool:
+    """Count a service as a user of the private Ray when it (or an earlier service) started it."""
+    _private_ray["started"] = _private_ray["started"] or started_here
+    if _private_ray["started"]:
+        _private_ray["users"] += 1
+    return _private_ray["started"]
+
+
+def _leave_private_ray() -> None:
+    _private_ray["users"] -= 1
+    if _private_ray["users"] <= 0:
+        _private_ray.update(started=False, users=0)
+        ray.shutdown()
+
+
+def _cluster_resources() -> dict:
+    return ray.cluster_resources()
+
+
+@dataclass
+class Service:
+    """A running selector and what was started for it (``start_service``).
+
+    ``options`` place another actor beside the selector (the built-in trainer: the other half of its GPU bundle,
+    no CPU held); ``group`` is their placement group (None without a GPU); ``private_ray``: this service uses the
+    private Ray that this process started, which the last such service to close shuts down (a cluster, or a
+    Ray the program had already joined, is never shut down here).
+    """
+
+    selector: object
+    options: dict = field(default_factory=lambda: {"num_cpus": 0, "num_gpus": 0})
+    group: object = None
+    private_ray: bool = False
+    closed: bool = False
+
+    def close(self) -> None:
+        """Stop the selector (its open rounds fail at once), free the placement group, and shut down the private
+        Ray this process started once no other service uses it. Safe to call twice; never raises for an actor
+        already gone."""
+        if self.closed:
+            return
+        self.closed = True
+        release(self.selector, group=self.group)
+        if self.private_ray:
+            _leave_private_ray()
+
+    def __enter__(self) -> "Service":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_service(selector_config: SelectorConfig, *, ray: str | None = "auto", device: str = "auto",
+                  dashboard: bool = False, num_cpus: int | None = None, options: dict | None = None,
+                  check: Callable[[dict], None] | None = None) -> Service:
+    """Join or start Ray (``connect_ray``: ``ray`` is ``--ray`` / ``ray=``, ``dashboard`` and ``num_cpus`` are a
+    private Ray's), place the selector (``actor_options(device)``: on one GPU bundle when there is one and
+    ``device`` is not ``"cpu"``) and start it (``start_selector``). The one way the command line and
+    ``AdaptiveSubset`` start a selector. ``options``, when given, place the selector instead (the caller's own
+    placement, as an experiment's trial in its bundle): no placement group is made.
+
+    ``check(resources)``, when given, is called once Ray is joined and before anything is placed, with
+    ``ray.cluster_resources()``; what it raises (a cluster that cannot hold the run) propagates. On any failure
+    what was started here is released (a private Ray started here shut down) before the error propagates:
+    ``RayUnavailable`` for a Ray that cannot be joined, ``RunFailed`` for shards that cannot be placed.
+    """
+    private = _join_private_ray(connect_ray(num_cpus=num_cpus, ray_choice=ray, dashboard=dashboard))
+    service = Service(selector=None, private_ray=private)
+    try:
+        if check is not None:
+            check(_cluster_resources())
+        options = dict(actor_options(device) if options is None else options)
+        service.group = options.pop("placement_group", None)
+        service.options = options
+        service.selector = start_selector(selector_config, options)
+    except BaseException:
+        service.close()
+        raise
+    return service

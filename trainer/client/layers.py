@@ -7,11 +7,14 @@ last linear layer of a feed-forward net.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 
 class ModelError(ValueError):
@@ -38,6 +41,7 @@ def find_classifier(model: nn.Module, n_classes: int, sample=None, last_layer: n
     model's output is that layer's output, shape (B, n_classes).
     """
     kind = type(model).__name__
+    log.debug("find_classifier: %s, %d classes", kind, n_classes)
     if isinstance(last_layer, str):
         layer = dict(model.named_modules()).get(last_layer)
         if layer is None:

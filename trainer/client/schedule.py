@@ -4,12 +4,15 @@ Plain functions of the config (docs/design.md §3): ``plan_epochs`` splits the e
 subset epochs, ``round_schedule`` places the rounds, ``budget_size`` / ``batch_budget`` turn the budget (a
 fraction) into a count, ``ground_layout`` / ``pool_layout`` make the ground set a round summarises.
 ``check_schedule`` refuses a schedule with no round before anything starts, as ``ScheduleProblem``s that the
-command line and the Python API each put in their own words. ``RoundClient``
+command line and the Python API each put in their own words; ``check_run`` checks a config for its own strategy
+and returns a ``CheckedConfig``, which the command line hands its trainer so that the check runs once per run.
+``RoundClient``
 (``trainer.client.rounds``) drives the rounds along this plan.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -17,11 +20,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from protocol.config import RunConfig
+from protocol.config import PB_STRATEGIES, ROUND_STRATEGIES, RunConfig
 from protocol.messages import StrategyPlan
 from trainer.client.subsets import fixed_batches
 
 POOL_STREAM = 2**31 + 1  # seed stream of the rounds' random pools
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,7 @@ def check_schedule(config: RunConfig, n_train: int, pb: bool,
     batch size that makes the budget every mini-batch. Warnings: strategy changes at or after the last epoch,
     which never take effect; a budget of the whole training set.
     """
+    log.debug("check_schedule: %s for %d training examples", config.selector.strategy, n_train)
     errors, warnings = [], []
     if not rounds:
         return errors, warnings
@@ -192,6 +197,33 @@ def check_schedule(config: RunConfig, n_train: int, pb: bool,
             "strategy_schedule", None,
             f"entries at epochs {late} are at or after the last epoch ({plan.total - 1}) and never take effect"))
     return errors, warnings
+
+
+@dataclass(frozen=True)
+class CheckedConfig:
+    """A run config whose schedule ``check_run`` accepted for a training set of ``n_train`` examples.
+
+    The command line checks the schedule before Ray starts and hands its trainer this, not the bare config:
+    ``AdaptiveSubset(config=checked)`` with no keyword options and a training set of ``n_train`` examples takes it
+    as it is and does not check it again (given options, or another training set, it checks as for any config).
+    """
+
+    config: RunConfig
+    n_train: int
+
+
+def run_config(config: RunConfig | CheckedConfig) -> RunConfig:
+    """The ``RunConfig`` itself, checked or not."""
+    return config.config if isinstance(config, CheckedConfig) else config
+
+
+def check_run(config: RunConfig, n_train: int) -> tuple[CheckedConfig | None, list[ScheduleProblem],
+                                                         list[ScheduleProblem]]:
+    """``check_schedule`` for the config's own strategy: ``(checked, errors, warnings)``; ``checked`` is the
+    ``CheckedConfig`` when there is no error, else None."""
+    strategy = config.selector.strategy
+    errors, warnings = check_schedule(config, n_train, pb=strategy in PB_STRATEGIES, rounds=strategy in ROUND_STRATEGIES)
+    return (None if errors else CheckedConfig(config, n_train)), errors, warnings
 
 
 @dataclass(frozen=True)

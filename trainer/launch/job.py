@@ -1,11 +1,11 @@
 """One job on the connected Ray: place the selector and the trainer, follow the run, write its files.
 
-``execute`` is what ``python -m trainer.run`` and the experiment runner call once Ray is connected
-(``trainer.client.cluster.connect_ray``): it writes ``config.json``, starts the selector
-(``trainer.client.cluster.start_selector``) and the trainer actor (``trainer.builtin.actor``, or with
-``--workers N`` the Ray Train run of ``trainer.builtin.distributed``), streams the records to whole-line JSONL
-files (and to TensorBoard and Ray metrics, ``trainer.client.watch``) and writes ``summary.json`` atomically
-(``trainer.files``).
+``execute`` is what ``python -m trainer.run`` calls with the selector it started
+(``trainer.client.cluster.start_service``, with ``cluster_check``), and the experiment runner on its connected
+Ray (then ``execute`` starts the selector itself): it writes ``config.json``, starts the trainer actor
+(``trainer.builtin.actor``, or with ``--workers N`` the Ray Train run of ``trainer.builtin.distributed``) beside
+the selector, streams the records to whole-line JSONL files (and to TensorBoard and Ray metrics,
+``trainer.client.watch``) and writes ``summary.json`` atomically (``trainer.files``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from protocol.records import Progress, RunResult, StepClock
 from trainer.builtin.actor import TrainerActor
 from trainer.builtin.distributed import ClusterRefused, DistributedTrainerActor, check_cluster
 from trainer.client import cluster
-from trainer.client.cluster import actor_options, release, start_selector
+from trainer.client.cluster import Service, release, start_service
+from trainer.client.schedule import CheckedConfig, run_config
 from trainer.client.watch import Watch
 from trainer.files import RecordFile, write_json
 
@@ -32,19 +33,28 @@ PROGRESS_TIMEOUT_S = 600.0  # the first progress call waits for the trainer to b
 POLL_S = 0.5
 
 
-def start_actors(config: RunConfig, options: dict, splits, out: Path | None, resume: bool):
-    """The selector and the trainer: one trainer actor, or with ``--workers N`` the handle on a Ray Train run
-    (``trainer.builtin.distributed``), which answers the same calls. A cluster that cannot hold the run's
-    workers raises ``ClusterRefused`` first. The config crosses to the actors as the typed object."""
-    problem = check_cluster(config, ray.cluster_resources())
-    if problem:
-        raise ClusterRefused(problem)
-    actor = DistributedTrainerActor if config.train.workers > 1 else TrainerActor
-    selector = start_selector(config.selector, options)
+def cluster_check(config: RunConfig):
+    """The ``check`` of ``start_service`` for a run: ``ClusterRefused`` when the cluster cannot hold the run's
+    summary workers or data-parallel workers (``check_cluster``), before anything is placed."""
+    def check(resources: dict) -> None:
+        problem = check_cluster(config, resources)
+        if problem:
+            raise ClusterRefused(problem)
+
+    return check
+
+
+def start_trainer(config: RunConfig | CheckedConfig, service: Service, splits, out: Path | None, resume: bool):
+    """The trainer beside the service's selector: one trainer actor, or with ``--workers N`` the handle on a Ray
+    Train run (``trainer.builtin.distributed``), which answers the same calls. The config crosses to the actor as
+    the typed object (checked by the command line: a ``CheckedConfig``, which the trainer's client does not check
+    again)."""
+    workers = run_config(config).train.workers
+    actor = DistributedTrainerActor if workers > 1 else TrainerActor
     # the Ray Train workers ask for their own CPUs or GPUs; their handle here needs none
-    trainer_options = options if config.train.workers <= 1 else {"num_cpus": 0, "num_gpus": 0}
-    trainer = actor.options(**trainer_options).remote(config, selector, splits, str(out) if out else None, resume)
-    return selector, trainer
+    trainer_options = service.options if workers <= 1 else {"num_cpus": 0, "num_gpus": 0}
+    return actor.options(**trainer_options).remote(config, service.selector, splits, str(out) if out else None,
+                                                   resume)
 
 
 def process_started_at() -> float | None:
@@ -68,31 +78,40 @@ def start_stop(clock: StepClock | None, began: float, ended: float) -> dict:
             "stop_s": None if last is None else max(0.0, ended - last)}
 
 
-def execute(config: RunConfig, out: Path, show_progress: bool = True, options: dict | None = None,
-            resume: bool = False, stopper=None, splits=None, began: float | None = None) -> dict:
+def execute(config: RunConfig | CheckedConfig, out: Path, show_progress: bool = True, options: dict | None = None,
+            resume: bool = False, stopper=None, splits=None, began: float | None = None,
+            service: Service | None = None) -> dict:
     """Run one job on the connected Ray: write ``out`` (config, records, checkpoints, model, summary).
 
-    Returns the summary; its ``status`` says whether the run completed, was interrupted or failed. Its
-    ``start_s`` counts from ``began`` (a ``time.time()``: the command's start; default: this call), its
-    ``stop_s`` to the actors' release (a caller that then shuts Ray down adds that, ``finish_stop``).
+    ``service``: the running selector (``start_service``), which the caller closes; without one, a selector is
+    started here on the connected Ray (placed by ``options`` when given, after ``cluster_check``) and closed
+    before this returns. Returns the summary; its ``status`` says whether the run completed, was interrupted or
+    failed. Its ``start_s`` counts from ``began`` (a ``time.time()``: the command's start; default: this call),
+    its ``stop_s`` to the release of the actors started here (a caller that then closes its service adds that,
+    ``finish_stop``).
     """
     began = time.time() if began is None else began
+    run = run_config(config)
     if not resume:
-        write_json(out / "config.json", config.model_dump(mode="json"))
-    options = dict(actor_options(config.train.device) if options is None else options)
-    group = options.pop("placement_group", None)
-    actors = ()
-    watch = Watch(config.tensorboard, config.selector.strategy, rewrite=resume)
+        write_json(out / "config.json", run.model_dump(mode="json"))
+    own = service is None
+    if own:
+        service = start_service(run.selector, device=run.train.device, options=options, check=cluster_check(run))
+    trainer = watch = None
     try:
-        actors = start_actors(config, options, splits, out, resume)
+        watch = Watch(run.tensorboard, run.selector.strategy, rewrite=resume)
+        trainer = start_trainer(config, service, splits, out, resume)
         if stopper is not None:
-            stopper.attach(actors[1])
-        result = follow(actors[1], out, show_progress, watch)
+            stopper.attach(trainer)
+        result = follow(trainer, out, show_progress, watch)
         summary = result.summary.model_dump()
         watch.harmful(summary.get("harmful", []))
     finally:
-        watch.close()
-        release(*actors, group=group)
+        if watch is not None:
+            watch.close()
+        release(trainer)
+        if own:
+            service.close()
     summary.update(start_stop(result.clock, began, time.time()))
     if cluster.connection is not None and summary.get("ray") is None:
         summary["ray"] = cluster.connection.describe()
@@ -101,8 +120,8 @@ def execute(config: RunConfig, out: Path, show_progress: bool = True, options: d
 
 
 def finish_stop(summary: dict, out: Path, seconds: float) -> dict:
-    """Add ``seconds`` spent after ``execute`` returned (shutting the private Ray down) to ``stop_s`` and write
-    ``summary.json`` again."""
+    """Add ``seconds`` spent after ``execute`` returned (closing the service: the selector, the private Ray) to
+    ``stop_s`` and write ``summary.json`` again."""
     if summary.get("stop_s") is not None:
         summary["stop_s"] += seconds
         write_json(out / "summary.json", summary)

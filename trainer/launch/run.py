@@ -20,19 +20,19 @@ from pathlib import Path
 
 import ray
 
-from protocol.config import FACTORY, PB_STRATEGIES, ROUND_STRATEGIES, RunConfig
+from protocol.config import FACTORY, RunConfig
 from protocol.errors import RunFailed, one_line
 from trainer.builtin.core import load_checkpoint
 from trainer.builtin.distributed import ClusterRefused, check_workers, latest_checkpoint
 from trainer.builtin.models import check_model_name
 from trainer.cli import ConfigError, flag_of, parse_args, parse_config
 from trainer.client import cluster
-from trainer.client.cluster import RayUnavailable, connect_ray
+from trainer.client.cluster import RayUnavailable, start_service
 from trainer.client.layers import ModelError
-from trainer.client.schedule import check_schedule
+from trainer.client.schedule import CheckedConfig, check_run
 from trainer.client.watch import tensorboard_module
 from trainer.data.splits import load_splits
-from trainer.launch.job import execute, finish_stop, process_started_at
+from trainer.launch.job import cluster_check, execute, finish_stop, process_started_at
 
 EXIT_FAILED, EXIT_USAGE, EXIT_SIGINT, EXIT_SIGTERM = 1, 2, 130, 143
 COMMAND_AT = time.time()  # the start of start_s where the process's own start cannot be read
@@ -207,8 +207,10 @@ def start_stop_text(summary: dict) -> str:
     return f"{seconds(start)} from the command to the first step, {seconds(stop)} from the last step to the end"
 
 
-def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
-    """Everything that can be checked before Ray starts: flags, run directory, model, data and plan."""
+def prepare(argv: list[str] | None) -> tuple[CheckedConfig, Path, bool, object]:
+    """Everything that can be checked before Ray starts: flags, run directory, model, data and plan. The config
+    comes back as the ``CheckedConfig`` its schedule was checked as, which the trainer takes without checking it
+    again."""
     args = parse_args(argv)
     args.pop("ray", None)  # which Ray to use, and its dashboard, are not part of the run's config (main reads them)
     args.pop("dashboard", None)
@@ -230,9 +232,7 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
         raise ConfigError(f"--shards {config.selector.shards}: more shards than the {splits.n_classes} classes of "
                           f"{config.data.dataset} (selection is sharded by class); use --shards {splits.n_classes} "
                           "or fewer")
-    strategy = config.selector.strategy
-    errors, warnings = check_schedule(config, int(splits.train_y.shape[0]), pb=strategy in PB_STRATEGIES,
-                                      rounds=strategy in ROUND_STRATEGIES)
+    checked, errors, warnings = check_run(config, int(splits.train_y.shape[0]))
     if errors:
         raise ConfigError(errors[0].render(flag_of))
     problem = check_workers(config)
@@ -244,7 +244,7 @@ def prepare(argv: list[str] | None) -> tuple[RunConfig, Path, bool, object]:
         out = run_dir(config, create=False)  # made once Ray is joined: a refused cluster leaves no directory
     if config.tensorboard:
         check_tensorboard(config.tensorboard)
-    return config, out, resume, splits
+    return checked, out, resume, splits
 
 
 def check_tensorboard(logdir: str) -> None:
@@ -271,32 +271,29 @@ def main(argv: list[str] | None = None) -> int:
     # start_s counts from the command: the process's start when run as the program, else this call
     began = (process_started_at() or COMMAND_AT) if argv is None else time.time()
     try:
-        config, out, resume, splits = prepare(argv)
+        checked, out, resume, splits = prepare(argv)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    config, flags, service = checked.config, parse_args(argv), None
     try:
-        flags = parse_args(argv)
-        started = connect_ray(ray_choice=flags.get("ray", "auto"), dashboard=flags.get("dashboard", False))
-    except RayUnavailable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if flags.get("dashboard"):
-        url = cluster.connection.dashboard if cluster.connection is not None else None
-        print(f"dashboard: {url} (this machine only)" if url else "warning: the Ray dashboard did not start",
-              file=sys.stderr, flush=True)
-    try:
+        # Ray (a cluster, or a private one started here) and the selector; a cluster that cannot hold the run
+        # is refused before anything is placed, and a run directory is made only once all of this stands
+        service = start_service(config.selector, ray=flags.get("ray", "auto"), device=config.train.device,
+                                dashboard=flags.get("dashboard", False), check=cluster_check(config))
+        if flags.get("dashboard"):
+            url = cluster.connection.dashboard if cluster.connection is not None else None
+            print(f"dashboard: {url} (this machine only)" if url else "warning: the Ray dashboard did not start",
+                  file=sys.stderr, flush=True)
         if not resume:
             make_run_dir(out)
         with Stopper() as stopper:
-            summary = execute(config, out, resume=resume, stopper=stopper, splits=splits,
-                              began=began)
-            if started:  # shut down before the table, so that stop_s counts it
-                stopper.trainer = None  # a signal from now on has no actor to reach
-                returned = time.perf_counter()
-                ray.shutdown()
-                started = False
-                finish_stop(summary, out, time.perf_counter() - returned)
+            summary = execute(checked, out, resume=resume, stopper=stopper, splits=splits, began=began,
+                              service=service)
+            stopper.trainer = None  # a signal from now on has no actor to reach
+            returned = time.perf_counter()
+            service.close()  # the selector, and a private Ray started here: before the table, so that stop_s counts it
+            finish_stop(summary, out, time.perf_counter() - returned)
             print(format_summary(summary, out))
             for note in summary.get("notes", []):
                 print(f"warning: {note}", file=sys.stderr)
@@ -311,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"interrupted; continue with: python -m trainer.run --resume {out}", file=sys.stderr)
                 return EXIT_SIGTERM if stopper.signal == signal.SIGTERM else EXIT_SIGINT
             return 0
-    except (ConfigError, ClusterRefused) as exc:  # ClusterRefused: the cluster lacks what the workers ask for
-        print(f"error: {exc}", file=sys.stderr)
+    except (ConfigError, ClusterRefused, RayUnavailable) as exc:  # ClusterRefused: the cluster lacks what the
+        print(f"error: {exc}", file=sys.stderr)  # workers ask for; RayUnavailable: a Ray that cannot be joined
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"error: interrupted at once; the last checkpoint in {out} is kept (--resume {out})", file=sys.stderr)
@@ -324,8 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the run failed: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
-        if started:
-            ray.shutdown()
+        if service is not None:
+            service.close()
 
 
 def entry() -> int:
