@@ -312,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)  # workers ask for; RayUnavailable: a Ray that cannot be joined
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"error: interrupted at once; the last checkpoint in {out} is kept (--resume {out})", file=sys.stderr)
+        if (Path(out) / "config.json").exists():
+            print(f"error: interrupted at once; the last checkpoint in {out} is kept (--resume {out})",
+                  file=sys.stderr)
+        else:  # Ray or the selector was still starting: no run directory yet
+            print("error: interrupted while starting; no checkpoint was written", file=sys.stderr)
         return EXIT_SIGINT
     except RunFailed as exc:
         print(f"error: the run failed: {one_line(exc)}", file=sys.stderr)
