@@ -9,11 +9,14 @@ In order, each step a subprocess with its own time limit (about 7 minutes in all
    (``trainer.client.cluster.actor_options``);
 2. ``resnet18``: ResNet-18 on ``cifar-shaped`` generated images, 10 % budget, ``--summary-precision auto``;
 3. ``overlap``: ``bench/overlap.py --budgets 0.1 --seeds 0 --skip-full`` (one seed: the time limit);
-4. ``omp``: ``bench/omp.py --repeats 3``.
+4. ``omp``: ``bench/omp.py --repeats 3 --device cuda``: the problems on the GPU, ours over torch's ``A @ A.T``
+   there (scikit-learn, CPU-only, is skipped).
 
 The results file (JSON) holds the GPU's name, each step's return code and seconds, and: the jobs' wall time,
-summary passes' share of it, ``start_s`` / ``stop_s``, device and precision; the overlap benchmark's last line
-as fields (``overhead_async``, ``overlap``...); the OMP benchmark's claim line. ``--dry-run`` writes the plan
+summary passes' share of it, ``start_s`` / ``stop_s``, device, precision and the selector's GPU memory peak
+(``selector_gpu_peak_bytes``, from the selector's status at the end of the job); the overlap benchmark's last line
+as fields (``overhead_async``, ``overlap``...); the OMP benchmark's claim line and, as figures, ours over the
+floor on the GPU by shape (``ours_over_floor``) with each shape's times. ``--dry-run`` writes the plan
 without running anything (it works without a GPU). Without a visible CUDA GPU the command refuses to run.
 """
 
@@ -43,7 +46,8 @@ def plan(work: Path) -> list[dict]:
          "timeout_s": 120, "run": str(work / "resnet18")},
         {"name": "overlap", "command": [sys.executable, "bench/overlap.py", "--budgets", "0.1", "--seeds", "0",
                                         "--skip-full"], "timeout_s": 150},
-        {"name": "omp", "command": [sys.executable, "bench/omp.py", "--repeats", "3"], "timeout_s": 50},
+        {"name": "omp", "command": [sys.executable, "bench/omp.py", "--repeats", "3", "--device", "cuda", "--json",
+                                    str(work / "omp.json")], "timeout_s": 50, "results": str(work / "omp.json")},
     ]
 
 
@@ -62,13 +66,22 @@ def fields(line: str) -> dict:
 
 def job_figures(run: Path) -> dict:
     """What a job's summary.json says about the GPU path: wall time, the summary passes' share of it, start and
-    stop, the device."""
+    stop, the device, the selector's GPU memory peak."""
     summary = json.loads((run / "summary.json").read_text())
     wall = summary.get("wall_s") or 0.0
     return {"status": summary.get("status"), "wall_s": wall, "summary_s": summary.get("summary_s"),
             "summary_share": summary["summary_s"] / wall if wall else None, "stall_s": summary.get("stall_s"),
             "overlap": summary.get("overlap"), "acc": summary.get("acc"), "device": summary.get("device"),
-            "start_s": summary.get("start_s"), "stop_s": summary.get("stop_s")}
+            "start_s": summary.get("start_s"), "stop_s": summary.get("stop_s"),
+            "selector_gpu_peak_bytes": summary.get("selector_gpu_peak_bytes")}
+
+
+def omp_figures(path: Path) -> dict:
+    """What bench/omp.py's ``--json`` file says: the device, ours over the floor by shape, each shape's times."""
+    data = json.loads(path.read_text())
+    keep = ("shape", "k", "floor_s", "ours_s", "method", "gram_s", "rows_s", "ours_err", "stop")
+    return {"device": data["device"], "ours_over_floor": data["ours_over_floor"],
+            "shapes": [{key: r.get(key) for key in keep} for r in data["results"]]}
 
 
 def run_step(step: dict) -> dict:
@@ -86,6 +99,8 @@ def run_step(step: dict) -> dict:
         result["figures"] = fields(lines[-1])
     elif step["name"] == "omp" and lines:
         result["claim"] = lines[-1]
+        if rc == 0:
+            result["figures"] = omp_figures(Path(step["results"]))
     elif "run" in step and rc == 0:
         result["figures"] = job_figures(Path(step["run"]))
     if rc != 0:
@@ -101,7 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="write the plan only (no GPU needed)")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    work = Path(args.work) if args.work else out.with_suffix("").with_name(out.stem + "-runs")
+    work = (Path(args.work) if args.work else out.with_suffix("").with_name(out.stem + "-runs")).resolve()
     steps = plan(work)
     assert sum(s["timeout_s"] for s in steps) <= BUDGET_S
     if args.dry_run:
@@ -113,6 +128,7 @@ def main(argv=None) -> int:
         print("error: no CUDA GPU is visible; bench/device.py is for a machine with one (--dry-run shows the plan)",
               file=sys.stderr)
         return 2
+    work.mkdir(parents=True, exist_ok=True)
     results = {"gpu": torch.cuda.get_device_name(0), "bf16": torch.cuda.is_bf16_supported(), "steps": []}
     for step in steps:
         results["steps"].append(run_step(step))

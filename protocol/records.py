@@ -140,6 +140,9 @@ class RunSummary(Strict):
     stop_s: float | None = Field(None, description="seconds from the last training step to the end: the last "
                                  "validation and checkpoint, the test evaluation, the summary, the actors and the "
                                  "private Ray released")
+    selector_gpu_peak_bytes: int | None = Field(None, ge=0, description="the selector's GPU memory peak at the end "
+                                                "of the run (its status' gpu_peak_bytes, asked by the driver); None "
+                                                "on the CPU or where it could not be asked")
 
 
 class StepClock(Strict):
@@ -153,8 +156,8 @@ class StepClock(Strict):
 class RunResult(Strict):
     """The trainer actor's answer to ``run``: the summary, the whole progress (every record) and the step clock.
 
-    The driver (``trainer.launch.job``) adds ``start_s``, ``stop_s`` and ``ray`` to the summary's dump and writes
-    it as ``summary.json``."""
+    The driver (``trainer.launch.job``) adds ``start_s``, ``stop_s``, ``ray`` and ``selector_gpu_peak_bytes`` to the
+    summary's dump and writes it as ``summary.json``."""
 
     summary: RunSummary
     progress: Progress

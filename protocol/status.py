@@ -37,6 +37,9 @@ class SelectorStatus(Strict):
     busy_s: float = Field(0.0, ge=0, description="seconds spent on rounds so far")
     stopped: bool = Field(False, description="stopped: every open round failed, new ones are refused")
     device: str = Field(description="where strategies compute")
+    gpu_peak_bytes: int | None = Field(None, ge=0, description="the most bytes torch's allocator held at once on the "
+                                       "selector's CUDA device in its process (torch.cuda.max_memory_allocated); "
+                                       "None on the CPU or before CUDA was used in that process")
     shards: int | None = Field(None, ge=1, description="shards of a sharded selector; None for the single one")
     routed_bytes: int | None = Field(None, ge=0, description="bytes of summaries that came through the coordinator, "
                                      "all rounds (sharded selector)")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 import numpy as np
+import torch
 from pydantic import Field, TypeAdapter, ValidationError
 
 from protocol.config import SelectorConfig
@@ -134,6 +135,14 @@ class RoundState:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+def gpu_peak_bytes(device: str) -> int | None:
+    """``torch.cuda.max_memory_allocated`` of ``device`` in this process: None for a CPU device, or when CUDA was
+    never initialised here (asking must not initialise it: nothing was allocated on it by this process)."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_initialized():
+        return None
+    return int(torch.cuda.max_memory_allocated(device))
+
+
 class SelectorService:
     """Answers selection rounds with validated ``SubsetMessage`` payloads.
 
@@ -199,11 +208,13 @@ class SelectorService:
         return self.plan()
 
     def status(self) -> SelectorStatus:
-        """The selector's state: its strategy, the rounds running and answered, the seconds spent."""
+        """The selector's state: its strategy, the rounds running and answered, the seconds spent, its GPU memory
+        peak (``gpu_peak_bytes``)."""
         with self._lock:
             running = [r for r, state in self._rounds.items() if state.started and not state.done.is_set()]
             return SelectorStatus(strategy=self.config.strategy, running=running, answered=self._answered,
-                                  busy_s=self._busy_s, stopped=self._stopped, device=self.device)
+                                  busy_s=self._busy_s, stopped=self._stopped, device=self.device,
+                                  gpu_peak_bytes=gpu_peak_bytes(self.device))
 
     def stop(self) -> None:
         """Fail every open round and refuse new ones."""

@@ -155,6 +155,7 @@ def test_the_selectors_answers_cross_a_real_actor_as_protocol_types(ray_address)
     from protocol.status import SelectorStatus
     from service.selector import SELECTOR_CONFIG
     from trainer.client.cluster import release, start_selector
+    from trainer.launch.job import selector_gpu_peak
 
     selector = start_selector(SELECTOR_CONFIG.validate_python({"strategy": "random"}))
     asked = RoundRequest(round_id=0, model_step=2, ground="example", n_ground=50, n_select=5, n_chunks=0, seed=0,
@@ -163,6 +164,8 @@ def test_the_selectors_answers_cross_a_real_actor_as_protocol_types(ray_address)
         status = ray.get(selector.status.remote(), timeout=60)
         assert type(status) is SelectorStatus
         assert (status.strategy, status.answered, status.shards, status.last_round) == ("random", 0, None, None)
+        assert status.device == "cpu" and status.gpu_peak_bytes is None
+        assert selector_gpu_peak(selector) is None  # what the driver puts in the summary: None on the CPU
         assert type(ray.get(selector.start_round.remote(asked.model_dump()), timeout=60)) is Accepted
         answer = ray.get(selector.result.remote(0, 30), timeout=60)
         assert type(answer) is SubsetMessage and answer.indices.size == 5
@@ -182,6 +185,7 @@ def test_the_selectors_answers_cross_a_real_actor_as_protocol_types(ray_address)
         assert (stopped.value.round_id, stopped.value.kind, stopped.value.reason) == (2, "stopped", "selector stopped")
     finally:
         release(selector)
+    assert selector_gpu_peak(selector) is None  # a selector gone does not fail the run's summary
 
 
 @pytest.mark.ray

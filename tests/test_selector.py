@@ -3,12 +3,15 @@
 import multiprocessing
 import os
 import pickle
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
 from protocol.errors import RoundFailed
@@ -18,6 +21,7 @@ from service.selector import RoundClock, SelectorService
 from protocol.config import GradMatchPBSelector
 from service.strategies import GroundSet, gradient_errors
 
+ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
 ROWS = (RNG.normal(size=(30, 12)) + 0.3).astype(np.float32)
 
@@ -116,6 +120,33 @@ def test_status_answers_while_a_slow_round_runs():
     assert service.status().running == [0]
     assert time.perf_counter() - start < 0.5
     assert len(service.result(0, timeout_s=10).indices) == 4
+
+
+def test_status_has_no_gpu_peak_on_the_cpu_and_asking_does_not_initialise_cuda():
+    service = SelectorService({"strategy": "gradmatch-pb"})
+    service.start_round(request())
+    send_chunks(service, 0)
+    service.result(0, timeout_s=30)
+    assert service.status().device == "cpu" and service.status().gpu_peak_bytes is None
+    # a selector placed on a GPU that has not computed yet: nothing to report, and CUDA stays uninitialised
+    code = ("import torch; from service.selector import SelectorService; "
+            "peak = SelectorService({'strategy': 'random'}, device='cuda:0').status().gpu_peak_bytes; "
+            "print(peak, torch.cuda.is_initialized())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["None", "False"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_status_reports_the_gpu_peak_of_a_round_on_cuda():
+    service = SelectorService({"strategy": "gradmatch-pb"}, device="cuda:0")
+    service.start_round(request())
+    send_chunks(service, 0)
+    assert service.result(0, timeout_s=60).indices.size == 4
+    peak = service.status().gpu_peak_bytes
+    assert peak is not None and peak >= ROWS.nbytes
+    assert peak == torch.cuda.max_memory_allocated("cuda:0")
 
 
 def test_a_newer_round_supersedes_an_open_one():

@@ -118,6 +118,9 @@ def test_cli_writes_start_and_stop(tmp_path):
     # the process started after `began`; its steps lasted at least the epochs' training time
     assert summary["start_s"] + summary["stop_s"] + sum(e["train_s"] for e in epochs) <= ended - began
     assert "start / stop" in done.stdout and "from the command to the first step" in done.stdout
+    # the driver asked the selector for its GPU memory peak at the end: none on the CPU
+    peak = summary["selector_gpu_peak_bytes"]
+    assert peak is None if not torch.cuda.is_available() else peak > 0
 
 
 def test_trainer_actor_loads_neither_sklearn_scipy_nor_the_selector():

@@ -31,6 +31,7 @@ from trainer.files import RecordFile, write_json
 
 PROGRESS_TIMEOUT_S = 600.0  # the first progress call waits for the trainer to build its model
 POLL_S = 0.5
+STATUS_TIMEOUT_S = 30.0  # the selector's status, asked once at the end of a run
 
 
 def cluster_check(config: RunConfig):
@@ -66,6 +67,15 @@ def process_started_at() -> float | None:
             uptime = float(f.read().split()[0])
         return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def selector_gpu_peak(selector) -> int | None:
+    """The selector's GPU memory peak (its status' ``gpu_peak_bytes``); None on the CPU, or when the selector does
+    not answer within ``STATUS_TIMEOUT_S`` (a lost selector does not fail a run that has ended)."""
+    try:
+        return ray.get(selector.status.remote(), timeout=STATUS_TIMEOUT_S).gpu_peak_bytes
+    except ray.exceptions.RayError:
         return None
 
 
@@ -105,6 +115,7 @@ def execute(config: RunConfig | CheckedConfig, out: Path, show_progress: bool = 
             stopper.attach(trainer)
         result = follow(trainer, out, show_progress, watch)
         summary = result.summary.model_dump()
+        summary["selector_gpu_peak_bytes"] = selector_gpu_peak(service.selector)
         watch.harmful(summary.get("harmful", []))
     finally:
         if watch is not None:
