@@ -8,7 +8,8 @@ does, with a private local Ray (``--ray local``), once from this tree and once f
 extracted with ``git archive`` into a temporary folder and put first on ``PYTHONPATH``), the order alternating
 from run to run so that a drift of the machine hits both alike. Each job's ``summary.json`` gives ``start_s``
 (from the process's start to the first training step) and ``stop_s`` (from the last step to the end, the
-private Ray's shutdown included); ``process_s`` is the whole process as the bench timed it. The baseline must
+private Ray's shutdown included); ``process_s`` is the whole process as the bench timed it, and ``rest`` what
+of it none of start, training and stop counts: mostly the interpreter's exit after the summary. The baseline must
 be a commit that writes ``start_s`` and ``stop_s``.
 
 ``--trace`` runs the same job's phases one after the other in this process, from this tree, with a private
@@ -140,8 +141,10 @@ def main(argv=None) -> int:
             for name in (("current", "baseline") if i % 2 == 0 else ("baseline", "current")):
                 result = job(trees[name], Path(tmp) / f"{name}-{i}", args.ray, args.extra)
                 results[name].append(result)
+                rest = result["process_s"] - result["start_s"] - result["wall_s"] - result["stop_s"]
                 print(f"  run {i} {name:<8} start {result['start_s']:6.2f} s  stop {result['stop_s']:6.2f} s  "
-                      f"process {result['process_s']:6.2f} s  training {result['wall_s']:6.2f} s", flush=True)
+                      f"process {result['process_s']:6.2f} s  training {result['wall_s']:6.2f} s  "
+                      f"rest {rest:5.2f} s", flush=True)
     current, baseline = medians(results["current"]), medians(results["baseline"])
     print(last_line(current, baseline))
     return 0

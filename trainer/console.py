@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -11,7 +12,15 @@ USAGE = "usage: gradmatch {run,experiment} [options]  (gradmatch run --help, gra
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    code = dispatch(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:  # the gradmatch program ends next: its exit skips the final collection (trainer.launch.run)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.freeze()
+    return code
+
+
+def dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -20,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: gradmatch {command}: unknown command; use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     sys.argv = [f"gradmatch {command}", *rest]  # argparse names the command in its usage lines
-    return importlib.import_module(COMMANDS[command]).main(rest)
+    module = importlib.import_module(COMMANDS[command])
+    return getattr(module, "entry", module.main)(rest)  # a run's program entry where it has one
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,9 @@
 
 import sys
 
-from trainer.launch.run import main
+from trainer.launch.run import entry, main
+
+__all__ = ["entry", "main"]  # main: the in-process entry point; entry: the program's
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
