@@ -229,13 +229,20 @@ def test_missing_data_stops_the_experiment_before_ray(tmp_path, capsys):
     assert not (tmp_path / "exp" / "trials").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_the_runner_with_one_line_and_keeps_finished_trials(ray_address, tmp_path, sig):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig, inherited", [(signal.SIGTERM, None), (signal.SIGINT, None),
+                                            (signal.SIGINT, "ignored")])
+def test_a_signal_stops_the_runner_with_one_line_and_keeps_finished_trials(ray_address, tmp_path, sig, inherited):
+    """``inherited="ignored"``: started by a parent that ignores SIGINT (a shell's background job, or a test
+    process whose SIGINT another library left ignored); Python would keep ignoring it, the runner must not."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "RAY_ADDRESS": ray_address}
     runner = subprocess.Popen([sys.executable, "-m", "trainer.experiment", "--preset", "smoke", "--out",
                                str(tmp_path / "x")], cwd=root, env=env, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+                              stderr=subprocess.PIPE, preexec_fn=_ignore_sigint if inherited else None)
     end = time.monotonic() + 120
     while not (tmp_path / "x" / "trials").exists():
         assert time.monotonic() < end and runner.poll() is None, runner.communicate()[1][-2000:]

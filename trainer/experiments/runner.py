@@ -286,7 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         missing = {t.key: "not run yet" for t in experiment.trials if not experiment.done(t)}
         print(f"report: {write_report(experiment, missing, command=command, elapsed_s=0.0)}")
         return 0
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # both signals stop the runner, whatever this process inherited (a parent that ignored SIGINT hands that on,
+    # and Python then leaves it ignored)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         resources = ray.cluster_resources()
         gpus = args.trial_gpus if args.trial_gpus is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
               "(a half-done trial resumes from its checkpoint)", file=sys.stderr)
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if started:
             ray.shutdown()
     from trainer.experiments.report import write_report
