@@ -11,6 +11,7 @@ from trainer import AdaptiveSubset
 from trainer.client.api import ConfigError, DatasetError
 from trainer.client.layers import ModelError
 
+from loops import weighted_step
 from scripts import run_cluster_script, run_example
 
 
@@ -45,10 +46,7 @@ def train(subset, model, opt, seen=None):
         for x, y, w in batches:
             if seen is not None:
                 seen.setdefault(epoch, []).append(w)
-            loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            weighted_step(model, opt, x, y, w)
 
 
 @pytest.mark.ray
@@ -141,11 +139,7 @@ def test_the_divergence_guard_undoes_a_subset_that_blows_the_loss_up(ray_address
         for epoch, batches in subset:
             total = 0.0
             for x, y, w in batches:
-                loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item()
+                total += weighted_step(model, opt, x, y, w)
             first_adopted = subset.records[0]["adopted_epoch"] if subset.records else None
             after = epoch - first_adopted if first_adopted is not None else -1
             rounds_trained.append(subset.subset.round)
@@ -316,10 +310,7 @@ def test_a_selector_gone_for_good_is_said_loudly(ray_address, on_loss):
             for epoch, batches in subset:
                 epochs.append(epoch)
                 for x, y, w in batches:
-                    loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
+                    weighted_step(model, opt, x, y, w)
                 if epoch == 2:
                     ray.kill(subset.selector, no_restart=True)
                     wait_until_dead(subset.selector)  # ray.kill returns at once; round 1 must meet a dead actor
@@ -358,10 +349,7 @@ def test_lead_auto_starts_rounds_early_enough_for_the_time_they_took(ray_address
                         select_every=20, kappa=0, batch_size=20, lead="auto", on_late="continue") as subset:
         for epoch, batches in subset:
             for x, y, w in batches:
-                loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                weighted_step(model, opt, x, y, w)
             time.sleep(0.04)
         records = subset.records
     assert [r["status"] for r in records] == ["adopted"] * 3, records

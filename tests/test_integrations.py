@@ -11,6 +11,7 @@ from trainer.api import AdaptiveSubset, DatasetError
 from trainer.integrations.sampler import IndexedDataset, with_indices
 from trainer.client.layers import ModelError
 
+from loops import weighted_step
 from test_api import Blobs, Net, train
 
 
@@ -33,10 +34,7 @@ def sampler_run(strategy, num_workers=0, seen=None, **options):
                 assert w.mean().item() == pytest.approx(1.0, rel=1e-5)
                 if seen is not None:
                     seen.setdefault(epoch, []).append(ids)
-                loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                weighted_step(model, opt, x, y, w)
                 batches += 1
             assert batches == n_batches, (epoch, batches, n_batches)
         summary, records = subset.summary(), subset.records

@@ -3,11 +3,12 @@
 import pytest
 import ray
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from trainer.client.api import AdaptiveSubset
+
+from loops import weighted_step
 
 pytestmark = pytest.mark.ray
 
@@ -33,10 +34,7 @@ def run(workers: int, strategy: str, kill_after: int | None = None, watch=None, 
             if watch is not None:
                 watch(subset)
             for x, y, w in batches:
-                loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                weighted_step(model, opt, x, y, w)
             if kill_after is not None and epoch == kill_after:
                 ray.kill(subset.workers.workers[0])
         return subset.records, [p.detach().clone() for p in model.parameters()], subset
