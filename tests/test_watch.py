@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from protocol.records import RoundRecord
 from trainer import AdaptiveSubset
@@ -24,12 +23,14 @@ from trainer.cli import ConfigError, parse_args, parse_config
 from trainer.client.watch import TensorBoard
 from trainer.launch.run import main
 
+from loops import weighted_step
 from scripts import ROOT
 from test_api import Blobs, Net
 
 EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 ENERGY_NA = "n/a (pyJoules not installed: pip install 'gradmatch[energy]')"
 METRICS_WAIT_S = 90.0  # Ray exports a process's metrics every few seconds
+EXPORT_S = 10.0  # how often Ray exports them (its metrics_report_interval_ms default)
 
 
 def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -80,6 +81,19 @@ def value(samples, name: str, strategy: str) -> float:
     return sum(v for n, labels, v in samples if n == f"ray_{name}" and labels.get("strategy") == strategy)
 
 
+def settled_metrics(export_s: float = EXPORT_S) -> list[tuple[str, dict, float]]:
+    """The samples once everything this process recorded before the call is exported: a scrape that stayed the
+    same for longer than one export period (an earlier test's client in this process may still be in flight)."""
+    deadline = time.monotonic() + METRICS_WAIT_S
+    samples, since = metrics(), time.monotonic()
+    while time.monotonic() - since <= export_s + 1.0 and time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = metrics()
+        if now != samples:
+            samples, since = now, time.monotonic()
+    return samples
+
+
 def wait_for(check, timeout_s: float = METRICS_WAIT_S):
     """Scrape until ``check(samples)`` holds; returns the last samples (the caller asserts on them)."""
     deadline = time.monotonic() + timeout_s
@@ -96,7 +110,7 @@ def wait_for(check, timeout_s: float = METRICS_WAIT_S):
 def test_a_cli_run_writes_its_records_to_tensorboard_and_ray_metrics(ray_address, tmp_path, capsys):
     """A real run (driver in this process, on the session's Ray): the event files hold exactly the scalars of
     epochs.jsonl and rounds.jsonl, and the node exports the rounds' counters and gauges tagged with the strategy."""
-    before = metrics()
+    before = settled_metrics()
     config = tmp_path / "eval.yaml"
     config.write_text("train:\n  eval_every: 2\n")
     out, board = tmp_path / "run", tmp_path / "tb"
@@ -176,7 +190,7 @@ def test_the_api_writes_rounds_and_reported_epochs_and_counts_a_harmful_round(ra
     """``tensorboard=`` in a user's loop: the rounds as ``subset.records`` has them, the epochs as the loop reported
     them; a subset the divergence guard undid is counted by the harmful counter."""
     strategy = "gradmatch"
-    harmful_before = value(metrics(), "gradmatch_rounds_harmful_total", strategy)
+    harmful_before = value(settled_metrics(), "gradmatch_rounds_harmful_total", strategy)
     torch.manual_seed(0)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -186,11 +200,7 @@ def test_the_api_writes_rounds_and_reported_epochs_and_counts_a_harmful_round(ra
         for epoch, batches in subset:
             total = 0.0
             for x, y, w in batches:
-                loss = (w * F.cross_entropy(model(x), y, reduction="none")).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item()
+                total += weighted_step(model, opt, x, y, w)
             adopted = subset.records[0]["adopted_epoch"] if subset.records else None
             blown = adopted is not None and 0 <= epoch - adopted < 2  # a collapse the guard undoes
             record = {"epoch": epoch, "loss": 500.0 if blown else total, "lr": 0.05, "val_acc": 50.0 + epoch}
@@ -216,7 +226,7 @@ def test_rounds_not_adopted_count_as_rejected(ray_address):
     records = [RoundRecord(round=i, status=status, stall_s=0.25 * i, selector_s=1.5 if status != "skipped" else None,
                            **base).model_dump()
                for i, status in enumerate(["rejected", "failed", "timeout", "unused", "skipped"])]
-    before = metrics()
+    before = settled_metrics()
     publisher = RayMetrics()
     publisher.rounds(records)
     counts = {kind: value(before, f"gradmatch_rounds_{kind}_total", strategy) for kind in ("adopted", "rejected")}
